@@ -1,0 +1,1 @@
+"""Data in: readers, the synthetic generator, encoding into column tensors, batching."""

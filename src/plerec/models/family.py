@@ -1,0 +1,342 @@
+"""The model family of DESIGN.md §2. Every body maps the input representation x (B, d) to logits (B, T).
+
+All bodies share one argument vocabulary: `tower_dims` for the per-task towers, `expert_dims` for the
+layers inside each expert, `num_task_experts` / `num_shared_experts` / `num_levels` for extraction
+layers. A tower is a ReLU MLP ending in one linear output per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor, nn
+
+from plerec.errors import did_you_mean, unknown_key
+from plerec.models.layers import ExtractionLayer, FeatureInput, ParallelMLP
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """Hyperparameters every model has."""
+
+    embedding_dim: int = 8
+    tower_dims: tuple[int, ...] = (64,)
+
+    def __post_init__(self) -> None:
+        _check_positive("embedding_dim", [self.embedding_dim])
+        _check_positive("tower_dims", self.tower_dims)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SingleTaskConfig(ModelConfig):
+    bottom_dims: tuple[int, ...] = (128,)
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        _check_positive("bottom_dims", self.bottom_dims, allow_empty=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SharedBottomConfig(ModelConfig):
+    bottom_dims: tuple[int, ...] = (128,)
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        _check_positive("bottom_dims", self.bottom_dims, allow_empty=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoEConfig(ModelConfig):
+    num_experts: int = 4
+    expert_dims: tuple[int, ...] = (128,)
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        _check_positive("num_experts", [self.num_experts])
+        _check_positive("expert_dims", self.expert_dims, allow_empty=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LevelConfig:
+    """One extraction layer: experts per task, shared experts, and the widths inside every expert."""
+
+    num_task_experts: int = 1
+    num_shared_experts: int = 1
+    expert_dims: tuple[int, ...] = (128,)
+
+    def __post_init__(self) -> None:
+        for name in ("num_task_experts", "num_shared_experts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Expected `{name}` to be >= 0, but got {getattr(self, name)}")
+        if self.num_task_experts + self.num_shared_experts == 0:
+            raise ValueError("Expected a level to have at least one task or shared expert, but got none")
+        _check_positive("expert_dims", self.expert_dims, allow_empty=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PLEConfig(ModelConfig):
+    """PLE hyperparameters. `levels`, when given, sets every level explicitly and overrides the
+    uniform `num_levels` / `num_task_experts` / `num_shared_experts` / `expert_dims`."""
+
+    num_levels: int = 2
+    num_task_experts: int = 1
+    num_shared_experts: int = 1
+    expert_dims: tuple[int, ...] = (128,)
+    levels: tuple[LevelConfig, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        _check_positive("num_levels", [self.num_levels])
+        if not self.levels:
+            LevelConfig(
+                num_task_experts=self.num_task_experts,
+                num_shared_experts=self.num_shared_experts,
+                expert_dims=self.expert_dims,
+            )  # validates the uniform settings
+        levels = self.resolved_levels()
+        for j in range(len(levels) - 1):
+            if levels[j + 1].num_shared_experts and not (
+                levels[j].num_shared_experts or levels[j].num_task_experts
+            ):
+                raise ValueError(f"Expected level {j} to have experts feeding level {j + 1}, but got none")
+
+    def resolved_levels(self) -> tuple[LevelConfig, ...]:
+        if self.levels:
+            return self.levels
+        one = LevelConfig(
+            num_task_experts=self.num_task_experts,
+            num_shared_experts=self.num_shared_experts,
+            expert_dims=self.expert_dims,
+        )
+        return (one,) * self.num_levels
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CGCConfig(ModelConfig):
+    num_task_experts: int = 1
+    num_shared_experts: int = 1
+    expert_dims: tuple[int, ...] = (128,)
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        LevelConfig(
+            num_task_experts=self.num_task_experts,
+            num_shared_experts=self.num_shared_experts,
+            expert_dims=self.expert_dims,
+        )
+
+
+def _check_positive(name: str, values, *, allow_empty: bool = True) -> None:
+    values = list(values)
+    if not values and not allow_empty:
+        raise ValueError(f"Expected `{name}` to list at least one width, but got []")
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"Expected `{name}` to hold positive integers, but got {values}")
+
+
+class Towers(nn.Module):
+    """One tower per task, computed together; reads (B, H) shared by all tasks or (T, B, H)."""
+
+    def __init__(self, num_tasks: int, in_dim: int, tower_dims: tuple[int, ...]):
+        super().__init__()
+        self.mlp = ParallelMLP(num_tasks, in_dim, [*tower_dims, 1], final_activation=False)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.mlp(h).squeeze(-1).transpose(0, 1)  # (T, B, 1) -> (B, T)
+
+
+class SingleTask(nn.Module):
+    """One independent network per task (bottom + tower): the baseline of the MTL gain (Eq. 11)."""
+
+    def __init__(self, config: SingleTaskConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        self.nets = ParallelMLP(
+            num_tasks, in_dim, [*config.bottom_dims, *config.tower_dims, 1], final_activation=False
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.nets(x).squeeze(-1).transpose(0, 1)  # (T, B, 1) -> (B, T)
+
+
+class SharedBottom(nn.Module):
+    """Hard parameter sharing (Caruana 1997): one shared bottom MLP, one tower per task."""
+
+    def __init__(self, config: SharedBottomConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        self.bottom = ParallelMLP(1, in_dim, config.bottom_dims)
+        self.towers = Towers(num_tasks, self.bottom.out_dim, config.tower_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.towers(self.bottom(x)[0])
+
+
+class OMoE(nn.Module):
+    """One-gate mixture of experts (Ma et al., KDD 2018, §4): one softmax gate shared by all tasks."""
+
+    def __init__(self, config: MoEConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        self.layer = ExtractionLayer(
+            num_tasks=1,
+            in_dim=in_dim,
+            num_task_experts=0,
+            num_shared_experts=config.num_experts,
+            expert_dims=config.expert_dims,
+            shared_gate=False,
+        )
+        self.towers = Towers(num_tasks, self.layer.out_dim, config.tower_dims)
+
+    def extract(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        mixed, _, gates = self.layer(x, x)
+        return mixed[0], {"L0.gate": gates["task"][0]}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.towers(self.extract(x)[0])
+
+
+class PLE(nn.Module):
+    """Progressive Layered Extraction (Tang et al., RecSys 2020, §4.3): stacked extraction layers.
+
+    At level j task k's experts and gate read task k's output of level j-1 and the shared experts read
+    the shared gate's output; the last level has no shared gate. With one level this is CGC (§4.2); a
+    level with no task experts is an MMoE layer (Ma et al., KDD 2018).
+    """
+
+    def __init__(self, levels: tuple[LevelConfig, ...], tower_dims: tuple[int, ...], in_dim: int, num_tasks: int):
+        super().__init__()
+        self.levels = nn.ModuleList()
+        d = in_dim
+        for j, lv in enumerate(levels):
+            # A shared gate exists only where a next level's shared experts consume it.
+            feeds_next = j + 1 < len(levels) and levels[j + 1].num_shared_experts > 0
+            layer = ExtractionLayer(
+                num_tasks=num_tasks,
+                in_dim=d,
+                num_task_experts=lv.num_task_experts,
+                num_shared_experts=lv.num_shared_experts,
+                expert_dims=lv.expert_dims,
+                shared_gate=feeds_next,
+            )
+            self.levels.append(layer)
+            d = layer.out_dim
+        self.towers = Towers(num_tasks, d, tower_dims)
+
+    def extract(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """What every tower receives, (T, B, H), and every gate's weights keyed like `L0.task1`."""
+        task_in: Tensor = x
+        shared_in: Tensor | None = x
+        gates: dict[str, Tensor] = {}
+        for j, layer in enumerate(self.levels):
+            task_in, shared_in, level_gates = layer(task_in, shared_in)
+            for k in range(level_gates["task"].shape[0]):
+                gates[f"L{j}.task{k}"] = level_gates["task"][k]
+            if "shared" in level_gates:
+                gates[f"L{j}.shared"] = level_gates["shared"]
+        return task_in, gates
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.towers(self.extract(x)[0])
+
+
+def _ple(config: PLEConfig, in_dim: int, num_tasks: int) -> PLE:
+    return PLE(config.resolved_levels(), config.tower_dims, in_dim, num_tasks)
+
+
+def _cgc(config: CGCConfig, in_dim: int, num_tasks: int) -> PLE:
+    level = LevelConfig(
+        num_task_experts=config.num_task_experts,
+        num_shared_experts=config.num_shared_experts,
+        expert_dims=config.expert_dims,
+    )
+    return PLE((level,), config.tower_dims, in_dim, num_tasks)
+
+
+def _mmoe(config: MoEConfig, in_dim: int, num_tasks: int) -> PLE:
+    level = LevelConfig(num_task_experts=0, num_shared_experts=config.num_experts, expert_dims=config.expert_dims)
+    return PLE((level,), config.tower_dims, in_dim, num_tasks)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: how to build a body from its config, and what it is."""
+
+    build: object
+    config: type
+    summary: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "single": ModelSpec(SingleTask, SingleTaskConfig, "one independent bottom + tower per task"),
+    "shared_bottom": ModelSpec(SharedBottom, SharedBottomConfig, "hard sharing: a shared bottom, task towers"),
+    "omoe": ModelSpec(OMoE, MoEConfig, "shared experts mixed by one gate for all tasks"),
+    "mmoe": ModelSpec(_mmoe, MoEConfig, "shared experts, one gate per task (Ma et al. 2018)"),
+    "cgc": ModelSpec(_cgc, CGCConfig, "task + shared experts, task gates (PLE paper §4.2)"),
+    "ple": ModelSpec(_ple, PLEConfig, "stacked extraction layers (Tang et al. 2020)"),
+}
+
+
+class MultiTaskModel(nn.Module):
+    """Feature input followed by a body from the registry. Returns logits (B, T), never probabilities."""
+
+    def __init__(self, name: str, config: ModelConfig, vocab_sizes, num_dense: int, num_tasks: int):
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.input = FeatureInput(vocab_sizes, num_dense, config.embedding_dim)
+        self.body = MODELS[name].build(config, self.input.out_dim, num_tasks)
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        return self.body(self.input(sparse, dense))
+
+    def has_gates(self) -> bool:
+        return hasattr(self.body, "extract")
+
+    @torch.no_grad()
+    def gate_weights(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
+        """Every gate's softmax weights over its experts, (B, E) each; empty for models without gates."""
+        if not self.has_gates():
+            return {}
+        return self.body.extract(self.input(sparse, dense))[1]
+
+
+
+def model_config(name: str, params: dict | None = None) -> ModelConfig:
+    """The config of model `name` from plain values (as read from TOML), rejecting unknown keys."""
+    if name not in MODELS:
+        raise ValueError(
+            f"Unknown model `{name}`.{did_you_mean(name, MODELS)} Expected one of: {', '.join(MODELS)}"
+        )
+    cls = MODELS[name].config
+    valid = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in (params or {}).items():
+        if key not in valid:
+            raise unknown_key(key, valid, f"[model] for `{name}`")
+        if key == "levels":
+            value = tuple(_level(j, lv) for j, lv in enumerate(value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+def _level(j: int, level) -> LevelConfig:
+    if isinstance(level, LevelConfig):
+        return level
+    if not isinstance(level, dict):
+        raise ValueError(f"Expected [model] levels[{j}] to be a table, but got {level!r}")
+    valid = {f.name for f in fields(LevelConfig)}
+    for key in level:
+        if key not in valid:
+            raise unknown_key(key, valid, f"[model] levels[{j}]")
+    return LevelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in level.items()})
+
+
+def build_model(name: str, config: ModelConfig | dict | None, vocab_sizes, num_dense: int, num_tasks: int):
+    """A MultiTaskModel for `num_tasks` tasks over the given sparse vocabularies and dense width."""
+    if not isinstance(config, ModelConfig):
+        config = model_config(name, config)
+    if num_tasks < 1:
+        raise ValueError(f"Expected at least one task, but got {num_tasks}")
+    return MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks)

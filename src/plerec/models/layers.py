@@ -1,0 +1,182 @@
+"""Building blocks: feature input, banks of parallel MLPs, and the extraction layer of MMoE/CGC/PLE.
+
+Shape letters: B batch, S sparse fields, D dense features, T (or K) tasks, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class FeatureInput(nn.Module):
+    """Concatenated feature embeddings and dense features: the input representation `x` of DESIGN.md §2.
+
+    All sparse fields share one embedding table; field f's ids live at rows offsets[f] + id, so one
+    lookup serves every field. Id 0 of every field is the reserved "unseen or missing" id.
+    """
+
+    def __init__(self, vocab_sizes: Sequence[int], num_dense: int, embedding_dim: int):
+        super().__init__()
+        self.num_sparse = len(vocab_sizes)
+        self.num_dense = num_dense
+        self.embedding_dim = embedding_dim
+        self.embedding = nn.Embedding(max(sum(vocab_sizes), 1), embedding_dim)
+        nn.init.normal_(self.embedding.weight, std=0.05)
+        starts = [0, *torch.tensor(list(vocab_sizes), dtype=torch.long).cumsum(0).tolist()[:-1]]
+        self.register_buffer("offsets", torch.tensor(starts[: self.num_sparse], dtype=torch.long), persistent=False)
+        self.out_dim = self.num_sparse * embedding_dim + num_dense
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        parts = []
+        if self.num_sparse:
+            emb = self.embedding(sparse.long() + self.offsets)  # (B, S, dim)
+            parts.append(emb.flatten(1))  # (B, S*dim)
+        if self.num_dense:
+            parts.append(dense)
+        return torch.cat(parts, dim=1)  # (B, d)
+
+
+class ParallelMLP(nn.Module):
+    """`num` independent MLPs of identical shape, evaluated together with one batched matmul per layer.
+
+    Weights are stored (E, d_in, d_out) so a bank of experts (or of towers, or of gates) costs one
+    `baddbmm` per layer instead of a Python loop over modules. Each network is initialised
+    independently (nn.Linear's default distribution), so experts do not start identical.
+
+    Input (B, d_in) is read by every network; input (E, B, d_in) gives each network its own rows.
+    Output (E, B, d_out).
+    """
+
+    def __init__(
+        self,
+        num: int,
+        in_dim: int,
+        dims: Sequence[int],
+        *,
+        final_activation: bool = True,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if num < 1:
+            raise ValueError(f"Expected at least one network in a bank, but got {num}")
+        self.num = num
+        self.final_activation = final_activation
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList() if bias else None
+        d = in_dim
+        for h in dims:
+            bound = 1.0 / math.sqrt(d)
+            self.weights.append(nn.Parameter(torch.empty(num, d, h).uniform_(-bound, bound)))
+            if self.biases is not None:
+                self.biases.append(nn.Parameter(torch.empty(num, 1, h).uniform_(-bound, bound)))
+            d = h
+        self.out_dim = d
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        last = len(self.weights) - 1
+        for i, w in enumerate(self.weights):
+            if h.dim() == 2:
+                # Shared input: one GEMM against all networks' weights side by side.
+                e, d, o = w.shape
+                out = (h @ w.transpose(0, 1).reshape(d, e * o)).view(-1, e, o).transpose(0, 1)  # (E, B, o)
+                h = out if self.biases is None else out + self.biases[i]
+            elif self.biases is None:
+                h = torch.bmm(h, w)  # (E, B, o)
+            else:
+                h = torch.baddbmm(self.biases[i], h, w)  # (E, B, o)
+            if i < last or self.final_activation:
+                h = torch.relu(h)
+        return h
+
+
+class ExtractionLayer(nn.Module):
+    """One extraction layer: task experts nested by task, shared experts, task gates, optional shared gate.
+
+    With no task experts it is an MMoE layer; as the single level of PLE it is CGC (Tang et al.,
+    RecSys 2020, Eq. 2-4); stacked it is PLE (Eq. 5-6). Task k's gate mixes only task k's experts and
+    the shared experts; the shared gate, when present, mixes every expert of the level.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tasks: int,
+        in_dim: int,
+        num_task_experts: int,
+        num_shared_experts: int,
+        expert_dims: Sequence[int],
+        shared_gate: bool,
+        gate_in_dim: int | None = None,
+    ):
+        super().__init__()
+        if num_task_experts < 0 or num_shared_experts < 0 or num_task_experts + num_shared_experts == 0:
+            raise ValueError(
+                "Expected a level to have at least one expert, but got "
+                f"num_task_experts={num_task_experts}, num_shared_experts={num_shared_experts}"
+            )
+        self.num_tasks = num_tasks
+        self.num_task_experts = num_task_experts
+        self.num_shared_experts = num_shared_experts
+        num_experts = num_tasks * num_task_experts + num_shared_experts
+        gate_in_dim = in_dim if gate_in_dim is None else gate_in_dim
+        self.experts = ParallelMLP(num_experts, in_dim, expert_dims)
+        self.out_dim = self.experts.out_dim
+        # The paper's gates are a single linear map without bias, then a softmax (Eq. 3).
+        self.task_gates = ParallelMLP(
+            num_tasks, gate_in_dim, [num_task_experts + num_shared_experts], final_activation=False, bias=False
+        )
+        self.shared_gate = (
+            ParallelMLP(1, gate_in_dim, [num_experts], final_activation=False, bias=False) if shared_gate else None
+        )
+
+    def forward(
+        self,
+        task_inputs: Tensor,
+        shared_input: Tensor | None,
+        task_selectors: Tensor | None = None,
+        shared_selector: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """Mix the level's experts.
+
+        task_inputs: (B, d) read by every task, or (K, B, d) one stream per task.
+        shared_input: (B, d), the shared stream (None when the level has no shared experts).
+        Selectors default to the expert inputs (PLE); ML-MMoE passes the raw input instead.
+        Returns task outputs (K, B, H), the shared output (B, H) or None, and gate weights.
+        """
+        k, m_k, m_s = self.num_tasks, self.num_task_experts, self.num_shared_experts
+        if task_inputs.dim() == 2 and (m_s == 0 or shared_input is task_inputs):
+            outputs = self.experts(task_inputs)  # (E, B, H): every expert reads the same rows
+        else:
+            streams = []
+            if m_k:
+                per_task = task_inputs if task_inputs.dim() == 3 else task_inputs.expand(k, *task_inputs.shape)
+                streams.append(per_task.repeat_interleave(m_k, dim=0))  # (K*m_k, B, d)
+            if m_s:
+                if shared_input is None:
+                    raise ValueError("Expected a shared input for a level with shared experts, but got None")
+                streams.append(shared_input.expand(m_s, *shared_input.shape))  # (m_s, B, d)
+            outputs = self.experts(torch.cat(streams))  # (E, B, H)
+        batch, hidden = outputs.shape[1], outputs.shape[2]
+        task_outputs = outputs[: k * m_k].view(k, m_k, batch, hidden)
+        shared_outputs = outputs[k * m_k :].unsqueeze(0).expand(k, m_s, batch, hidden)
+        candidates = torch.cat([task_outputs, shared_outputs], dim=1)  # (K, m_k+m_s, B, H): own first
+
+        selectors = task_inputs if task_selectors is None else task_selectors
+        task_weights = torch.softmax(self.task_gates(selectors), dim=-1)  # (K, B, m_k+m_s)
+        mixed = torch.einsum("kbn,knbh->kbh", task_weights, candidates)  # (K, B, H)
+        gates = {"task": task_weights}
+
+        shared_mixed = None
+        if self.shared_gate is not None:
+            selector = shared_input if shared_selector is None else shared_selector
+            if selector is None:
+                raise ValueError("Expected a shared selector for the shared gate, but got None")
+            shared_weights = torch.softmax(self.shared_gate(selector)[0], dim=-1)  # (B, E)
+            shared_mixed = torch.einsum("be,ebh->bh", shared_weights, outputs)  # (B, H)
+            gates["shared"] = shared_weights
+        return mixed, shared_mixed, gates

@@ -1,0 +1,263 @@
+"""The model family: golden routing fixtures, structure of PLE/CGC/MMoE, gradients for every parameter."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plerec.models import MODELS, build_model, model_config
+from plerec.models.family import PLE, LevelConfig
+from plerec.models.layers import ExtractionLayer, ParallelMLP
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+VOCABS, NUM_DENSE = [5, 7, 3], 4
+
+
+def _inputs(batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sparse = torch.stack([torch.randint(0, v, (batch,), generator=g) for v in VOCABS], dim=1)
+    return sparse, torch.randn(batch, NUM_DENSE, generator=g)
+
+
+def _load_fixture(name: str):
+    path = REFERENCE / f"{name}.npz"
+    if not path.exists():
+        pytest.skip(f"golden fixtures need ../shared/reference ({path} is absent)")
+    npz = np.load(path)
+    return json.loads(str(npz["config"])), {k: npz[k] for k in npz.files if k != "config"}
+
+
+def _set_weights(body: PLE, cfg: dict, arrays: dict) -> None:
+    """Copy the fixture's per-expert (in, out) weights into the batched banks (E, in, out)."""
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    num_tasks = cfg["num_tasks"]
+    for j, (layer, lv) in enumerate(zip(body.levels, cfg["levels"], strict=True)):
+        names = [f"L{j}.task{k}.expert{i}" for k in range(num_tasks) for i in range(lv["num_task_experts"])]
+        names += [f"L{j}.shared.expert{i}" for i in range(lv["num_shared_experts"])]
+        with torch.no_grad():
+            for l_ in range(len(lv["expert_dims"])):
+                layer.experts.weights[l_].copy_(torch.stack([t(arrays[f"{n}.W{l_}"]) for n in names]))
+                layer.experts.biases[l_].copy_(torch.stack([t(arrays[f"{n}.b{l_}"])[None] for n in names]))
+            layer.task_gates.weights[0].copy_(
+                torch.stack([t(arrays[f"L{j}.task{k}.gate.W"]) for k in range(num_tasks)])
+            )
+            if layer.shared_gate is not None:
+                layer.shared_gate.weights[0].copy_(t(arrays[f"L{j}.shared.gate.W"])[None])
+
+
+def _body_for(cfg: dict) -> PLE:
+    levels = tuple(
+        LevelConfig(
+            num_task_experts=lv["num_task_experts"],
+            num_shared_experts=lv["num_shared_experts"],
+            expert_dims=tuple(lv["expert_dims"]),
+        )
+        for lv in cfg["levels"]
+    )
+    return PLE(levels, (4,), cfg["input_dim"], cfg["num_tasks"])
+
+
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple"])
+def test_golden_fixture_tower_inputs_and_gates(name):
+    cfg, arrays = _load_fixture(name)
+    body = _body_for(cfg)
+    _set_weights(body, cfg, arrays)
+    tower_inputs, gates = body.extract(torch.tensor(arrays["x"], dtype=torch.float32))
+    for k in range(cfg["num_tasks"]):
+        np.testing.assert_allclose(tower_inputs[k].detach().numpy(), arrays[f"out.task{k}"], rtol=1e-5, atol=1e-5)
+    expected_gates = {k[len("gate.") :]: v for k, v in arrays.items() if k.startswith("gate.")}
+    assert set(gates) == set(expected_gates)
+    for key, expected in expected_gates.items():
+        np.testing.assert_allclose(gates[key].detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mmoe_registry_model_matches_fixture_routing():
+    """The registry's `mmoe` is built from the same layer and loads the MMoE fixture."""
+    cfg, arrays = _load_fixture("mmoe")
+    lv = cfg["levels"][0]
+    config = model_config("mmoe", {"num_experts": lv["num_shared_experts"], "expert_dims": lv["expert_dims"]})
+    model = build_model("mmoe", config, [], cfg["input_dim"], cfg["num_tasks"])
+    _set_weights(model.body, cfg, arrays)
+    x = torch.tensor(arrays["x"], dtype=torch.float32)
+    tower_inputs, _ = model.body.extract(x)
+    np.testing.assert_allclose(tower_inputs[1].detach().numpy(), arrays["out.task1"], rtol=1e-5, atol=1e-5)
+    # The model's input for dense-only data is the data itself.
+    assert torch.equal(model.input(torch.empty(7, 0, dtype=torch.long), x), x)
+
+
+def test_ple_with_one_level_equals_cgc():
+    params = {"num_task_experts": 2, "num_shared_experts": 3, "expert_dims": [6, 5], "tower_dims": [4]}
+    torch.manual_seed(3)
+    cgc = build_model("cgc", params, VOCABS, NUM_DENSE, 3)
+    torch.manual_seed(3)
+    ple = build_model("ple", {**params, "num_levels": 1}, VOCABS, NUM_DENSE, 3)
+    assert [n for n, _ in cgc.named_parameters()] == [n for n, _ in ple.named_parameters()]
+    ple.load_state_dict(cgc.state_dict())
+    sparse, dense = _inputs(9)
+    torch.testing.assert_close(ple(sparse, dense), cgc(sparse, dense), rtol=0, atol=0)
+
+
+def _unequal_ple(num_tasks=3):
+    return build_model(
+        "ple",
+        {"num_levels": 3, "num_task_experts": 2, "num_shared_experts": 3, "expert_dims": [6], "tower_dims": [4]},
+        VOCABS,
+        NUM_DENSE,
+        num_tasks,
+    )
+
+
+def test_ple_gate_spans():
+    model = _unequal_ple()
+    levels = model.body.levels
+    for j, layer in enumerate(levels):
+        # A task gate spans its own 2 experts and the 3 shared ones, nothing else.
+        assert layer.task_gates.weights[0].shape[-1] == 2 + 3
+        last = j == len(levels) - 1
+        if last:
+            assert layer.shared_gate is None
+        else:  # the shared gate spans every expert of the level: 3 tasks x 2 + 3 shared
+            assert layer.shared_gate.weights[0].shape[-1] == 3 * 2 + 3
+    sparse, dense = _inputs(5)
+    gates = model.gate_weights(sparse, dense)
+    assert set(gates) == {f"L{j}.task{k}" for j in range(3) for k in range(3)} | {"L0.shared", "L1.shared"}
+    for w in gates.values():
+        torch.testing.assert_close(w.sum(-1), torch.ones(5))
+
+
+def test_task_gate_ignores_other_tasks_experts():
+    """Changing task 1's experts leaves task 0's output untouched at level 0 of CGC."""
+    model = build_model(
+        "cgc", {"num_task_experts": 2, "num_shared_experts": 1, "expert_dims": [6]}, VOCABS, NUM_DENSE, 3
+    )
+    sparse, dense = _inputs(6)
+    x = model.input(sparse, dense)
+    before, _ = model.body.extract(x)
+    with torch.no_grad():
+        model.body.levels[0].experts.weights[0][2:4].add_(1.0)  # task 1's two experts
+    after, _ = model.body.extract(x)
+    torch.testing.assert_close(after[0], before[0])
+    torch.testing.assert_close(after[2], before[2])
+    assert not torch.allclose(after[1], before[1])
+
+
+def test_deeper_levels_read_previous_level_outputs_not_raw_input():
+    model = build_model(
+        "ple",
+        {"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 1, "expert_dims": [6], "tower_dims": [4]},
+        VOCABS,
+        NUM_DENSE,
+        2,
+    )
+    raw_dim = model.input.out_dim
+    level1 = model.body.levels[1]
+    assert raw_dim != 6
+    assert level1.experts.weights[0].shape[1] == 6
+    assert level1.task_gates.weights[0].shape[1] == 6
+    # Functionally: level 1 sees x only through level 0's outputs.
+    x = model.input(*_inputs(4))
+    seen = {}
+    level1.register_forward_pre_hook(lambda mod, args: seen.setdefault("args", args))
+    model.body.extract(x)
+    task_in, shared_in = seen["args"][:2]
+    first_task, first_shared, _ = model.body.levels[0](x, x)
+    torch.testing.assert_close(task_in, first_task)
+    torch.testing.assert_close(shared_in, first_shared)
+
+
+def _all_models(num_tasks=3):
+    overrides = {
+        "ple": {"num_levels": 3, "num_task_experts": 2, "num_shared_experts": 3, "expert_dims": [6]},
+        "cgc": {"num_task_experts": 2, "num_shared_experts": 3, "expert_dims": [6]},
+        "mmoe": {"num_experts": 3, "expert_dims": [6]},
+        "omoe": {"num_experts": 3, "expert_dims": [6]},
+    }
+    for name in MODELS:
+        params = {"tower_dims": [4], **overrides.get(name, {})}
+        if name in ("single", "shared_bottom"):
+            params["bottom_dims"] = [6]
+        yield name, build_model(name, params, VOCABS, NUM_DENSE, num_tasks)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_every_parameter_gets_a_gradient(batch):
+    for name, model in _all_models():
+        sparse, dense = _inputs(batch)
+        logits = model(sparse, dense)
+        assert logits.shape == (batch, 3), name
+        assert torch.isfinite(logits).all(), name
+        logits.pow(2).sum().backward()
+        for pname, p in model.named_parameters():
+            assert p.grad is not None, f"{name}: {pname} has no gradient"
+            if pname != "input.embedding.weight":  # only the looked-up rows get a gradient
+                assert p.grad.abs().sum() > 0, f"{name}: {pname} has a zero gradient"
+
+
+def test_experts_do_not_start_identical():
+    model = _unequal_ple()
+    w = model.body.levels[0].experts.weights[0]
+    for i in range(1, w.shape[0]):
+        assert not torch.equal(w[0], w[i])
+
+
+def test_parallel_mlp_equals_independent_mlps():
+    """Batched experts give the same outputs and gradients as separate nn.Linear stacks."""
+    torch.manual_seed(0)
+    bank = ParallelMLP(3, 5, [4, 2])
+    singles = []
+    for e in range(3):
+        layers = []
+        for w, b in zip(bank.weights, bank.biases, strict=True):
+            lin = torch.nn.Linear(w.shape[1], w.shape[2])
+            with torch.no_grad():
+                lin.weight.copy_(w[e].T)
+                lin.bias.copy_(b[e, 0])
+            layers += [lin, torch.nn.ReLU()]
+        singles.append(torch.nn.Sequential(*layers))
+    x = torch.randn(7, 5)
+    batched = bank(x)
+    separate = torch.stack([net(x) for net in singles])
+    torch.testing.assert_close(batched, separate)
+    batched.sum().backward()
+    separate.sum().backward()
+    for e in range(3):
+        torch.testing.assert_close(bank.weights[0].grad[e], singles[e][0].weight.grad.T)
+        torch.testing.assert_close(bank.biases[1].grad[e, 0], singles[e][2].bias.grad)
+    # Per-network inputs (E, B, d) route each network its own rows.
+    xs = torch.randn(3, 7, 5)
+    torch.testing.assert_close(bank(xs), torch.stack([net(xs[e]) for e, net in enumerate(singles)]))
+
+
+def test_extraction_layer_rejects_empty_level():
+    with pytest.raises(ValueError, match="at least one expert"):
+        ExtractionLayer(
+            num_tasks=2, in_dim=3, num_task_experts=0, num_shared_experts=0, expert_dims=[2], shared_gate=False
+        )
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="Unknown model `plee`. Did you mean `ple`"):
+        model_config("plee")
+    with pytest.raises(ValueError, match="Unknown key `num_expert`.*Did you mean `num_experts`"):
+        model_config("mmoe", {"num_expert": 3})
+    with pytest.raises(ValueError, match="levels\\[1\\].*Did you mean `expert_dims`"):
+        model_config("ple", {"levels": [{"expert_dims": [3]}, {"expert_dim": [3]}]})
+    with pytest.raises(ValueError, match="Expected `tower_dims` to hold positive integers"):
+        model_config("ple", {"tower_dims": [0]})
+
+
+def test_per_level_expert_counts_and_widths():
+    params = {
+        "levels": [
+            {"num_task_experts": 2, "num_shared_experts": 1, "expert_dims": [9]},
+            {"num_task_experts": 1, "num_shared_experts": 3, "expert_dims": [8, 6]},
+            {"num_task_experts": 2, "num_shared_experts": 2, "expert_dims": [5]},
+        ],
+        "tower_dims": [3],
+    }
+    model = build_model("ple", params, VOCABS, NUM_DENSE, 3)
+    shapes = [layer.experts.weights[-1].shape for layer in model.body.levels]
+    assert shapes == [(3 * 2 + 1, model.input.out_dim, 9), (3 + 3, 8, 6), (3 * 2 + 2, 6, 5)]
+    assert model(*_inputs(2)).shape == (2, 3)
