@@ -1,0 +1,205 @@
+"""The `plerec` command. The only module that prints or exits: library errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from plerec import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as err:
+        message = " ".join(str(err).split())  # one line, whatever the library wrote
+        print(f"plerec: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plerec: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plerec", description="Multi-task ranking models: PLE, CGC, MMoE, …")
+    parser.add_argument("--version", action="version", version=f"plerec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write the MMoE/PLE synthetic two-task data set as Parquet")
+    p.add_argument("--out", required=True, type=Path, help="Parquet file to write")
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--correlation", type=float, default=0.5, help="p = cos(w1, w2), in [-1, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dim", type=int, default=512, help="input dimension d")
+    p.add_argument("--num-sines", type=int, default=10, help="number of sine waves m")
+    p.add_argument("--scale", type=float, default=1.0, help="scale c of the task weights")
+    p.add_argument("--noise", type=float, default=0.1, help="standard deviation of the label noise")
+    p.add_argument("--binary", action="store_true", help="also write thresholded binary labels y1_binary, y2_binary")
+    p.add_argument("--threshold", default="median", help="'median' or a number (for --binary)")
+    p.set_defaults(run=_synth)
+
+    p = sub.add_parser("models", help="list the models and their hyperparameters")
+    p.set_defaults(run=_models)
+
+    p = sub.add_parser("train", help="train the experiment's model; writes metrics.json and best.pt to --out")
+    p.add_argument("experiment", type=Path, help="experiment TOML file")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set train.lr=3e-4 --set model.name=mmoe (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split of the experiment's data")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, help="where to write the metrics JSON (default: next to the checkpoint)")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: synthetic data, five models, per-task metrics and MTL gains")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--rows", type=int, default=30_000)
+    p.add_argument("--correlation", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _synth(args) -> int:
+    from plerec.data.synth import SynthConfig, write_parquet
+
+    threshold: str | float = args.threshold
+    if threshold != "median":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise ValueError(f"Expected --threshold to be 'median' or a number, but got {args.threshold!r}") from None
+    config = SynthConfig(
+        rows=args.rows,
+        correlation=args.correlation,
+        dim=args.dim,
+        scale=args.scale,
+        num_sines=args.num_sines,
+        noise_std=args.noise,
+        binary=args.binary,
+        threshold=threshold,
+        seed=args.seed,
+    )
+    path = write_parquet(config, args.out)
+    print(f"wrote {config.rows} rows (correlation {config.correlation}, d={config.dim}) to {path}")
+    return 0
+
+
+def _models(args) -> int:
+    from plerec.models import MODELS
+
+    for name, spec in MODELS.items():
+        print(f"{name}: {spec.summary}")
+        for f in fields(spec.config):
+            value = f.default if f.default_factory is MISSING else f.default_factory()
+            print(f"    {f.name} = {_toml_value(value)}")
+    return 0
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def _train(args) -> int:
+    from plerec.config import load_experiment
+    from plerec.train import fit, prepare_data
+
+    exp = load_experiment(args.experiment, args.overrides)
+    if args.quiet:
+        exp = _quiet(exp)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    data = prepare_data(exp)
+    if not args.quiet:
+        _describe_data(exp, data)
+    result = fit(exp, data, out_dir=args.out, log=log)
+    print(_metrics_table({exp.model_name: result.metrics.get("test", result.metrics["valid"])}, exp))
+    print(f"best epoch {result.best_epoch}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from plerec.config import load_experiment
+    from plerec.train import evaluate, load_checkpoint, prepare_data, write_json
+
+    exp = load_experiment(args.experiment, args.overrides)
+    model, encoder, trained = load_checkpoint(args.checkpoint)
+    if [(t.name, t.kind) for t in trained.tasks] != [(t.name, t.kind) for t in exp.tasks]:
+        raise ValueError(
+            f"The checkpoint {args.checkpoint} was trained on tasks {[t.name for t in trained.tasks]}, "
+            f"but {args.experiment} defines {[t.name for t in exp.tasks]}"
+        )
+    data = prepare_data(exp, encoder=encoder)
+    if args.split not in data.splits:
+        raise ValueError(f"The experiment {args.experiment} has no {args.split} split")
+    metrics = evaluate(model, data.splits[args.split], exp)
+    record = {"model": trained.model_name, "seed": trained.seed, "split": args.split, "tasks": metrics}
+    out = args.out or args.checkpoint.with_name(f"metrics-{args.split}.json")
+    write_json(out, record)
+    print(_metrics_table({trained.model_name: metrics}, exp))
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from plerec.demo import run_demo
+
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    table = run_demo(args.out, rows=args.rows, correlation=args.correlation, epochs=args.epochs,
+                     seed=args.seed, log=log, progress=not args.quiet)
+    print(table)
+    return 0
+
+
+def _quiet(exp):
+    from dataclasses import replace
+
+    return replace(exp, train=replace(exp.train, progress=False))
+
+
+def _describe_data(exp, data) -> None:
+    enc = data.encoder
+    sizes = ", ".join(f"{name} {len(table)}" for name, table in data.splits.items())
+    print(f"rows: {sizes}", file=sys.stderr)
+    print(f"features: {len(enc.categorical)} categorical, {len(enc.numeric)} numeric"
+          f" (+{len(enc.indicators)} missing indicators)", file=sys.stderr)
+    if enc.inferred:
+        shown = ", ".join(f"{c}={k}" for c, k in enc.inferred.items())
+        print(f"inferred feature types: {shown}", file=sys.stderr)
+    train = data.splits["train"]
+    for k, task in enumerate(exp.tasks):
+        mask = train.label_mask[:, k]
+        n = int(mask.sum())
+        rate = f", positive rate {float(train.labels[mask, k].mean()):.4f}" if task.kind == "binary" and n else ""
+        print(f"task {task.name} ({task.kind}): {n} training rows in its space{rate}", file=sys.stderr)
+
+
+def _metrics_table(results: dict[str, dict], exp, gains: dict | None = None) -> str:
+    from plerec.report import metrics_table
+
+    return metrics_table(results, exp.task_kinds, gains)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

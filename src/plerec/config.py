@@ -1,0 +1,411 @@
+"""The experiment file: typed, frozen sections read from TOML, validated once, with `--set` overrides.
+
+An experiment is [data] (where rows come from), [features] (which columns feed the model), [[tasks]]
+(what to predict and over which rows), [model] (a registry name and its hyperparameters) and [train].
+Every key is documented in the README; unknown keys are rejected with a "did you mean" hint.
+"""
+
+import re
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from plerec.errors import did_you_mean, unknown_key
+from plerec.models import MODELS, ModelConfig, model_config
+
+TASK_KINDS = ("binary", "regression")
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A comparison of one column with a constant, e.g. `marital_stat == "Never married"` or `click == 1`."""
+
+    column: str
+    op: str
+    value: str | float | bool
+
+    _PATTERN = re.compile(r"^\s*(`[^`]+`|[A-Za-z_][\w.]*)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> "Condition":
+        match = cls._PATTERN.match(text)
+        if not match:
+            raise ValueError(
+                f"Expected {where} to be a condition like `column == value` (operators == != > >= < <=), "
+                f"but got {text!r}"
+            )
+        column, op, raw = match.groups()
+        column = column.strip("`")
+        value: str | float | bool
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            value = raw[1:-1]
+        elif raw in ("true", "false"):
+            value = raw == "true"
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(
+                    f"Expected the value in {where} ({text!r}) to be a number, true/false or a quoted string, "
+                    f"but got {raw!r}"
+                ) from None
+        if isinstance(value, str) and op not in ("==", "!="):
+            raise ValueError(f"Expected {where} to compare a string with == or !=, but got {op!r} in {text!r}")
+        return cls(column, op, value)
+
+    def __str__(self) -> str:
+        value = f'"{self.value}"' if isinstance(self.value, str) else str(self.value).lower()
+        column = self.column if re.fullmatch(r"[A-Za-z_][\w.]*", self.column) else f"`{self.column}`"
+        return f"{column} {self.op} {value}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CsvOptions:
+    """How CSV files are parsed (pandas.read_csv options)."""
+
+    header: bool = True
+    names: tuple[str, ...] = ()
+    sep: str = ","
+    skipinitialspace: bool = False
+    keep_default_na: bool = True
+    na_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    path: str = ""
+    train: str = ""
+    valid: str = ""
+    test: str = ""
+    split: tuple[float, ...] = (0.8, 0.1, 0.1)
+    split_seed: int | None = None
+    exclude: tuple[str, ...] = ()
+    missing_numeric: str = "impute"
+    csv: CsvOptions = field(default_factory=CsvOptions)
+
+    def __post_init__(self) -> None:
+        if bool(self.path) == bool(self.train):
+            raise ValueError(
+                "Expected [data] to set either `path` (one file split by `split`) or `train` and `valid` "
+                f"(separate files), but got path={self.path!r}, train={self.train!r}"
+            )
+        if self.train and not self.valid:
+            raise ValueError("Expected [data] `valid` next to `train` (model selection needs it), but got none")
+        if self.path:
+            if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
+                raise ValueError(
+                    f"Expected [data] `split` to be three fractions (train, valid, test) summing to 1, "
+                    f"but got {list(self.split)}"
+                )
+            if self.split[0] == 0 or self.split[1] == 0:
+                raise ValueError(f"Expected non-empty train and valid fractions in `split`, but got {list(self.split)}")
+        if self.missing_numeric not in ("impute", "error"):
+            raise ValueError(
+                f"Expected [data] `missing_numeric` to be 'impute' or 'error', but got {self.missing_numeric!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FeaturesConfig:
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    auto: bool = False
+    auto_max_int_categories: int = 32
+
+    def __post_init__(self) -> None:
+        if not (self.categorical or self.numeric or self.auto):
+            raise ValueError(
+                "Expected [features] to list `categorical` and/or `numeric` columns or to set `auto = true`, "
+                "but got none"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskConfig:
+    name: str
+    kind: str
+    label: str = ""
+    condition: str = ""
+    weight: float = 1.0
+    gamma: float = 1.0
+    space: str = "present"
+
+    def __post_init__(self) -> None:
+        where = f"[[tasks]] `{self.name}`"
+        if not self.name:
+            raise ValueError("Expected every [[tasks]] entry to have a non-empty `name`")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"Expected `kind` of {where} to be one of {TASK_KINDS}, but got {self.kind!r}")
+        if bool(self.label) == bool(self.condition):
+            raise ValueError(
+                f"Expected {where} to set exactly one of `label` (a column) or `condition` "
+                f"(e.g. 'col == \"value\"'), but got label={self.label!r}, condition={self.condition!r}"
+            )
+        if self.condition and self.kind != "binary":
+            raise ValueError(f"Expected {where} with a `condition` to be binary, but got kind {self.kind!r}")
+        if self.weight < 0 or self.gamma <= 0:
+            raise ValueError(
+                f"Expected {where} to have weight >= 0 and gamma > 0, but got weight={self.weight}, "
+                f"gamma={self.gamma}"
+            )
+        if self.condition:
+            Condition.parse(self.condition, f"`condition` of {where}")
+        if self.space != "present":
+            Condition.parse(self.space, f"`space` of {where}")
+
+    @property
+    def label_condition(self) -> Condition | None:
+        return Condition.parse(self.condition, f"`condition` of task {self.name}") if self.condition else None
+
+    @property
+    def space_condition(self) -> Condition | None:
+        return None if self.space == "present" else Condition.parse(self.space, f"`space` of task {self.name}")
+
+    @property
+    def source_column(self) -> str:
+        """The column the label is read from."""
+        return self.label or self.label_condition.column  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    eval_batch_size: int = 16384
+    epochs: int = 10
+    weight_schedule: str = "epoch"
+    monitor: str = "mean"
+    monitor_metric: str = "auto"
+    patience: int = 3
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Expected [train] `{name}` >= 1, but got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0 or self.threads < 0:
+            raise ValueError(
+                "Expected [train] lr > 0, weight_decay >= 0, patience >= 0 and threads >= 0, but got "
+                f"lr={self.lr}, weight_decay={self.weight_decay}, patience={self.patience}, threads={self.threads}"
+            )
+        if self.weight_schedule not in ("epoch", "step"):
+            raise ValueError(f"Expected [train] `weight_schedule` 'epoch' or 'step', but got {self.weight_schedule!r}")
+        if self.monitor_metric not in ("auto", "auc", "logloss", "mse", "loss"):
+            raise ValueError(
+                "Expected [train] `monitor_metric` to be one of auto, auc, logloss, mse, loss, "
+                f"but got {self.monitor_metric!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Experiment:
+    seed: int = 0
+    data: DataConfig
+    features: FeaturesConfig
+    tasks: tuple[TaskConfig, ...]
+    model_name: str = "ple"
+    model: ModelConfig = field(default_factory=lambda: model_config("ple"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = ""  # the file it was read from, for error messages
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("Expected at least one [[tasks]] entry, but got none")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Expected distinct task names, but got {names}")
+        if self.train.monitor != "mean" and self.train.monitor not in names:
+            raise ValueError(
+                f"Expected [train] `monitor` to be 'mean' or a task name ({', '.join(names)}), "
+                f"but got {self.train.monitor!r}.{did_you_mean(self.train.monitor, names)}"
+            )
+
+    @property
+    def task_kinds(self) -> dict[str, str]:
+        return {t.name: t.kind for t in self.tasks}
+
+    def with_model(self, name: str, params: dict | None = None) -> "Experiment":
+        """The same experiment with another model; `params` default to the current ones that still apply."""
+        if params is None:
+            valid = {f.name for f in fields(MODELS[name].config)} if name in MODELS else set()
+            params = {k: v for k, v in asdict(self.model).items() if k in valid}
+        return replace(self, model_name=name, model=model_config(name, params))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read an experiment TOML file; relative data paths are resolved against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Experiment file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("path", "train", "valid", "test"):
+            if isinstance(data.get(key), str) and data[key]:
+                data[key] = str((path.parent / data[key]).resolve()) if not Path(data[key]).is_absolute() else data[key]
+    try:
+        return experiment_from_dict(raw, source=str(path))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
+    top = {f.name for f in fields(Experiment)} - {"model_name", "source"}
+    for key in raw:
+        if key not in top:
+            raise unknown_key(key, top, "the experiment file (top level)")
+    for required in ("data", "features", "tasks"):
+        if required not in raw:
+            raise ValueError(f"Expected a [{required}] section in the experiment file, but got none")
+    model_table = dict(raw.get("model", {}))
+    model_name = model_table.pop("name", "ple")
+    tasks_raw = raw["tasks"]
+    if not isinstance(tasks_raw, list):
+        raise ValueError("Expected [[tasks]] to be an array of tables (write `[[tasks]]` per task)")
+    data_table = dict(raw["data"])
+    csv = _build(CsvOptions, data_table.pop("csv", {}), "[data.csv]")
+    return Experiment(
+        seed=_coerce(raw.get("seed", 0), int, "seed"),
+        data=_build(DataConfig, {**data_table, "csv": csv}, "[data]"),
+        features=_build(FeaturesConfig, raw["features"], "[features]"),
+        tasks=tuple(_build(TaskConfig, t, f"[[tasks]] #{i}") for i, t in enumerate(tasks_raw)),
+        model_name=model_name,
+        model=model_config(model_name, model_table),
+        train=_build(TrainConfig, raw.get("train", {}), "[train]"),
+        source=source,
+    )
+
+
+def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
+    """Every key with its resolved value: what `plerec train` writes next to its results."""
+
+    def clean(value: Any) -> Any:
+        if is_dataclass(value):
+            return {f.name: clean(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
+        if isinstance(value, tuple | list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        return value
+
+    model = clean(exp.model)
+    if not model.get("levels"):
+        model.pop("levels", None)
+    return {
+        "seed": exp.seed,
+        "data": clean(exp.data),
+        "features": clean(exp.features),
+        "tasks": [clean(t) for t in exp.tasks],
+        "model": {"name": exp.model_name, **model},
+        "train": clean(exp.train),
+    }
+
+
+def write_experiment(exp: Experiment, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(experiment_to_dict(exp)))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply `a.b.c=value` to the raw TOML tree; the value is parsed as TOML, else kept as a string.
+
+    `tasks.NAME.key=value` addresses a task by name.
+    """
+    if "=" not in item:
+        raise ValueError(f"Expected an override like `train.lr=3e-4`, but got {item!r}")
+    key, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):  # tasks addressed by name
+            matches = [t for t in node if isinstance(t, dict) and t.get("name") == part]
+            if not matches:
+                names = [t.get("name") for t in node if isinstance(t, dict)]
+                raise ValueError(f"Override {key!r}: no task named {part!r}; tasks are {names}")
+            node = matches[0]
+        else:
+            node = node.setdefault(part, [] if part == "tasks" and depth == 0 else {})
+    if isinstance(node, list):
+        raise ValueError(f"Override {key!r}: expected `tasks.NAME.key=value`")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ValueError(f"Expected {where} to be a table, but got {table!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in table.items():
+        if key not in valid:
+            raise unknown_key(key, valid, where)
+        values[key] = value if is_dataclass(value) else _coerce(value, hints[key], f"{where} `{key}`")
+    missing = [f.name for f in fields(cls) if f.name not in values and _required(f)]
+    if missing:
+        raise ValueError(f"Expected {where} to set {', '.join(f'`{m}`' for m in missing)}, but it does not")
+    return cls(**values)
+
+
+def _required(f) -> bool:
+    from dataclasses import MISSING
+
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a TOML value against a field's type; ints are accepted as floats, lists become tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"Expected {where} to be a list, but got {value!r}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(v, inner, f"{where} item") for v in value)
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"Expected {where} to be a number, but got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"Expected {where} to be an integer, but got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"Expected {where} to be true or false, but got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"Expected {where} to be a string, but got {value!r}")
+    return value

@@ -1,0 +1,274 @@
+"""The training loop: masked per-task losses (Eq. 9), dynamic weights (Eq. 10), early stopping, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, write_experiment
+from plerec.data.encode import EncodedTable, Encoder
+from plerec.data.table import load_splits
+from plerec.metrics import HIGHER_IS_BETTER, TaskMetricAccumulator
+from plerec.models import MultiTaskModel, build_model
+
+CHECKPOINT_FORMAT = "plerec-checkpoint-1"
+
+
+@dataclass(slots=True)
+class PreparedData:
+    """The encoder fitted on the training split and every split as column tensors."""
+
+    encoder: Encoder
+    splits: dict[str, EncodedTable]
+
+
+@dataclass(slots=True)
+class FitResult:
+    model: MultiTaskModel
+    encoder: Encoder
+    metrics: dict[str, dict[str, dict[str, float]]]  # split -> task -> metric -> value
+    history: list[dict] = field(default_factory=list)  # one record per epoch
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+
+
+def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedData:
+    """Read and split the data, fit the encoder on train (unless given), encode every split once."""
+    frames = load_splits(exp.data, exp.seed)
+    if encoder is None:
+        encoder = Encoder.fit(exp, frames["train"])
+    return PreparedData(encoder, {name: encoder.transform(frame) for name, frame in frames.items()})
+
+
+def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, is_binary: torch.Tensor):
+    """Eq. 9: each task's loss is the mean over its own sample space only. Returns (T,).
+
+    A task with no labelled row in the batch contributes exactly 0 (and a zero gradient), never NaN.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, T)
+    squared = (logits - labels).square()  # (B, T)
+    per_row = torch.where(is_binary, bce, squared) * mask
+    return per_row.sum(0) / mask.sum(0).clamp_min(1)  # (T,)
+
+
+def loss_weights(exp: Experiment, t: int | float) -> torch.Tensor:
+    """Eq. 10: ω_k(t) = ω_k0 · γ_k^t, with t the epoch or the step (train.weight_schedule)."""
+    return torch.tensor([task.weight * task.gamma**t for task in exp.tasks], dtype=torch.float32)
+
+
+@torch.inference_mode()
+def predict(model: MultiTaskModel, table: EncodedTable, batch_size: int = 16384) -> torch.Tensor:
+    """Logits (N, T) for a whole split, in order."""
+    model.eval()
+    parts = []
+    for start in range(0, len(table), batch_size):
+        batch = table.batch(slice(start, start + batch_size))
+        parts.append(model(batch.sparse, batch.dense))
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
+def evaluate(model: MultiTaskModel, table: EncodedTable, exp: Experiment) -> dict[str, dict[str, float]]:
+    """Per-task metrics over each task's own sample space."""
+    metric = TaskMetricAccumulator(exp.task_kinds)
+    metric.update(predict(model, table, exp.train.eval_batch_size), table.labels, table.label_mask)
+    return metric.compute()
+
+
+def monitor_value(metrics: dict[str, dict[str, float]], exp: Experiment) -> tuple[float, bool]:
+    """The validation number that selects the best epoch, and whether higher is better."""
+    names = [t.name for t in exp.tasks] if exp.train.monitor == "mean" else [exp.train.monitor]
+    kinds = {exp.task_kinds[n] for n in names}
+    metric = exp.train.monitor_metric
+    if metric == "auto":
+        metric = "auc" if kinds == {"binary"} else "mse" if kinds == {"regression"} else "loss"
+    values = []
+    for name in names:
+        key = metric if metric != "loss" else ("logloss" if exp.task_kinds[name] == "binary" else "mse")
+        if key not in metrics[name] and key in ("auc", "logloss") and exp.task_kinds[name] != "binary":
+            raise ValueError(f"[train] monitor_metric {metric!r} does not apply to regression task `{name}`")
+        if key == "mse" and exp.task_kinds[name] != "regression":
+            raise ValueError(f"[train] monitor_metric 'mse' does not apply to binary task `{name}`")
+        if key in metrics[name]:
+            values.append(metrics[name][key])
+    higher = HIGHER_IS_BETTER["auc"] if metric == "auc" else False
+    return (sum(values) / len(values) if values else math.nan), higher
+
+
+def fit(
+    exp: Experiment,
+    data: PreparedData | None = None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Train `exp.model_name` on the experiment's data; keep the best epoch by the validation monitor.
+
+    With `out_dir`, writes best.pt (the best checkpoint, updated as training goes), metrics.json,
+    history.json and experiment.toml (every key resolved).
+    """
+    say = log or (lambda _msg: None)
+    if exp.train.threads:
+        torch.set_num_threads(exp.train.threads)
+    data = data or prepare_data(exp)
+    train_table, valid_table = data.splits["train"], data.splits["valid"]
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_experiment(exp, out / "experiment.toml")
+
+    torch.manual_seed(exp.seed)
+    model = build_model(
+        exp.model_name, exp.model, data.encoder.vocab_sizes, len(data.encoder.dense_names), len(exp.tasks)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)
+    is_binary = torch.tensor([t.kind == "binary" for t in exp.tasks])
+    shuffle = torch.Generator().manual_seed(exp.seed)
+    batch_size = exp.train.batch_size
+    steps_per_epoch = math.ceil(len(train_table) / batch_size)
+    names = [t.name for t in exp.tasks]
+
+    best_value, best_state, best_epoch, stale = None, None, 0, 0
+    history: list[dict] = []
+    step = 0
+    started = time.perf_counter()
+    for epoch in range(exp.train.epochs):
+        model.train()
+        order = torch.randperm(len(train_table), generator=shuffle)
+        running = torch.zeros(len(names))
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"{exp.model_name} epoch {epoch + 1}/{exp.train.epochs}",
+            disable=not exp.train.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for i in range(steps_per_epoch):
+            batch = train_table.batch(order[i * batch_size : (i + 1) * batch_size])
+            logits = model(batch.sparse, batch.dense)  # (B, T)
+            task_losses = masked_task_losses(logits, batch.labels, batch.label_mask, is_binary)  # (T,)
+            t = epoch if exp.train.weight_schedule == "epoch" else step
+            loss = (loss_weights(exp, t) * task_losses).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running += task_losses.detach()
+            if exp.train.progress and (i % 20 == 0 or i == steps_per_epoch - 1):
+                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(names, (running / (i + 1)).tolist(), strict=True)})
+            bar.update(1)
+        bar.close()
+
+        valid_metrics = evaluate(model, valid_table, exp)
+        value, higher = monitor_value(valid_metrics, exp)
+        improved = best_value is None or (value > best_value if higher else value < best_value)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": dict(zip(names, (running / steps_per_epoch).tolist(), strict=True)),
+            "valid": valid_metrics,
+            "monitor": value,
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(record)
+        say(_epoch_line(record, names, improved))
+        if improved:
+            best_value, best_epoch, stale = value, epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+            if out is not None:
+                save_checkpoint(out / "best.pt", model, data.encoder, exp, best_epoch)
+        else:
+            stale += 1
+            if exp.train.patience and stale >= exp.train.patience:
+                say(f"early stop: no better validation {exp.train.monitor} for {stale} epochs")
+                break
+    train_seconds = time.perf_counter() - started
+
+    model.load_state_dict(best_state)  # type: ignore[arg-type]
+    metrics = {split: evaluate(model, table, exp) for split, table in data.splits.items()}
+    result = FitResult(model, data.encoder, metrics, history, best_epoch, train_seconds)
+    if out is not None:
+        write_json(out / "metrics.json", metrics_record(exp, metrics, train_seconds))
+        write_json(out / "history.json", {"best_epoch": best_epoch, "epochs": history})
+    return result
+
+
+def metrics_record(exp: Experiment, metrics: dict, train_seconds: float) -> dict:
+    """The metrics.json shape other tools read."""
+    split = "test" if "test" in metrics else "valid"
+    return {
+        "model": exp.model_name,
+        "seed": exp.seed,
+        "split": split,
+        "tasks": metrics[split],
+        "train_seconds": round(train_seconds, 3),
+    }
+
+
+def save_checkpoint(path: Path, model: MultiTaskModel, encoder: Encoder, exp: Experiment, epoch: int) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated best checkpoint."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": exp.model_name,
+        "experiment": experiment_to_dict(exp),
+        "encoder": encoder.state_dict(),
+        "state_dict": model.state_dict(),
+        "epoch": epoch,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, Encoder, Experiment]:
+    """The model (in eval mode), its encoder and the experiment it was trained with."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Checkpoint {path} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"Expected {path} to be a plerec checkpoint ({CHECKPOINT_FORMAT}), but it is not")
+    exp = experiment_from_dict(payload["experiment"])
+    encoder = Encoder.from_state_dict(payload["encoder"])
+    model = build_model(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, encoder, exp
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _epoch_line(record: dict, names: list[str], improved: bool) -> str:
+    parts = []
+    for name in names:
+        m = record["valid"][name]
+        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("auc", "logloss", "mse") if k in m)
+        parts.append(f"{name}: {shown}")
+    mark = " *" if improved else ""
+    return f"epoch {record['epoch']}: valid " + "; ".join(parts) + f" ({record['seconds']:.1f}s){mark}"
+
+
+__all__ = [
+    "FitResult",
+    "PreparedData",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "loss_weights",
+    "masked_task_losses",
+    "monitor_value",
+    "predict",
+    "prepare_data",
+    "save_checkpoint",
+]
