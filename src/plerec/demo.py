@@ -31,7 +31,7 @@ def demo_experiment(data_path: Path, *, epochs: int, seed: int, progress: bool) 
 def run_demo(
     out: Path,
     *,
-    rows: int = 30_000,
+    rows: int = 100_000,
     correlation: float = 0.5,
     epochs: int = 20,
     seed: int = 0,

@@ -96,9 +96,7 @@ class PLEConfig(ModelConfig):
             )  # validates the uniform settings
         levels = self.resolved_levels()
         for j in range(len(levels) - 1):
-            if levels[j + 1].num_shared_experts and not (
-                levels[j].num_shared_experts or levels[j].num_task_experts
-            ):
+            if levels[j + 1].num_shared_experts and not (levels[j].num_shared_experts or levels[j].num_task_experts):
                 raise ValueError(f"Expected level {j} to have experts feeding level {j + 1}, but got none")
 
     def resolved_levels(self) -> tuple[LevelConfig, ...]:
@@ -127,6 +125,32 @@ class CGCConfig(ModelConfig):
         )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MLMMoEConfig(MoEConfig):
+    """ML-MMoE: `num_experts` experts of `expert_dims` on each of its two levels."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AsymmetricConfig(SharedBottomConfig):
+    source_task: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ColumnsConfig(SharedBottomConfig):
+    """Per-task columns with `bottom_dims` layers (cross-stitch)."""
+
+    bottom_dims: tuple[int, ...] = (128, 64)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SluiceConfig(ColumnsConfig):
+    num_subspaces: int = 2
+
+    def __post_init__(self) -> None:
+        SharedBottomConfig.__post_init__(self)
+        _check_positive("num_subspaces", [self.num_subspaces])
+
+
 def _check_positive(name: str, values, *, allow_empty: bool = True) -> None:
     values = list(values)
     if not values and not allow_empty:
@@ -152,9 +176,7 @@ class SingleTask(nn.Module):
 
     def __init__(self, config: SingleTaskConfig, in_dim: int, num_tasks: int):
         super().__init__()
-        self.nets = ParallelMLP(
-            num_tasks, in_dim, [*config.bottom_dims, *config.tower_dims, 1], final_activation=False
-        )
+        self.nets = ParallelMLP(num_tasks, in_dim, [*config.bottom_dims, *config.tower_dims, 1], final_activation=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.nets(x).squeeze(-1).transpose(0, 1)  # (T, B, 1) -> (B, T)
@@ -239,6 +261,166 @@ class PLE(nn.Module):
         return self.towers(self.extract(x)[0])
 
 
+class MLMMoE(nn.Module):
+    """Multi-level MMoE, the ML-MMoE baseline of the PLE paper (Tang et al., RecSys 2020, §5.1, Fig. 1).
+
+    Two MMoE levels (Ma et al., KDD 2018): each second-level expert reads its own softmax mixture of the
+    first-level experts, and each task reads its own mixture of the second-level experts. Every gate
+    takes the raw input x as its selector, unlike PLE whose deeper gates read the previous level.
+    """
+
+    def __init__(self, config: MLMMoEConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        n = config.num_experts
+        # Level 1 is an MMoE layer whose "tasks" are the n second-level experts.
+        self.level1 = ExtractionLayer(
+            num_tasks=n,
+            in_dim=in_dim,
+            num_task_experts=0,
+            num_shared_experts=n,
+            expert_dims=config.expert_dims,
+            shared_gate=False,
+        )
+        self.experts2 = ParallelMLP(n, self.level1.out_dim, config.expert_dims)
+        self.task_gates = ParallelMLP(num_tasks, in_dim, [n], final_activation=False, bias=False)
+        self.towers = Towers(num_tasks, self.experts2.out_dim, config.tower_dims)
+
+    def extract(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        mixed1, _, gates1 = self.level1(x, x)  # (n, B, H1): one input per second-level expert
+        outputs2 = self.experts2(mixed1)  # (n, B, H2)
+        weights = torch.softmax(self.task_gates(x), dim=-1)  # (T, B, n), selected by the raw input
+        mixed2 = torch.einsum("tbn,nbh->tbh", weights, outputs2)  # (T, B, H2)
+        gates = {f"L0.expert{i}": w for i, w in enumerate(gates1["task"])}
+        gates.update({f"L1.task{k}": w for k, w in enumerate(weights)})
+        return mixed2, gates
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.towers(self.extract(x)[0])
+
+
+class AsymmetricSharing(nn.Module):
+    """Asymmetric sharing, a baseline of the PLE paper (Tang et al., RecSys 2020, §2 and Fig. 1c).
+
+    Every task has its own bottom; the source task's bottom output is also fed into every other task's
+    bottom, so knowledge flows one way: from the source task to the others.
+    """
+
+    def __init__(self, config: AsymmetricConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        if not 0 <= config.source_task < num_tasks:
+            raise ValueError(
+                f"Expected [model] `source_task` to index one of the {num_tasks} tasks, but got {config.source_task}"
+            )
+        self.source_task = config.source_task
+        self.source = ParallelMLP(1, in_dim, config.bottom_dims)
+        self.others = (
+            ParallelMLP(num_tasks - 1, in_dim + self.source.out_dim, config.bottom_dims) if num_tasks > 1 else None
+        )
+        self.towers = Towers(num_tasks, self.source.out_dim, config.tower_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        source = self.source(x)  # (1, B, H)
+        if self.others is None:
+            return self.towers(source)
+        others = self.others(torch.cat([x, source[0]], dim=1))  # (T-1, B, H)
+        k = self.source_task
+        return self.towers(torch.cat([others[:k], source, others[k:]]))  # (T, B, H) in task order
+
+
+class CustomizedSharing(nn.Module):
+    """Customized sharing, a baseline of the PLE paper (Tang et al., RecSys 2020, §2 and Fig. 1d).
+
+    A shared bottom and one task-specific bottom per task; each tower reads both, concatenated.
+    """
+
+    def __init__(self, config: SharedBottomConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        self.shared = ParallelMLP(1, in_dim, config.bottom_dims)
+        self.specific = ParallelMLP(num_tasks, in_dim, config.bottom_dims)
+        self.towers = Towers(num_tasks, self.shared.out_dim + self.specific.out_dim, config.tower_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        specific = self.specific(x)  # (T, B, H)
+        shared = self.shared(x).expand_as(specific)  # (T, B, H)
+        return self.towers(torch.cat([shared, specific], dim=-1))  # towers read (T, B, 2H)
+
+
+def _stitch_init(size: int, self_weight: float = 0.9) -> Tensor:
+    """A mixing matrix near the identity: each column keeps most of itself (Misra et al. §3.2 init)."""
+    if size == 1:
+        return torch.ones(1, 1)
+    off = (1.0 - self_weight) / (size - 1)
+    return torch.full((size, size), off) + torch.eye(size) * (self_weight - off)
+
+
+class CrossStitch(nn.Module):
+    """Cross-stitch networks (Misra, Shrivastava, Gupta, Hebert, CVPR 2016).
+
+    One column (MLP) per task; after every layer a learned matrix α (T×T, initialised near the
+    identity) replaces each task's activation by a linear combination of every task's: h'_k = Σ_j α_kj h_j.
+    """
+
+    def __init__(self, config: ColumnsConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.stitches = nn.ParameterList()
+        d = in_dim
+        for h in config.bottom_dims:
+            self.layers.append(ParallelMLP(num_tasks, d, [h]))
+            self.stitches.append(nn.Parameter(_stitch_init(num_tasks)))
+            d = h
+        self.towers = Towers(num_tasks, d, config.tower_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        for layer, alpha in zip(self.layers, self.stitches, strict=True):
+            h = torch.einsum("kj,jbh->kbh", alpha, layer(h))  # (T, B, H)
+        return self.towers(h)
+
+
+class Sluice(nn.Module):
+    """Sluice networks (Ruder, Bingel, Augenstein, Søgaard, AAAI 2019).
+
+    Like cross-stitch, but every task's layer is split into subspaces and a learned α mixes all
+    subspaces of all tasks; a learned β per task weights the outputs of every layer (a skip
+    connection), whose weighted concatenation feeds the tower. (The paper's optional orthogonality
+    penalty between subspaces is not applied.)
+    """
+
+    def __init__(self, config: SluiceConfig, in_dim: int, num_tasks: int):
+        super().__init__()
+        g = config.num_subspaces
+        for h in config.bottom_dims:
+            if h % g:
+                raise ValueError(
+                    f"Expected every `bottom_dims` width to divide into {g} subspaces, but got {list(config.bottom_dims)}"
+                )
+        self.num_tasks, self.num_subspaces = num_tasks, g
+        self.layers = nn.ModuleList()
+        self.alphas = nn.ParameterList()
+        d = in_dim
+        for h in config.bottom_dims:
+            self.layers.append(ParallelMLP(num_tasks, d, [h]))
+            self.alphas.append(nn.Parameter(_stitch_init(num_tasks * g)))
+            d = h
+        self.betas = nn.Parameter(torch.full((num_tasks, len(config.bottom_dims)), 1.0))
+        self.towers = Towers(num_tasks, sum(config.bottom_dims), config.tower_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t, g = self.num_tasks, self.num_subspaces
+        h = x
+        outputs = []
+        for layer, alpha in zip(self.layers, self.alphas, strict=True):
+            out = layer(h)  # (T, B, H)
+            b, width = out.shape[1], out.shape[2]
+            parts = out.view(t, b, g, width // g).permute(0, 2, 1, 3).reshape(t * g, b, width // g)  # (T*G, B, H/G)
+            mixed = torch.einsum("ij,jbh->ibh", alpha, parts)  # (T*G, B, H/G)
+            h = mixed.view(t, g, b, width // g).permute(0, 2, 1, 3).reshape(t, b, width)  # (T, B, H)
+            outputs.append(h)
+        skip = torch.cat([self.betas[:, i, None, None] * o for i, o in enumerate(outputs)], dim=-1)  # (T, B, ΣH)
+        return self.towers(skip)
+
+
 def _ple(config: PLEConfig, in_dim: int, num_tasks: int) -> PLE:
     return PLE(config.resolved_levels(), config.tower_dims, in_dim, num_tasks)
 
@@ -273,6 +455,11 @@ MODELS: dict[str, ModelSpec] = {
     "mmoe": ModelSpec(_mmoe, MoEConfig, "shared experts, one gate per task (Ma et al. 2018)"),
     "cgc": ModelSpec(_cgc, CGCConfig, "task + shared experts, task gates (PLE paper §4.2)"),
     "ple": ModelSpec(_ple, PLEConfig, "stacked extraction layers (Tang et al. 2020)"),
+    "ml_mmoe": ModelSpec(MLMMoE, MLMMoEConfig, "two MMoE levels, every gate selected by the raw input"),
+    "asymmetric": ModelSpec(AsymmetricSharing, AsymmetricConfig, "one task's bottom feeds every other's"),
+    "customized": ModelSpec(CustomizedSharing, SharedBottomConfig, "shared + task-specific bottoms, concatenated"),
+    "cross_stitch": ModelSpec(CrossStitch, ColumnsConfig, "task columns mixed by learned α (Misra et al. 2016)"),
+    "sluice": ModelSpec(Sluice, SluiceConfig, "subspaces mixed by α, layers skipped by β (Ruder et al. 2019)"),
 }
 
 
@@ -300,13 +487,10 @@ class MultiTaskModel(nn.Module):
         return self.body.extract(self.input(sparse, dense))[1]
 
 
-
 def model_config(name: str, params: dict | None = None) -> ModelConfig:
     """The config of model `name` from plain values (as read from TOML), rejecting unknown keys."""
     if name not in MODELS:
-        raise ValueError(
-            f"Unknown model `{name}`.{did_you_mean(name, MODELS)} Expected one of: {', '.join(MODELS)}"
-        )
+        raise ValueError(f"Unknown model `{name}`.{did_you_mean(name, MODELS)} Expected one of: {', '.join(MODELS)}")
     cls = MODELS[name].config
     valid = {f.name for f in fields(cls)}
     values = {}

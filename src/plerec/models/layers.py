@@ -128,7 +128,11 @@ class ExtractionLayer(nn.Module):
         self.out_dim = self.experts.out_dim
         # The paper's gates are a single linear map without bias, then a softmax (Eq. 3).
         self.task_gates = ParallelMLP(
-            num_tasks, gate_in_dim, [num_task_experts + num_shared_experts], final_activation=False, bias=False
+            num_tasks,
+            gate_in_dim,
+            [num_task_experts + num_shared_experts],
+            final_activation=False,
+            bias=False,
         )
         self.shared_gate = (
             ParallelMLP(1, gate_in_dim, [num_experts], final_activation=False, bias=False) if shared_gate else None
