@@ -261,3 +261,92 @@ def test_per_level_expert_counts_and_widths():
     shapes = [layer.experts.weights[-1].shape for layer in model.body.levels]
     assert shapes == [(3 * 2 + 1, model.input.out_dim, 9), (3 + 3, 8, 6), (3 * 2 + 2, 6, 5)]
     assert model(*_inputs(2)).shape == (2, 3)
+
+
+def _column_models(name, num_tasks=3):
+    params = {"bottom_dims": [8, 6], "tower_dims": [4]}
+    return build_model(name, params, VOCABS, NUM_DENSE, num_tasks)
+
+
+@pytest.mark.parametrize("name", ["cross_stitch", "sluice"])
+def test_stitch_weights_are_learnable_near_identity_and_mix_every_column(name):
+    model = _column_models(name)
+    mixers = model.body.stitches if name == "cross_stitch" else model.body.alphas
+    for alpha in mixers:
+        assert alpha.requires_grad
+        n = alpha.shape[0]
+        assert n == (3 if name == "cross_stitch" else 3 * 2)
+        torch.testing.assert_close(alpha.diagonal(), torch.full((n,), 0.9))
+        assert (alpha - torch.diag(alpha.diagonal())).abs().max() <= 0.1 + 1e-6
+        assert (alpha > 0).all()  # every column feeds every other
+    sparse, dense = _inputs(5)
+    model(sparse, dense).sum().backward()
+    for alpha in mixers:
+        assert alpha.grad is not None and alpha.grad.abs().sum() > 0
+    # Perturbing task 2's first-layer column changes what every task's tower receives.
+    seen = []
+    model.body.towers.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    model(sparse, dense)
+    with torch.no_grad():
+        model.body.layers[0].weights[0][2].add_(0.5)
+    model(sparse, dense)
+    before, after = seen
+    assert ((after - before).flatten(1).abs().amax(1) > 0).all()
+
+
+def test_sluice_skip_weights_read_every_layer():
+    model = _column_models("sluice")
+    assert model.body.betas.shape == (3, 2)
+    assert model.body.towers.mlp.weights[0].shape[1] == 8 + 6  # tower reads the concatenated layers
+    model(*_inputs(4)).sum().backward()
+    assert model.body.betas.grad.abs().min() > 0
+
+
+def test_ml_mmoe_gates_read_the_raw_input():
+    model = build_model("ml_mmoe", {"num_experts": 3, "expert_dims": [6], "tower_dims": [4]}, VOCABS, NUM_DENSE, 2)
+    body = model.body
+    raw_dim = model.input.out_dim
+    assert body.level1.task_gates.weights[0].shape == (3, raw_dim, 3)
+    assert body.task_gates.weights[0].shape == (2, raw_dim, 3)
+    seen = []
+    body.task_gates.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    body.level1.task_gates.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    x = model.input(*_inputs(5))
+    _, gates = body.extract(x)
+    assert len(seen) == 2 and all(torch.equal(s, x) for s in seen)
+    assert set(gates) == {"L0.expert0", "L0.expert1", "L0.expert2", "L1.task0", "L1.task1"}
+    # The second level's experts read level-1 mixtures, not x.
+    assert body.experts2.weights[0].shape == (3, 6, 6)
+
+
+def test_asymmetric_sharing_feeds_source_bottom_into_the_others():
+    model = build_model(
+        "asymmetric", {"bottom_dims": [6], "tower_dims": [4], "source_task": 1}, VOCABS, NUM_DENSE, 3
+    )
+    body = model.body
+    assert body.others.weights[0].shape[1] == model.input.out_dim + 6
+    sparse, dense = _inputs(5)
+    before = model(sparse, dense).detach()
+    with torch.no_grad():
+        body.source.weights[0].add_(0.3)  # the source task's bottom
+    after_source = model(sparse, dense).detach()
+    assert ((after_source - before).abs().amax(0) > 0).all()  # every task moves
+    with torch.no_grad():
+        body.others.weights[0].add_(0.3)  # the other tasks' bottoms
+    after_others = model(sparse, dense).detach()
+    torch.testing.assert_close(after_others[:, 1], after_source[:, 1])  # the source task is untouched
+    assert not torch.allclose(after_others[:, 0], after_source[:, 0])
+    with pytest.raises(ValueError, match="source_task"):
+        build_model("asymmetric", {"source_task": 3}, VOCABS, NUM_DENSE, 3)
+
+
+def test_customized_sharing_concatenates_shared_and_specific_bottoms():
+    model = build_model("customized", {"bottom_dims": [6], "tower_dims": [4]}, VOCABS, NUM_DENSE, 3)
+    assert model.body.towers.mlp.weights[0].shape == (3, 12, 4)
+    sparse, dense = _inputs(5)
+    before = model(sparse, dense).detach()
+    with torch.no_grad():
+        model.body.specific.weights[0][0].add_(0.3)  # task 0's own bottom
+    after = model(sparse, dense).detach()
+    assert not torch.allclose(after[:, 0], before[:, 0])
+    torch.testing.assert_close(after[:, 1:], before[:, 1:])

@@ -393,7 +393,8 @@ class Sluice(nn.Module):
         for h in config.bottom_dims:
             if h % g:
                 raise ValueError(
-                    f"Expected every `bottom_dims` width to divide into {g} subspaces, but got {list(config.bottom_dims)}"
+                    f"Expected every `bottom_dims` width to divide into {g} subspaces, "
+                    f"but got {list(config.bottom_dims)}"
                 )
         self.num_tasks, self.num_subspaces = num_tasks, g
         self.layers = nn.ModuleList()
