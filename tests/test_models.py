@@ -350,3 +350,18 @@ def test_customized_sharing_concatenates_shared_and_specific_bottoms():
     after = model(sparse, dense).detach()
     assert not torch.allclose(after[:, 0], before[:, 0])
     torch.testing.assert_close(after[:, 1:], before[:, 1:])
+
+
+def test_gate_expert_names_match_gate_widths():
+    for name, model in _all_models():
+        sparse, dense = _inputs(4)
+        weights = model.gate_weights(sparse, dense)
+        names = model.gate_experts()
+        assert set(weights) == set(names), name
+        for gate, w in weights.items():
+            assert w.shape == (4, len(names[gate])), (name, gate)
+            torch.testing.assert_close(w.sum(-1), torch.ones(4))
+    ple = _unequal_ple()
+    names = ple.gate_experts()
+    assert names["L1.task2"] == ["L1.task2.0", "L1.task2.1", "L1.shared0", "L1.shared1", "L1.shared2"]
+    assert len(names["L0.shared"]) == 3 * 2 + 3

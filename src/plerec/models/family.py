@@ -213,6 +213,9 @@ class OMoE(nn.Module):
         mixed, _, gates = self.layer(x, x)
         return mixed[0], {"L0.gate": gates["task"][0]}
 
+    def gate_experts(self) -> dict[str, list[str]]:
+        return {"L0.gate": [f"L0.shared{i}" for i in range(self.layer.num_shared_experts)]}
+
     def forward(self, x: Tensor) -> Tensor:
         return self.towers(self.extract(x)[0])
 
@@ -257,6 +260,18 @@ class PLE(nn.Module):
                 gates[f"L{j}.shared"] = level_gates["shared"]
         return task_in, gates
 
+    def gate_experts(self) -> dict[str, list[str]]:
+        """For every gate of `extract`, the names of the experts it weighs, in weight order."""
+        names: dict[str, list[str]] = {}
+        for j, layer in enumerate(self.levels):
+            own = [[f"L{j}.task{k}.{i}" for i in range(layer.num_task_experts)] for k in range(layer.num_tasks)]
+            shared = [f"L{j}.shared{i}" for i in range(layer.num_shared_experts)]
+            for k in range(layer.num_tasks):
+                names[f"L{j}.task{k}"] = own[k] + shared
+            if layer.shared_gate is not None:
+                names[f"L{j}.shared"] = [e for task in own for e in task] + shared
+        return names
+
     def forward(self, x: Tensor) -> Tensor:
         return self.towers(self.extract(x)[0])
 
@@ -293,6 +308,12 @@ class MLMMoE(nn.Module):
         gates = {f"L0.expert{i}": w for i, w in enumerate(gates1["task"])}
         gates.update({f"L1.task{k}": w for k, w in enumerate(weights)})
         return mixed2, gates
+
+    def gate_experts(self) -> dict[str, list[str]]:
+        n = self.experts2.num
+        names = {f"L0.expert{i}": [f"L0.shared{j}" for j in range(n)] for i in range(n)}
+        names.update({f"L1.task{k}": [f"L1.shared{j}" for j in range(n)] for k in range(self.task_gates.num)})
+        return names
 
     def forward(self, x: Tensor) -> Tensor:
         return self.towers(self.extract(x)[0])
@@ -486,6 +507,10 @@ class MultiTaskModel(nn.Module):
         if not self.has_gates():
             return {}
         return self.body.extract(self.input(sparse, dense))[1]
+
+    def gate_experts(self) -> dict[str, list[str]]:
+        """Gate name -> the names of the experts it weighs (`L{level}.task{k}.{i}` or `L{level}.shared{i}`)."""
+        return self.body.gate_experts() if self.has_gates() else {}
 
 
 def model_config(name: str, params: dict | None = None) -> ModelConfig:

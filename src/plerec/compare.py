@@ -1,0 +1,275 @@
+"""`plerec compare`: every model for every seed on identical splits, single-task baselines included.
+
+Each run writes its own folder (runs/MODEL/seedS) and a `run.json` when it finishes, so an
+interrupted comparison resumes where it stopped and a rerun trains nothing new.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from plerec.config import Experiment
+from plerec.errors import did_you_mean
+from plerec.models import MODELS, MultiTaskModel
+from plerec.train import PreparedData, fit, prepare_data, write_json
+
+BASELINE = "single"
+RESULT_COLUMNS = ("model", "seed", "task", "metric", "split", "value")
+
+
+@dataclass(slots=True)
+class Run:
+    """One finished training run: its metrics per split and its gates' expert utilisation."""
+
+    model: str
+    seed: int
+    metrics: dict[str, dict[str, dict[str, float]]]  # split -> task -> metric -> value
+    history: list[dict]
+    experts: list[dict]  # {"gate", "expert", "mean", "std"} over the test split
+
+
+def parse_models(text: str | Sequence[str]) -> list[str]:
+    """Model names from `a,b,c`, validated against the registry; the single-task baseline comes first."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    for name in names:
+        if name not in MODELS:
+            raise ValueError(
+                f"Unknown model `{name}` in --models.{did_you_mean(name, MODELS)} Expected any of: {', '.join(MODELS)}"
+            )
+    ordered = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
+    return ordered
+
+
+def model_params(exp: Experiment, name: str, overrides: dict[str, dict] | None = None) -> dict:
+    """The hyperparameters of `name` in a comparison: the experiment's [model] keys that apply to it,
+    `bottom_dims` equal to the experts' widths (so baselines get the same layer widths), then any
+    per-model overrides."""
+    source = asdict(exp.model)
+    valid = {f.name for f in fields(MODELS[name].config)}
+    params = {k: v for k, v in source.items() if k in valid and k != "levels"}
+    if name == exp.model_name:
+        params = {k: v for k, v in source.items() if k in valid}
+    widths = source.get("expert_dims")
+    if source.get("levels"):
+        widths = source["levels"][0]["expert_dims"]
+    if "bottom_dims" in valid and "bottom_dims" not in source and widths:
+        params["bottom_dims"] = tuple(widths) * (2 if name in ("cross_stitch", "sluice") else 1)
+    params.update((overrides or {}).get(name, {}))
+    return params
+
+
+def expert_utilisation(model: MultiTaskModel, data, batch_size: int = 16384) -> list[dict]:
+    """Paper §5.3: for every gate, the mean and standard deviation of the weight it gives each expert
+    over all rows of `data` (an EncodedTable)."""
+    names = model.gate_experts()
+    if not names:
+        return []
+    sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            batch = data.batch(slice(start, start + batch_size))
+            for gate, w in model.gate_weights(batch.sparse, batch.dense).items():
+                w = w.double()
+                sums[gate] = sums.get(gate, 0) + w.sum(0)
+                squares[gate] = squares.get(gate, 0) + w.square().sum(0)
+    n = len(data)
+    rows = []
+    for gate, experts in names.items():
+        mean = sums[gate] / n
+        std = (squares[gate] / n - mean.square()).clamp_min(0).sqrt()
+        for i, expert in enumerate(experts):
+            rows.append({"gate": gate, "expert": expert, "mean": float(mean[i]), "std": float(std[i])})
+    return rows
+
+
+def compare(
+    exp: Experiment,
+    models: Sequence[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    model_overrides: dict[str, dict] | None = None,
+    data: PreparedData | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Run]:
+    """Train every model for `seeds` seeds (exp.seed, exp.seed+1, …) on one split; return every run.
+
+    The split and the encoder are made once, so every model sees identical rows; seeds change only
+    the initialisation and the shuffling. Finished runs found under `out` are loaded, not retrained.
+    """
+    say = log or (lambda _msg: None)
+    if seeds < 1:
+        raise ValueError(f"Expected --seeds >= 1, but got {seeds}")
+    models = parse_models(models)
+    out = Path(out)
+    data = data or prepare_data(exp)
+    runs = []
+    for name in models:
+        params = model_params(exp, name, model_overrides)
+        for seed in range(exp.seed, exp.seed + seeds):
+            run_dir = out / "runs" / name / f"seed{seed}"
+            record = run_dir / "run.json"
+            if record.exists():
+                say(f"{name} seed {seed}: already done, skipped")
+                runs.append(Run(**json.loads(record.read_text())))
+                continue
+            say(f"{name} seed {seed}: training")
+            run_exp = replace(exp.with_model(name, params), seed=seed)
+            result = fit(run_exp, data, out_dir=run_dir, log=say)
+            run = Run(
+                model=name,
+                seed=seed,
+                metrics=result.metrics,
+                history=result.history,
+                experts=expert_utilisation(result.model, data.splits["test"]) if "test" in data.splits else [],
+            )
+            write_json(record, asdict(run))
+            runs.append(run)
+    return runs
+
+
+def write_results_csv(runs: Sequence[Run], path: str | Path) -> None:
+    """One row per measurement: model, seed, task, metric, split, value (test and validation splits)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(RESULT_COLUMNS)
+        for run in runs:
+            for split in ("test", "valid"):
+                for task, values in run.metrics.get(split, {}).items():
+                    for metric, value in values.items():
+                        if metric != "n":
+                            writer.writerow([run.model, run.seed, task, metric, split, repr(float(value))])
+
+
+def write_experts_csv(runs: Sequence[Run], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "seed", "gate", "expert", "mean", "std"])
+        for run in runs:
+            for row in run.experts:
+                writer.writerow([run.model, run.seed, row["gate"], row["expert"], row["mean"], row["std"]])
+
+
+def check_seesaw_tasks(exp: Experiment, tasks: Sequence[str] | None) -> list[str]:
+    """The two tasks of the seesaw chart (default: the first two), checked before anything trains."""
+    names = [t.name for t in exp.tasks]
+    chosen = list(tasks) if tasks else names[:2]
+    for task in chosen:
+        if task not in names:
+            raise ValueError(
+                f"Seesaw task `{task}` is not a task of the experiment.{did_you_mean(task, names)} "
+                f"Tasks: {', '.join(names)}"
+            )
+    if tasks and len(chosen) != 2:
+        raise ValueError(f"Expected two seesaw tasks (--seesaw A,B), but got {chosen}")
+    return chosen
+
+
+def write_comparison(runs: Sequence[Run], exp: Experiment, out: str | Path, seesaw_tasks: Sequence[str] | None = None):
+    """Write results.csv, experts.csv, summary.md, seesaw.png, experts.png, curves.png and report.html."""
+    from plerec.report.html import write_report
+    from plerec.report.plots import curves_plot, experts_plot, seesaw_plot
+    from plerec.report.summary import summarize, summary_markdown
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = check_seesaw_tasks(exp, seesaw_tasks)
+    write_results_csv(runs, out / "results.csv")
+    write_experts_csv(runs, out / "experts.csv")
+    summary = summarize(runs, exp.task_kinds)
+    markdown = summary_markdown(summary, title=f"Comparison: {Path(exp.source).name or 'experiment'}")
+    (out / "summary.md").write_text(markdown)
+    images = []
+    if len(tasks) == 2:
+        seesaw_plot(summary, tasks[0], tasks[1], out / "seesaw.png")
+        images.append(("Seesaw chart", out / "seesaw.png"))
+    expert_rows = [{"model": r.model, "seed": r.seed, **row} for r in runs for row in r.experts]
+    experts_plot(expert_rows, out / "experts.png")
+    images.append(("Expert utilisation", out / "experts.png"))
+    curves_plot(runs, out / "curves.png")
+    images.append(("Training curves", out / "curves.png"))
+    write_report(out / "report.html", "plerec comparison", markdown, images)
+    return summary
+
+
+def sweep(
+    exp: Experiment,
+    correlations: Sequence[float],
+    models: Sequence[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    model_overrides: dict[str, dict] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Paper Fig. 7: the same comparison on synthetic data regenerated at every task correlation.
+
+    The experiment's data file must come from `plerec synth` (its generator settings are read from the
+    file and only the correlation changes). Writes one comparison folder per correlation, sweep.csv,
+    sweep.md and sweep.png; returns one row per (correlation, model, task) with the MTL gain.
+    """
+    from plerec.data.synth import read_synth_metadata, write_parquet
+    from plerec.report.plots import sweep_plot
+    from plerec.report.summary import summarize
+
+    say = log or (lambda _msg: None)
+    source = exp.data.path
+    if not source:
+        raise ValueError("A sweep needs [data] `path` to name one synthetic file from `plerec synth`")
+    synth = read_synth_metadata(source)
+    if synth is None:
+        raise ValueError(
+            f"{source} has no correlation parameter (no `plerec synth` metadata), so it cannot be regenerated "
+            "at other correlations; write it with `plerec synth --out FILE` first"
+        )
+    models = parse_models(models)
+    out = Path(out)
+    rows = []
+    for p in correlations:
+        config = replace(synth, correlation=float(p))
+        folder = out / f"corr{float(p):g}"
+        data_path = out / "data" / f"corr{float(p):g}.parquet"
+        if not data_path.exists():
+            write_parquet(config, data_path)
+        say(f"correlation {p:g}: {data_path}")
+        exp_p = replace(exp, data=replace(exp.data, path=str(data_path)))
+        runs = compare(exp_p, models, seeds, folder, model_overrides=model_overrides, log=say)
+        write_comparison(runs, exp_p, folder)
+        summary = summarize(runs, exp.task_kinds)
+        for (model, task), stat in summary.gains.items():
+            rows.append(
+                {
+                    "correlation": float(p),
+                    "model": model,
+                    "task": task,
+                    "gain_mean": stat.mean,
+                    "gain_std": stat.std,
+                    "seeds": stat.n,
+                }
+            )
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["correlation", "model", "task", "gain_mean", "gain_std", "seeds"])
+        writer.writeheader()
+        writer.writerows(rows)
+    sweep_plot(rows, list(exp.task_kinds), out / "sweep.png")
+    lines = [
+        "| correlation | model | " + " | ".join(f"gain {t}" for t in exp.task_kinds) + " |",
+        "|" + "---|" * (len(exp.task_kinds) + 2),
+    ]
+    for p in correlations:
+        for model in models[1:]:
+            cells = []
+            for task in exp.task_kinds:
+                hit = [r for r in rows if r["correlation"] == float(p) and r["model"] == model and r["task"] == task]
+                cells.append(f"{hit[0]['gain_mean']:+.4f} ± {hit[0]['gain_std']:.4f}" if hit else "—")
+            lines.append(f"| {float(p):g} | {model} | " + " | ".join(cells) + " |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    return rows
