@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: synthetic data, five models, per-task metrics and MTL gains")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--rows", type=int, default=30_000)
+    p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--correlation", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -150,6 +150,12 @@ def _evaluate(args) -> int:
             f"The checkpoint {args.checkpoint} was trained on tasks {[t.name for t in trained.tasks]}, "
             f"but {args.experiment} defines {[t.name for t in exp.tasks]}"
         )
+    if exp.data.path and exp.data.path == trained.data.path and _split_of(exp) != _split_of(trained):
+        raise ValueError(
+            f"{args.experiment} splits {exp.data.path} with fractions and seed {_split_of(exp)}, but "
+            f"{args.checkpoint} was trained on the split {_split_of(trained)}: its {args.split} split would "
+            "hold training rows. Pass the run's experiment.toml or the same `--set` overrides"
+        )
     data = prepare_data(exp, encoder=encoder)
     if args.split not in data.splits:
         raise ValueError(f"The experiment {args.experiment} has no {args.split} split")
@@ -160,6 +166,11 @@ def _evaluate(args) -> int:
     print(_metrics_table({trained.model_name: metrics}, exp))
     print(f"wrote {out}")
     return 0
+
+
+def _split_of(exp) -> tuple[list[float], int]:
+    """What decides which rows of a single data file land in which split."""
+    return list(exp.data.split), exp.seed if exp.data.split_seed is None else exp.data.split_seed
 
 
 def _demo(args) -> int:

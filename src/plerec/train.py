@@ -18,7 +18,7 @@ from tqdm import tqdm
 from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, write_experiment
 from plerec.data.encode import EncodedTable, Encoder
 from plerec.data.table import load_splits
-from plerec.metrics import HIGHER_IS_BETTER, TaskMetricAccumulator
+from plerec.metrics import HIGHER_IS_BETTER, METRICS_BY_KIND, TaskMetricAccumulator
 from plerec.models import MultiTaskModel, build_model
 
 CHECKPOINT_FORMAT = "plerec-checkpoint-1"
@@ -55,9 +55,13 @@ def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
 
     A task with no labelled row in the batch contributes exactly 0 (and a zero gradient), never NaN.
     """
+    # Labels outside a task's space may be anything (NaN included); zero them before the loss and
+    # select rather than multiply by the mask, since NaN * 0 is NaN (and so would be its gradient).
+    mask = mask.bool()
+    labels = labels.masked_fill(~mask, 0.0)
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, T)
     squared = (logits - labels).square()  # (B, T)
-    per_row = torch.where(is_binary, bce, squared) * mask
+    per_row = torch.where(mask, torch.where(is_binary, bce, squared), 0.0)  # (B, T)
     return per_row.sum(0) / mask.sum(0).clamp_min(1)  # (T,)
 
 
@@ -74,7 +78,7 @@ def predict(model: MultiTaskModel, table: EncodedTable, batch_size: int = 16384)
     for start in range(0, len(table), batch_size):
         batch = table.batch(slice(start, start + batch_size))
         parts.append(model(batch.sparse, batch.dense))
-    return torch.cat(parts) if parts else torch.empty(0, 0)
+    return torch.cat(parts) if parts else torch.empty(0, table.labels.shape[1])
 
 
 def evaluate(model: MultiTaskModel, table: EncodedTable, exp: Experiment) -> dict[str, dict[str, float]]:
@@ -116,6 +120,8 @@ def fit(
     history.json and experiment.toml (every key resolved).
     """
     say = log or (lambda _msg: None)
+    # A monitor that does not apply to its task would otherwise only fail after the first epoch.
+    monitor_value({t.name: dict.fromkeys(METRICS_BY_KIND[t.kind], 0.0) for t in exp.tasks}, exp)
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)
     data = data or prepare_data(exp)

@@ -1,0 +1,257 @@
+"""The `plerec` command: train / evaluate outputs, errors as one line and exit 2, synth, models."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from plerec.cli import main
+from plerec.config import load_experiment
+from plerec.data.synth import read_synth_metadata
+from plerec.models import MODELS
+
+EXPERIMENT = """\
+seed = 7
+
+[data]
+train = "train.csv"
+valid = "valid.csv"
+test = "test.csv"
+
+[features]
+numeric = ["a", "b"]
+categorical = ["cat"]
+
+[[tasks]]
+name = "click"
+kind = "binary"
+label = "click"
+
+[[tasks]]
+name = "watch"
+kind = "regression"
+label = "watch"
+
+[model]
+name = "ple"
+embedding_dim = 2
+expert_dims = [4]
+tower_dims = [4]
+
+[train]
+epochs = 2
+batch_size = 64
+progress = false
+"""
+
+
+def _frame(rows: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=rows), rng.normal(size=rows)
+    frame = pd.DataFrame({"a": a, "b": b, "cat": rng.choice(["x", "y", "z"], rows)})
+    frame["click"] = (a + 0.5 * rng.normal(size=rows) > 0).astype(int)
+    frame["watch"] = np.where(rng.random(rows) < 0.25, np.nan, 2 * b)  # a quarter outside the space
+    return frame
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """An experiment file next to its train / valid / test tables."""
+    for name, rows, seed in (("train", 200, 0), ("valid", 60, 1), ("test", 60, 2)):
+        _frame(rows, seed).to_csv(tmp_path / f"{name}.csv", index=False)
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One `plerec train` run shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("cli")
+    for name, rows, seed in (("train", 200, 0), ("valid", 60, 1), ("test", 60, 2)):
+        _frame(rows, seed).to_csv(root / f"{name}.csv", index=False)
+    (root / "exp.toml").write_text(EXPERIMENT)
+    assert main(["train", str(root / "exp.toml"), "--out", str(root / "run"), "--quiet"]) == 0
+    return root
+
+
+def test_train_writes_metrics_json_checkpoint_and_experiment(trained, capsys):
+    out = trained / "run"
+    record = json.loads((out / "metrics.json").read_text())
+    assert set(record) == {"model", "seed", "split", "tasks", "train_seconds"}
+    assert (record["model"], record["seed"], record["split"]) == ("ple", 7, "test")
+    assert isinstance(record["train_seconds"], float) and record["train_seconds"] > 0
+    assert set(record["tasks"]) == {"click", "watch"}
+    click, watch = record["tasks"]["click"], record["tasks"]["watch"]
+    assert set(click) == {"auc", "logloss", "n"}
+    assert set(watch) == {"mse", "n"}
+    test = pd.read_csv(trained / "test.csv")
+    assert click["n"] == len(test) == 60
+    assert watch["n"] == int(test["watch"].notna().sum()) < 60
+    assert 0 <= click["auc"] <= 1 and click["logloss"] > 0 and watch["mse"] > 0
+
+    assert (out / "best.pt").is_file()
+    written = load_experiment(out / "experiment.toml")
+    original = load_experiment(trained / "exp.toml")
+    assert written.model_name == "ple"
+    assert written.model == original.model
+    assert written.tasks == original.tasks
+    assert written.data == original.data
+    assert written.seed == 7
+
+
+def test_train_prints_the_metrics_table(project, capsys):
+    assert main(["train", str(project / "exp.toml"), "--out", str(project / "run"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads((project / "run" / "metrics.json").read_text())
+    assert "| ple |" in captured.out
+    assert f"{record['tasks']['click']['auc']:.4f}" in captured.out
+    assert f"{record['tasks']['watch']['mse']:.4f}" in captured.out
+    assert captured.err == ""  # --quiet: no progress or per-epoch lines
+
+
+def test_set_model_name_changes_the_model(project):
+    out = project / "run"
+    assert main(["train", str(project / "exp.toml"), "--out", str(out), "--quiet", "--set", "model.name=mmoe"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["model"] == "mmoe"
+    assert load_experiment(out / "experiment.toml").model_name == "mmoe"
+
+
+def test_evaluate_reproduces_the_test_metrics(trained, capsys, tmp_path):
+    out = trained / "run"
+    expected = json.loads((out / "metrics.json").read_text())["tasks"]
+    capsys.readouterr()
+    args = ["evaluate", str(trained / "exp.toml"), "--checkpoint", str(out / "best.pt"), "--split", "test"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((out / "metrics-test.json").read_text())
+    assert written == {"model": "ple", "seed": 7, "split": "test", "tasks": expected}
+    assert f"{expected['click']['auc']:.4f}" in printed and f"{expected['watch']['mse']:.4f}" in printed
+
+    assert main([*args[:-1], "valid", "--out", str(tmp_path / "valid.json")]) == 0
+    valid = json.loads((tmp_path / "valid.json").read_text())
+    assert valid["split"] == "valid"
+    assert valid["tasks"]["click"]["n"] == 60 and valid["tasks"] != expected
+
+
+def test_evaluate_refuses_a_split_that_differs_from_training(tmp_path, capsys):
+    frame = pd.concat([_frame(200, 0), _frame(100, 1)], ignore_index=True)
+    frame.to_csv(tmp_path / "all.csv", index=False)
+    text = EXPERIMENT.replace('train = "train.csv"\nvalid = "valid.csv"\ntest = "test.csv"', 'path = "all.csv"')
+    (tmp_path / "exp.toml").write_text(text)
+    exp, out = str(tmp_path / "exp.toml"), tmp_path / "run"
+    assert main(["train", exp, "--out", str(out), "--quiet", "--set", "seed=3"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", exp, "--checkpoint", str(out / "best.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("plerec: error:") and "training rows" in err
+    assert main(["evaluate", str(out / "experiment.toml"), "--checkpoint", str(out / "best.pt")]) == 0
+    assert (
+        json.loads((out / "metrics-test.json").read_text())["tasks"]
+        == json.loads((out / "metrics.json").read_text())["tasks"]
+    )
+
+
+def _bad_label(project: Path) -> list[str]:
+    frame = pd.read_csv(project / "train.csv")
+    frame["click"] = frame["click"].astype(float)
+    frame.loc[17, "click"] = 3.5
+    frame.to_csv(project / "train.csv", index=False)
+    return []
+
+
+def _edit(old: str, new: str):
+    def apply(project: Path) -> list[str]:
+        path = project / "exp.toml"
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new))
+        return []
+
+    return apply
+
+
+ERRORS = [
+    ("unknown config key", _edit("epochs = 2", "epoch = 2"), ["`epoch`", "Did you mean `epochs`"]),
+    ("unknown override key", lambda p: ["--set", "train.bogus=1"], ["`bogus`", "[train]"]),
+    ("missing column", _edit('numeric = ["a", "b"]', 'numeric = ["a", "bb"]'), ["`bb`", "Did you mean `b`"]),
+    ("label outside {0,1}", _bad_label, ["`click`", "3.5", "0 or 1"]),
+    ("unknown model name", _edit('name = "ple"', 'name = "plee"'), ["`plee`", "Did you mean `ple`"]),
+    ("unknown model name via --set", lambda p: ["--set", "model.name=mmo"], ["`mmo`", "Did you mean `mmoe`"]),
+    ("missing experiment file", lambda p: (p / "exp.toml").unlink() or [], ["exp.toml", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "names"), ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_are_one_line_and_exit_2(project, capsys, case, mutate, names):
+    extra = mutate(project)
+    code = main(["train", str(project / "exp.toml"), "--out", str(project / "run"), *extra])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("plerec: error: ")
+    for name in names:
+        assert name in lines[0]
+    assert not (project / "run" / "metrics.json").exists()
+
+
+def test_synth_writes_parquet(tmp_path, capsys):
+    out = tmp_path / "synth.parquet"
+    assert main(["synth", "--out", str(out), "--rows", "50", "--dim", "8", "--correlation", "0.3"]) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 50
+    assert table.column_names == [f"x{i}" for i in range(8)] + ["y1", "y2"]
+    config = read_synth_metadata(out)
+    assert (config.rows, config.dim, config.correlation) == (50, 8, 0.3)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_synth_rejects_a_bad_threshold(tmp_path, capsys):
+    args = ["synth", "--out", str(tmp_path / "s.parquet"), "--rows", "5", "--dim", "4", "--binary"]
+    assert main([*args, "--threshold", "high"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "plerec: error: Expected --threshold to be 'median' or a number, but got 'high'"
+    )
+
+
+def test_models_lists_every_model_with_its_hyperparameters(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    blocks: dict[str, list[str]] = {}
+    current = ""
+    for line in out.splitlines():
+        if line.startswith("    "):
+            blocks[current].append(line.strip().split(" = ")[0])
+        else:
+            current = line.split(":")[0]
+            blocks[current] = []
+    assert list(blocks) == list(MODELS)
+    assert {"single", "shared_bottom", "omoe", "mmoe", "cgc", "ple"} <= set(blocks)
+    for name in blocks:
+        assert {"embedding_dim", "tower_dims"} <= set(blocks[name])
+    assert {"num_experts", "expert_dims"} <= set(blocks["mmoe"])
+    assert {"num_levels", "num_task_experts", "num_shared_experts", "expert_dims", "levels"} <= set(blocks["ple"])
+    assert "bottom_dims" in blocks["single"] and "bottom_dims" in blocks["shared_bottom"]
+    assert "    num_levels = 2" in out
+
+
+def test_console_script_exits_2_with_one_error_line(project):
+    script = Path(sys.executable).with_name("plerec")
+    assert script.is_file(), f"the plerec console script is not installed next to {sys.executable}"
+    (project / "exp.toml").write_text(EXPERIMENT.replace("epochs = 2", "epoch = 2"))
+    done = subprocess.run(
+        [str(script), "train", str(project / "exp.toml"), "--out", str(project / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("plerec: error: ") and "Unknown key `epoch` in [train]" in lines[0]

@@ -1,0 +1,376 @@
+"""The training loop: masked losses (Eq. 9), loss weights (Eq. 10), determinism, early stopping, checkpoints."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import plerec.train as train_module
+from plerec.config import experiment_from_dict
+from plerec.data.encode import EncodedTable
+from plerec.models import build_model
+from plerec.train import (
+    evaluate,
+    fit,
+    load_checkpoint,
+    loss_weights,
+    masked_task_losses,
+    monitor_value,
+    predict,
+    prepare_data,
+)
+
+
+def _write_table(path, rows: int = 300, seed: int = 0) -> None:
+    """Two dense features, one categorical; `click` is binary, `watch` a regression with missing labels."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=rows), rng.normal(size=rows)
+    frame = pd.DataFrame({"a": a, "b": b, "cat": rng.choice(["x", "y", "z"], rows)})
+    frame["click"] = (a + 0.5 * rng.normal(size=rows) > 0).astype(int)
+    watch = 2 * b + 0.1 * rng.normal(size=rows)
+    frame["watch"] = np.where(rng.random(rows) < 0.2, np.nan, watch)  # outside the watch space
+    frame.to_csv(path, index=False)
+
+
+def _experiment(path, *, model: dict | None = None, tasks: list | None = None, seed: int = 0, **train):
+    return experiment_from_dict(
+        {
+            "seed": seed,
+            "data": {"path": str(path), "split": [0.6, 0.2, 0.2]},
+            "features": {"numeric": ["a", "b"], "categorical": ["cat"]},
+            "tasks": tasks
+            or [
+                {"name": "click", "kind": "binary", "label": "click"},
+                {"name": "watch", "kind": "regression", "label": "watch"},
+            ],
+            "model": model or {"name": "ple", "expert_dims": [4], "tower_dims": [4], "embedding_dim": 2},
+            "train": {"epochs": 2, "batch_size": 64, "progress": False, **train},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def table_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "table.csv"
+    _write_table(path)
+    return path
+
+
+def _initial_model(exp, data):
+    """The model `fit` starts from: it seeds torch with the experiment seed right before building."""
+    torch.manual_seed(exp.seed)
+    enc = data.encoder
+    return build_model(exp.model_name, exp.model, enc.vocab_sizes, len(enc.dense_names), len(exp.tasks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked losses (Eq. 9)
+
+
+def test_masked_loss_equals_loss_on_filtered_rows():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 3, generator=g)
+    is_binary = torch.tensor([True, False, True])
+    labels = torch.randn(32, 3, generator=g)
+    labels[:, is_binary] = (labels[:, is_binary] > 0).float()
+    mask = torch.rand(32, 3, generator=g) > 0.4
+    losses = masked_task_losses(logits, labels, mask, is_binary)
+
+    expected = torch.stack(
+        [
+            F.binary_cross_entropy_with_logits(logits[mask[:, 0], 0], labels[mask[:, 0], 0]),
+            F.mse_loss(logits[mask[:, 1], 1], labels[mask[:, 1], 1]),
+            F.binary_cross_entropy_with_logits(logits[mask[:, 2], 2], labels[mask[:, 2], 2]),
+        ]
+    )
+    assert losses.shape == (3,)
+    torch.testing.assert_close(losses, expected)
+
+
+def test_masked_loss_ignores_whatever_lies_outside_the_space():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 2, generator=g)
+    labels = (torch.rand(16, 2, generator=g) > 0.5).float()
+    mask = torch.rand(16, 2, generator=g) > 0.5
+    is_binary = torch.tensor([True, False])
+    garbage = labels.masked_fill(~mask, float("nan"))
+    torch.testing.assert_close(
+        masked_task_losses(logits, garbage, mask, is_binary), masked_task_losses(logits, labels, mask, is_binary)
+    )
+
+
+@pytest.mark.parametrize("empty_kind", ["binary", "regression"])
+def test_task_without_labelled_rows_adds_zero_and_no_gradient(empty_kind):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, 2, generator=g, requires_grad=True)
+    is_binary = torch.tensor([True, empty_kind == "binary"])
+    labels = (torch.rand(8, 2, generator=g) > 0.5).float()
+    labels[:, 1] = float("nan")  # what a missing label looks like before encoding
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    mask[:, 1] = False
+
+    losses = masked_task_losses(logits, labels, mask, is_binary)
+    assert losses[1].item() == 0.0
+    assert torch.isfinite(losses).all()
+    losses.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.equal(logits.grad[:, 1], torch.zeros(8))
+    assert logits.grad[:, 0].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss weights (Eq. 10)
+
+
+def _weighted_tasks(w0: float, g0: float, w1: float = 1.0, g1: float = 1.0) -> list:
+    return [
+        {"name": "click", "kind": "binary", "label": "click", "weight": w0, "gamma": g0},
+        {"name": "watch", "kind": "regression", "label": "watch", "weight": w1, "gamma": g1},
+    ]
+
+
+def test_loss_weights_follow_eq_10(table_path):
+    exp = _experiment(table_path, tasks=_weighted_tasks(2.0, 0.5, 3.0, 1.1))
+    for t in (0, 1, 3, 7):
+        torch.testing.assert_close(loss_weights(exp, t), torch.tensor([2.0 * 0.5**t, 3.0 * 1.1**t]))
+    assert loss_weights(exp, 0).dtype == torch.float32
+
+
+@pytest.mark.parametrize("schedule", ["epoch", "step"])
+def test_fit_advances_the_weight_schedule_per_epoch_or_per_step(table_path, monkeypatch, schedule):
+    exp = _experiment(table_path, tasks=_weighted_tasks(2.0, 0.5), weight_schedule=schedule, patience=0)
+    seen = []
+
+    def recording(exp_, t):
+        weights = loss_weights(exp_, t)
+        seen.append((t, weights.tolist()))
+        return weights
+
+    monkeypatch.setattr(train_module, "loss_weights", recording)
+    fit(exp)
+    steps_per_epoch = 3  # 180 training rows in batches of 64
+    expected_t = (
+        [0] * steps_per_epoch + [1] * steps_per_epoch if schedule == "epoch" else list(range(2 * steps_per_epoch))
+    )
+    assert [t for t, _ in seen] == expected_t
+    for t, weights in seen:
+        assert weights == pytest.approx([2.0 * 0.5**t, 1.0])
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_zero_weight_task_tower_gets_no_update(table_path, frozen):
+    weights = [1.0, 1.0]
+    weights[frozen] = 0.0
+    exp = _experiment(table_path, tasks=_weighted_tasks(weights[0], 1.0, weights[1], 1.0), patience=0)
+    data = prepare_data(exp)
+    before = _initial_model(exp, data)
+    after = fit(exp, data).model
+    towers_before, towers_after = before.body.towers.mlp, after.body.towers.mlp
+    other = 1 - frozen
+    for w0, w1 in zip(towers_before.weights, towers_after.weights, strict=True):
+        assert torch.equal(w0[frozen], w1[frozen])
+        assert not torch.equal(w0[other], w1[other])
+    for b0, b1 in zip(towers_before.biases, towers_after.biases, strict=True):
+        assert torch.equal(b0[frozen], b1[frozen])
+        assert not torch.equal(b0[other], b1[other])
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+
+
+def _state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(table_path):
+    first = _state(fit(_experiment(table_path, seed=3)).model)
+    second = _state(fit(_experiment(table_path, seed=3)).model)
+    other = _state(fit(_experiment(table_path, seed=4)).model)
+    assert first.keys() == second.keys() == other.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------
+# Early stopping, model selection and checkpoints
+
+
+def _script_monitor(monkeypatch, values: list[float]) -> list[dict]:
+    """Make each validation pass of `fit` report the next of `values` (higher is better) as its monitor.
+
+    Returns the model states seen by each evaluation, in order.
+    """
+    scripted, evaluated, snapshots = iter(values), set(), []
+    real_evaluate, real_monitor = train_module.evaluate, train_module.monitor_value
+
+    def snapshot_evaluate(model, table, exp_):
+        snapshots.append(_state(model))
+        metrics = real_evaluate(model, table, exp_)
+        evaluated.add(id(metrics))
+        return metrics
+
+    def scripted_monitor(metrics, exp_):
+        return (next(scripted), True) if id(metrics) in evaluated else real_monitor(metrics, exp_)
+
+    monkeypatch.setattr(train_module, "evaluate", snapshot_evaluate)
+    monkeypatch.setattr(train_module, "monitor_value", scripted_monitor)
+    return snapshots
+
+
+def test_early_stopping_respects_patience_and_restores_best_epoch(table_path, monkeypatch, tmp_path):
+    exp = _experiment(table_path, epochs=10, patience=2, monitor="click")
+    # Best at epoch 2, then two epochs without gain; the later better values must never be reached.
+    snapshots = _script_monitor(monkeypatch, [0.5, 0.7, 0.6, 0.65, 0.9, 0.95])
+    result = fit(exp, out_dir=tmp_path)
+
+    assert [r["monitor"] for r in result.history] == [0.5, 0.7, 0.6, 0.65]
+    assert result.best_epoch == 2
+    best_state = snapshots[1]  # the validation pass after epoch 2
+    restored = result.model.state_dict()
+    assert all(torch.equal(restored[k], best_state[k]) for k in best_state)
+    assert not all(torch.equal(restored[k], snapshots[3][k]) for k in best_state)  # not the last epoch's
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert payload["epoch"] == 2
+    assert all(torch.equal(payload["state_dict"][k], best_state[k]) for k in best_state)
+
+
+def test_no_early_stop_with_patience_zero(table_path, monkeypatch):
+    exp = _experiment(table_path, epochs=4, patience=0, monitor="click")
+    _script_monitor(monkeypatch, [0.9, 0.1, 0.1, 0.1])
+    result = fit(exp)
+    assert len(result.history) == 4
+    assert result.best_epoch == 1
+
+
+def test_restored_model_is_the_best_epoch_and_best_pt_round_trips(table_path, tmp_path):
+    # A large learning rate makes validation bounce, so the best epoch is not the last one.
+    exp = _experiment(table_path, epochs=6, patience=0, lr=0.3, batch_size=32)
+    data = prepare_data(exp)
+    result = fit(exp, data, out_dir=tmp_path)
+
+    monitors = [r["monitor"] for r in result.history]
+    _, higher = monitor_value(result.history[0]["valid"], exp)
+    assert higher is False  # mixed binary/regression tasks: mean of log-loss and MSE
+    assert result.best_epoch == int(np.argmin(monitors)) + 1
+    assert result.best_epoch < len(result.history), "the test needs a best epoch before the last"
+    restored_value, _ = monitor_value(evaluate(result.model, data.splits["valid"], exp), exp)
+    assert restored_value == pytest.approx(min(monitors), rel=1e-12)
+    assert result.metrics["valid"] == result.history[result.best_epoch - 1]["valid"]
+
+    model, encoder, trained = load_checkpoint(tmp_path / "best.pt")
+    assert trained == exp
+    assert encoder.state_dict() == data.encoder.state_dict()
+    assert not model.training
+    test = data.splits["test"]
+    assert torch.equal(predict(model, test), predict(result.model, test))
+
+
+def test_load_checkpoint_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="plerec checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_ple_trains_with_batch_size_one(tmp_path):
+    path = tmp_path / "tiny.csv"
+    _write_table(path, rows=10)
+    exp = _experiment(path, batch_size=1, epochs=1)
+    data = prepare_data(exp)
+    assert len(data.splits["train"]) == 6  # six steps of one row each
+    before = _initial_model(exp, data)
+    result = fit(exp, data)
+    losses = result.history[0]["train_loss"]
+    assert all(np.isfinite(v) for v in losses.values())
+    after = result.model.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in before.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+def test_predict_on_an_empty_table_has_one_column_per_task(table_path):
+    exp = _experiment(table_path)
+    data = prepare_data(exp)
+    model = _initial_model(exp, data)
+    empty = EncodedTable(
+        sparse=torch.zeros(0, 1, dtype=torch.int16),
+        dense=torch.zeros(0, 2),
+        labels=torch.zeros(0, 2),
+        label_mask=torch.zeros(0, 2, dtype=torch.bool),
+    )
+    assert predict(model, empty).shape == (0, 2)
+    assert evaluate(model, empty, exp) == {"click": {"n": 0}, "watch": {"n": 0}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation monitor
+
+
+THREE_TASKS = [
+    {"name": "click", "kind": "binary", "label": "click"},
+    {"name": "like", "kind": "binary", "label": "click"},
+    {"name": "watch", "kind": "regression", "label": "watch"},
+]
+METRICS = {
+    "click": {"auc": 0.8, "logloss": 0.4, "n": 10},
+    "like": {"auc": 0.6, "logloss": 0.6, "n": 10},
+    "watch": {"mse": 2.0, "n": 8},
+}
+
+
+@pytest.mark.parametrize(
+    ("monitor", "metric", "expected"),
+    [
+        ("click", "auto", (0.8, True)),
+        ("like", "auto", (0.6, True)),
+        ("watch", "auto", (2.0, False)),
+        ("mean", "auto", ((0.4 + 0.6 + 2.0) / 3, False)),  # mixed kinds: each task's own loss
+        ("click", "logloss", (0.4, False)),
+        ("mean", "loss", ((0.4 + 0.6 + 2.0) / 3, False)),
+        ("watch", "mse", (2.0, False)),
+    ],
+)
+def test_monitor_value(table_path, monitor, metric, expected):
+    exp = _experiment(table_path, tasks=THREE_TASKS, monitor=monitor, monitor_metric=metric)
+    value, higher = monitor_value(METRICS, exp)
+    assert value == pytest.approx(expected[0])
+    assert higher is expected[1]
+
+
+def test_monitor_mean_of_binary_tasks_is_mean_auc(table_path):
+    exp = _experiment(table_path, tasks=THREE_TASKS[:2], monitor="mean")
+    assert monitor_value(METRICS, exp) == (pytest.approx(0.7), True)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "metric", "message"),
+    [
+        ("click", "mse", "'mse' does not apply to binary task `click`"),
+        ("mean", "mse", "'mse' does not apply to binary task `click`"),
+        ("watch", "auc", "'auc' does not apply to regression task `watch`"),
+        ("watch", "logloss", "'logloss' does not apply to regression task `watch`"),
+    ],
+)
+def test_monitor_metric_that_does_not_apply_raises(table_path, monitor, metric, message):
+    exp = _experiment(table_path, tasks=THREE_TASKS, monitor=monitor, monitor_metric=metric)
+    with pytest.raises(ValueError, match=message):
+        monitor_value(METRICS, exp)
+
+
+def test_fit_rejects_a_monitor_metric_that_does_not_apply_before_training(table_path, monkeypatch, tmp_path):
+    exp = _experiment(table_path, monitor="click", monitor_metric="mse")
+    steps = []
+    monkeypatch.setattr(train_module, "masked_task_losses", lambda *args: steps.append(1))
+    with pytest.raises(ValueError, match="'mse' does not apply to binary task `click`"):
+        fit(exp, out_dir=tmp_path / "run")
+    assert steps == []  # no epoch was spent
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_selects_on_the_monitored_task(table_path):
+    result = fit(_experiment(table_path, monitor="click", epochs=3, patience=0, lr=0.05))
+    monitors = [r["monitor"] for r in result.history]
+    assert monitors == [r["valid"]["click"]["auc"] for r in result.history]
+    assert result.best_epoch == int(np.argmax(monitors)) + 1
