@@ -320,9 +320,7 @@ def test_ml_mmoe_gates_read_the_raw_input():
 
 
 def test_asymmetric_sharing_feeds_source_bottom_into_the_others():
-    model = build_model(
-        "asymmetric", {"bottom_dims": [6], "tower_dims": [4], "source_task": 1}, VOCABS, NUM_DENSE, 3
-    )
+    model = build_model("asymmetric", {"bottom_dims": [6], "tower_dims": [4], "source_task": 1}, VOCABS, NUM_DENSE, 3)
     body = model.body
     assert body.others.weights[0].shape[1] == model.input.out_dim + 6
     sparse, dense = _inputs(5)

@@ -52,8 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the experiment's model; writes metrics.json and best.pt to --out")
     p.add_argument("experiment", type=Path, help="experiment TOML file")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key, e.g. --set train.lr=3e-4 --set model.name=mmoe (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set train.lr=3e-4 --set model.name=mmoe (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(run=_train)
 
@@ -64,6 +70,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, help="where to write the metrics JSON (default: next to the checkpoint)")
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("compare", help="every model for every seed on identical splits, with MTL gains and plots")
+    p.add_argument("experiment", type=Path)
+    p.add_argument(
+        "--models",
+        default="single,shared_bottom,omoe,mmoe,cgc,ple",
+        help="comma-separated registry names; the single-task baseline is always trained",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (the experiment's seed, +1, …)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seesaw", help="the two tasks of the seesaw chart, e.g. ctr,cvr (default: the first two)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_compare)
+
+    p = sub.add_parser("sweep", help="the comparison over task correlations on synthetic data (paper Fig. 7)")
+    p.add_argument("experiment", type=Path, help="an experiment whose [data] path was written by `plerec synth`")
+    p.add_argument("--correlations", default="0,0.2,0.4,0.6,0.8,1", help="comma-separated values in [-1, 1]")
+    p.add_argument("--models", default="single,shared_bottom,mmoe,cgc,ple")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_sweep)
 
     p = sub.add_parser("demo", help="the main job: synthetic data, five models, per-task metrics and MTL gains")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -173,12 +203,51 @@ def _split_of(exp) -> tuple[list[float], int]:
     return list(exp.data.split), exp.seed if exp.data.split_seed is None else exp.data.split_seed
 
 
+def _compare(args) -> int:
+    from plerec.compare import check_seesaw_tasks, compare, parse_models, write_comparison
+    from plerec.config import load_experiment
+
+    exp = load_experiment(args.experiment, [*args.overrides, *(["train.progress=false"] if args.quiet else [])])
+    models = parse_models(args.models)
+    seesaw = args.seesaw.split(",") if args.seesaw else None
+    check_seesaw_tasks(exp, seesaw)  # fail before training, not after
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    runs = compare(exp, models, args.seeds, args.out, log=log)
+    write_comparison(runs, exp, args.out, seesaw)
+    print((args.out / "summary.md").read_text())
+    print(f"wrote {args.out}/results.csv, summary.md, report.html, seesaw.png, experts.csv, experts.png, curves.png")
+    return 0
+
+
+def _sweep(args) -> int:
+    from plerec.compare import sweep
+    from plerec.config import load_experiment
+
+    exp = load_experiment(args.experiment, [*args.overrides, *(["train.progress=false"] if args.quiet else [])])
+    try:
+        correlations = [float(v) for v in args.correlations.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"Expected --correlations to be numbers like 0,0.5,1, but got {args.correlations!r}") from None
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    sweep(exp, correlations, args.models, args.seeds, args.out, log=log)
+    print((args.out / "sweep.md").read_text())
+    print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.png and one comparison folder per correlation")
+    return 0
+
+
 def _demo(args) -> int:
     from plerec.demo import run_demo
 
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    table = run_demo(args.out, rows=args.rows, correlation=args.correlation, epochs=args.epochs,
-                     seed=args.seed, log=log, progress=not args.quiet)
+    table = run_demo(
+        args.out,
+        rows=args.rows,
+        correlation=args.correlation,
+        epochs=args.epochs,
+        seed=args.seed,
+        log=log,
+        progress=not args.quiet,
+    )
     print(table)
     return 0
 
@@ -193,8 +262,11 @@ def _describe_data(exp, data) -> None:
     enc = data.encoder
     sizes = ", ".join(f"{name} {len(table)}" for name, table in data.splits.items())
     print(f"rows: {sizes}", file=sys.stderr)
-    print(f"features: {len(enc.categorical)} categorical, {len(enc.numeric)} numeric"
-          f" (+{len(enc.indicators)} missing indicators)", file=sys.stderr)
+    print(
+        f"features: {len(enc.categorical)} categorical, {len(enc.numeric)} numeric"
+        f" (+{len(enc.indicators)} missing indicators)",
+        file=sys.stderr,
+    )
     if enc.inferred:
         shown = ", ".join(f"{c}={k}" for c, k in enc.inferred.items())
         print(f"inferred feature types: {shown}", file=sys.stderr)

@@ -224,7 +224,7 @@ def sweep(
     source = exp.data.path
     if not source:
         raise ValueError("A sweep needs [data] `path` to name one synthetic file from `plerec synth`")
-    synth = read_synth_metadata(source)
+    synth = read_synth_metadata(source) if Path(source).suffix in (".parquet", ".pq") else None
     if synth is None:
         raise ValueError(
             f"{source} has no correlation parameter (no `plerec synth` metadata), so it cannot be regenerated "

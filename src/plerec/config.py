@@ -96,6 +96,11 @@ class DataConfig:
             )
         if self.train and not self.valid:
             raise ValueError("Expected [data] `valid` next to `train` (model selection needs it), but got none")
+        if self.path and (self.valid or self.test):
+            raise ValueError(
+                "Expected [data] `path` (one file split by `split`) not also `valid` or `test`, but got "
+                f"valid={self.valid!r}, test={self.test!r}"
+            )
         if self.path:
             if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
                 raise ValueError(
@@ -150,8 +155,7 @@ class TaskConfig:
             raise ValueError(f"Expected {where} with a `condition` to be binary, but got kind {self.kind!r}")
         if self.weight < 0 or self.gamma <= 0:
             raise ValueError(
-                f"Expected {where} to have weight >= 0 and gamma > 0, but got weight={self.weight}, "
-                f"gamma={self.gamma}"
+                f"Expected {where} to have weight >= 0 and gamma > 0, but got weight={self.weight}, gamma={self.gamma}"
             )
         if self.condition:
             Condition.parse(self.condition, f"`condition` of {where}")
@@ -273,8 +277,11 @@ def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
     for required in ("data", "features", "tasks"):
         if required not in raw:
             raise ValueError(f"Expected a [{required}] section in the experiment file, but got none")
+    for section in ("data", "model"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ValueError(f"Expected [{section}] to be a table, but got {raw[section]!r}")
     model_table = dict(raw.get("model", {}))
-    model_name = model_table.pop("name", "ple")
+    model_name = _coerce(model_table.pop("name", "ple"), str, "[model] `name`")
     tasks_raw = raw["tasks"]
     if not isinstance(tasks_raw, list):
         raise ValueError("Expected [[tasks]] to be an array of tables (write `[[tasks]]` per task)")
@@ -332,7 +339,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
+        value = text.strip()
     parts = key.strip().split(".")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
@@ -343,7 +350,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
                 raise ValueError(f"Override {key!r}: no task named {part!r}; tasks are {names}")
             node = matches[0]
         else:
+            if not isinstance(node, dict):
+                raise ValueError(f"Override {key!r}: `{'.'.join(parts[:depth])}` is {node!r}, not a table")
             node = node.setdefault(part, [] if part == "tasks" and depth == 0 else {})
+    if not isinstance(node, dict | list):
+        raise ValueError(f"Override {key!r}: `{'.'.join(parts[:-1])}` is {node!r}, not a table")
     if isinstance(node, list):
         raise ValueError(f"Override {key!r}: expected `tasks.NAME.key=value`")
     node[parts[-1]] = value

@@ -52,8 +52,13 @@ def run_demo(
         "shared_bottom": {"bottom_dims": [64], "tower_dims": [32]},
         "mmoe": {"num_experts": 3, "expert_dims": [64], "tower_dims": [32]},
         "cgc": {"num_task_experts": 1, "num_shared_experts": 1, "expert_dims": [64], "tower_dims": [32]},
-        "ple": {"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 1, "expert_dims": [64],
-                "tower_dims": [32]},
+        "ple": {
+            "num_levels": 2,
+            "num_task_experts": 1,
+            "num_shared_experts": 1,
+            "expert_dims": [64],
+            "tower_dims": [32],
+        },
     }
     results = {}
     for name in DEMO_MODELS:

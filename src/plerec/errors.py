@@ -14,6 +14,4 @@ def did_you_mean(key: str, valid: Iterable[str]) -> str:
 
 def unknown_key(key: str, valid: Iterable[str], where: str) -> ValueError:
     valid = sorted(valid)
-    return ValueError(
-        f"Unknown key `{key}` in {where}.{did_you_mean(key, valid)} Expected one of: {', '.join(valid)}"
-    )
+    return ValueError(f"Unknown key `{key}` in {where}.{did_you_mean(key, valid)} Expected one of: {', '.join(valid)}")

@@ -123,8 +123,7 @@ def evaluate_tasks(
     for name, array in (("logits", logits), ("labels", labels), ("mask", mask)):
         if array.ndim != 2 or array.shape[1] != num_tasks:
             raise ValueError(
-                f"Expected `{name}` to have shape (N, {num_tasks}) for tasks {list(task_kinds)}, "
-                f"but got {array.shape}"
+                f"Expected `{name}` to have shape (N, {num_tasks}) for tasks {list(task_kinds)}, but got {array.shape}"
             )
     if not logits.shape == labels.shape == mask.shape:
         raise ValueError(

@@ -172,7 +172,13 @@ def select_features(
     def expand(patterns: tuple[str, ...], what: str) -> list[str]:
         out: list[str] = []
         for pattern in patterns:
-            hits = [c for c in columns if fnmatch.fnmatchcase(c, pattern)] if _is_glob(pattern) else [pattern]
+            # A pattern never picks up a label, sample-space or excluded column; an explicit name that
+            # is one of those is an error below.
+            hits = (
+                [c for c in columns if fnmatch.fnmatchcase(c, pattern) and c not in blocked]
+                if _is_glob(pattern)
+                else [pattern]
+            )
             if not hits or (not _is_glob(pattern) and pattern not in columns):
                 raise ValueError(
                     f"Column `{pattern}` listed in [features] {what} is not in {source}."
@@ -188,9 +194,7 @@ def select_features(
         raise ValueError(f"Columns {sorted(both)} are listed as both categorical and numeric in [features]")
     leaking = (set(categorical) | set(numeric)) & used_by_tasks
     if leaking:
-        raise ValueError(
-            f"Columns {sorted(leaking)} define a task's label or sample space and cannot also be features"
-        )
+        raise ValueError(f"Columns {sorted(leaking)} define a task's label or sample space and cannot also be features")
     categorical = [c for c in categorical if c not in exp.data.exclude]
     numeric = [c for c in numeric if c not in exp.data.exclude]
     inferred: dict[str, str] = {}
@@ -212,11 +216,12 @@ def encode_labels(tasks: list[TaskConfig], frame: pd.DataFrame, source: str) -> 
     n = len(frame)
     labels = np.zeros((n, len(tasks)), dtype=np.float32)
     mask = np.zeros((n, len(tasks)), dtype=bool)
+    for task in tasks:
+        space = task.space_condition
+        _require_columns(frame, [task.source_column] + ([space.column] if space else []), source, f"task `{task.name}`")
     for k, task in enumerate(tasks):
         column = frame[task.source_column]
-        present = column.notna().to_numpy()
-        if column.dtype == object:
-            present &= (column.astype(str).str.strip() != "").to_numpy()
+        present = ~_missing(column)
         cond = task.label_condition
         if cond is not None:
             values = evaluate_condition(cond, column, source).astype(np.float32)
@@ -225,7 +230,7 @@ def encode_labels(tasks: list[TaskConfig], frame: pd.DataFrame, source: str) -> 
         in_space = present
         if task.space_condition is not None:
             space_col = frame[task.space_condition.column]
-            in_space = in_space & evaluate_condition(task.space_condition, space_col, source) & space_col.notna().to_numpy()
+            in_space = in_space & evaluate_condition(task.space_condition, space_col, source)
         labels[:, k] = np.where(in_space, values, 0.0)
         mask[:, k] = in_space
     return labels, mask
@@ -233,17 +238,18 @@ def encode_labels(tasks: list[TaskConfig], frame: pd.DataFrame, source: str) -> 
 
 def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.ndarray:
     """The condition per row (missing values compare as False)."""
+    missing = _missing(column)
     if isinstance(cond.value, str):
         values = column.astype(str).str.strip().to_numpy()
         target = cond.value.strip()
     else:
-        numeric = pd.to_numeric(column, errors="coerce")
-        bad = numeric.isna() & column.notna()
+        numeric = pd.to_numeric(column.where(~missing), errors="coerce")
+        bad = numeric.isna().to_numpy() & ~missing
         if bad.any():
-            row = column.index[bad.to_numpy().argmax()]
+            row = column.index[bad.argmax()]
             raise ValueError(
                 f"Column `{cond.column}` of {source}, row {row}: expected a number to compare in "
-                f"`{cond}`, but got {column.loc[row]!r}"
+                f"`{cond}`, but got {_plain(column.loc[row])!r}"
             )
         values = numeric.to_numpy(dtype=np.float64)
         target = float(cond.value)
@@ -255,7 +261,7 @@ def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.nd
         "<": np.less,
         "<=": np.less_equal,
     }
-    return np.asarray(ops[cond.op](values, target), dtype=bool)
+    return np.asarray(ops[cond.op](values, target), dtype=bool) & ~missing
 
 
 def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, source: str) -> np.ndarray:
@@ -269,7 +275,7 @@ def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, sour
         hint = " Use `condition` to define a binary label from a text column." if task.kind == "binary" else ""
         raise ValueError(
             f"Label column `{task.source_column}` of task `{task.name}` in {source}, row {row}: "
-            f"expected {expected}, but got {column.loc[row]!r}.{hint}"
+            f"expected {expected}, but got {_plain(column.loc[row])!r}.{hint}"
         )
     return np.where(present, numeric, 0.0)
 
@@ -278,17 +284,24 @@ def _numeric_column(frame: pd.DataFrame, col: str, source: str) -> np.ndarray:
     column = frame[col]
     if pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype=np.float64)
-    numeric = pd.to_numeric(column, errors="coerce")
-    bad = numeric.isna() & column.notna()
-    if column.dtype == object:
-        bad &= column.astype(str).str.strip() != ""
+    missing = _missing(column)
+    numeric = pd.to_numeric(column.where(~missing), errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~missing & ~np.isfinite(numeric)  # text, and also inf, which would turn the standardised column to NaN
     if bad.any():
-        row = column.index[bad.to_numpy().argmax()]
+        row = column.index[bad.argmax()]
         raise ValueError(
-            f"Numeric column `{col}` of {source}, row {row}: expected a number, but got {column.loc[row]!r} "
-            "(list it under [features] categorical if it is a category)"
+            f"Numeric column `{col}` of {source}, row {row}: expected a finite number, "
+            f"but got {_plain(column.loc[row])!r} (list it under [features] categorical if it is a category)"
         )
-    return numeric.to_numpy(dtype=np.float64)
+    return numeric
+
+
+def _missing(column: pd.Series) -> np.ndarray:
+    """NaN/None, or a blank string (CSVs read with keep_default_na = false; pandas 3 text is not `object`)."""
+    missing = column.isna().to_numpy()
+    if pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column):
+        missing = missing | (column.astype(str).str.strip() == "").to_numpy(dtype=bool, na_value=False)
+    return missing
 
 
 def _raise_missing(frame: pd.DataFrame, col: str, missing: np.ndarray, source: str) -> None:

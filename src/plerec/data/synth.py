@@ -55,9 +55,7 @@ class SynthConfig:
         _expect(_is_int(self.dim) and self.dim >= 2, "dim", "an integer >= 2", self.dim)
         # c = 0 would make both weight vectors zero and their cosine undefined.
         _expect(_is_real(self.scale) and self.scale > 0, "scale", "a finite number > 0", self.scale)
-        _expect(
-            _is_int(self.num_sines) and self.num_sines >= 0, "num_sines", "an integer >= 0", self.num_sines
-        )
+        _expect(_is_int(self.num_sines) and self.num_sines >= 0, "num_sines", "an integer >= 0", self.num_sines)
         _expect(
             _is_real(self.noise_std) and self.noise_std >= 0,
             "noise_std",

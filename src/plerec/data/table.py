@@ -11,8 +11,9 @@ from plerec.config import CsvOptions, DataConfig
 SPLITS = ("train", "valid", "test")
 
 
-def read_table(path: str | Path, csv: CsvOptions = CsvOptions()) -> pd.DataFrame:
+def read_table(path: str | Path, csv: CsvOptions | None = None) -> pd.DataFrame:
     """One file (or a folder of Parquet files) as a DataFrame; the format comes from the suffix."""
+    csv = csv or CsvOptions()
     path = Path(path)
     if not path.exists():
         raise ValueError(f"Data file {path} does not exist")

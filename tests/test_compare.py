@@ -1,0 +1,237 @@
+"""`plerec compare` and `plerec sweep`: files, columns, resume, gains, utilisation, errors."""
+
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from plerec import compare as compare_module
+from plerec.cli import main
+from plerec.compare import compare, expert_utilisation, parse_models, sweep, write_comparison
+from plerec.config import experiment_from_dict
+from plerec.data.synth import SynthConfig, write_parquet
+from plerec.models import MODELS
+from plerec.report.summary import summarize
+from plerec.train import prepare_data
+
+
+def _table(path, rows=240, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 3))
+    frame = pd.DataFrame(
+        {
+            "f0": x[:, 0],
+            "f1": x[:, 1],
+            "cat": rng.choice(["a", "b", "c"], size=rows),
+            "click": (x[:, 0] + rng.normal(size=rows) > 0).astype(int),
+            "watch": x[:, 1] * 2 + rng.normal(scale=0.1, size=rows),
+        }
+    )
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _experiment(path, **train):
+    return experiment_from_dict(
+        {
+            "seed": 0,
+            "data": {"path": str(path), "split": [0.6, 0.2, 0.2]},
+            "features": {"numeric": ["f0", "f1"], "categorical": ["cat"]},
+            "tasks": [
+                {"name": "click", "kind": "binary", "label": "click"},
+                {"name": "watch", "kind": "regression", "label": "watch"},
+            ],
+            "model": {"name": "ple", "embedding_dim": 2, "expert_dims": [4], "tower_dims": [3]},
+            "train": {"epochs": 2, "batch_size": 64, "progress": False, **train},
+        }
+    )
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return _experiment(_table(tmp_path / "log.csv"))
+
+
+def test_compare_writes_every_file_with_documented_columns(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    runs = compare(tiny, ["mmoe", "ple", "cross_stitch"], 2, out)
+    write_comparison(runs, tiny, out)
+    assert sorted((r.model, r.seed) for r in runs) == sorted(
+        (m, s) for m in ("single", "mmoe", "ple", "cross_stitch") for s in (0, 1)
+    )
+    for name in ("results.csv", "summary.md", "report.html", "seesaw.png", "experts.csv", "experts.png", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.columns) == ["model", "seed", "task", "metric", "split", "value"]
+    assert set(results["split"]) == {"test", "valid"}
+    assert set(results.loc[results.task == "click", "metric"]) == {"auc", "logloss"}
+    assert set(results.loc[results.task == "watch", "metric"]) == {"mse"}
+    # one row per (model, seed, task, metric, split)
+    assert not results.duplicated(["model", "seed", "task", "metric", "split"]).any()
+    assert len(results) == 4 * 2 * 3 * 2
+    experts = pd.read_csv(out / "experts.csv")
+    assert list(experts.columns) == ["model", "seed", "gate", "expert", "mean", "std"]
+    assert set(experts["model"]) == {"mmoe", "ple"}  # the gated models only
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    summary = (out / "summary.md").read_text()
+    assert "MTL gain" in summary and "Seesaw" in summary
+    # Runs of every model share one split: identical test row counts.
+    n = {(r.model, r.seed): r.metrics["test"]["click"]["n"] for r in runs}
+    assert len(set(n.values())) == 1
+
+
+def test_rerun_trains_nothing_new(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    first = compare(tiny, ["mmoe"], 1, out)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("compare retrained a finished run")
+
+    monkeypatch.setattr(compare_module, "fit", no_training)
+    again = compare(tiny, ["mmoe"], 1, out)
+    assert [(r.model, r.seed, r.metrics) for r in again] == [(r.model, r.seed, r.metrics) for r in first]
+
+
+def test_interrupted_compare_resumes(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    compare(tiny, ["mmoe"], 1, out)
+    (out / "runs" / "mmoe" / "seed0" / "run.json").unlink()  # as if killed before finishing
+    trained = []
+    real_fit = compare_module.fit
+    monkeypatch.setattr(
+        compare_module, "fit", lambda exp, *a, **k: trained.append(exp.model_name) or real_fit(exp, *a, **k)
+    )
+    compare(tiny, ["mmoe"], 1, out)
+    assert trained == ["mmoe"]
+
+
+def test_expert_utilisation_sums_to_one_per_gate(tiny):
+    data = prepare_data(tiny)
+    from plerec.train import fit
+
+    for name in ("mmoe", "ple", "omoe", "ml_mmoe", "cgc"):
+        result = fit(tiny.with_model(name, {"expert_dims": [4], "tower_dims": [3]}), data)
+        rows = expert_utilisation(result.model, data.splits["test"])
+        gates = {r["gate"] for r in rows}
+        assert gates == set(result.model.gate_experts())
+        for gate in gates:
+            total = sum(r["mean"] for r in rows if r["gate"] == gate)
+            assert total == pytest.approx(1.0, abs=1e-6), (name, gate)
+            assert all(r["std"] >= 0 for r in rows if r["gate"] == gate)
+
+
+def _run(model, seed, click_auc, watch_mse):
+    return SimpleNamespace(
+        model=model,
+        seed=seed,
+        metrics={"test": {"click": {"auc": click_auc, "logloss": 0.5}, "watch": {"mse": watch_mse}}},
+    )
+
+
+def test_gain_signs_for_auc_and_mse_and_seesaw_flag():
+    kinds = {"click": "binary", "watch": "regression"}
+    runs = [
+        _run("single", 0, 0.70, 1.00),
+        _run("single", 1, 0.72, 1.20),
+        _run("mmoe", 0, 0.75, 1.10),  # better AUC, worse MSE: a seesaw
+        _run("mmoe", 1, 0.77, 1.30),
+        _run("ple", 0, 0.71, 0.90),  # better on both
+        _run("ple", 1, 0.73, 1.00),
+    ]
+    summary = summarize(runs, kinds)
+    assert summary.gains["mmoe", "click"].mean == pytest.approx(0.05)
+    assert summary.gains["mmoe", "watch"].mean == pytest.approx(-0.10)  # single - model for MSE
+    assert summary.gains["ple", "watch"].mean == pytest.approx(0.15)
+    assert summary.gains["mmoe", "click"].n == 2
+    assert summary.metrics["single", "click", "auc"].std == pytest.approx(np.std([0.70, 0.72], ddof=1))
+    assert summary.seesaw("mmoe") == "seesaw: loses on watch"
+    assert summary.seesaw("ple") == ""
+
+
+def test_unknown_model_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown model `mmo` in --models. Did you mean `mmoe`") as err:
+        parse_models("single,mmo")
+    for name in MODELS:
+        assert name in str(err.value)
+    assert parse_models("ple,mmoe,ple") == ["single", "ple", "mmoe"]
+
+
+def test_seesaw_task_that_does_not_exist_is_an_error(tiny, tmp_path, capsys):
+    toml = tmp_path / "exp.toml"
+    from plerec.config import write_experiment
+
+    write_experiment(tiny, toml)
+    code = main(
+        [
+            "compare",
+            str(toml),
+            "--models",
+            "mmoe",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--seesaw",
+            "click,wach",
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "Seesaw task `wach`" in err[0] and "Did you mean `watch`" in err[0]
+    assert not (tmp_path / "o" / "runs").exists()  # failed before training anything
+
+
+def test_compare_cli_end_to_end(tiny, tmp_path, capsys):
+    toml = tmp_path / "exp.toml"
+    from plerec.config import write_experiment
+
+    write_experiment(tiny, toml)
+    out = tmp_path / "o"
+    code = main(["compare", str(toml), "--models", "shared_bottom", "--seeds", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "shared_bottom" in printed and "MTL gain" in printed
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"single", "shared_bottom"}
+
+
+def test_sweep_needs_synthetic_data(tiny, tmp_path):
+    with pytest.raises(ValueError, match="has no correlation parameter"):
+        sweep(tiny, [0.0, 0.5], ["mmoe"], 1, tmp_path / "sw")
+
+
+def test_sweep_on_synthetic_data(tmp_path):
+    base = tmp_path / "base.parquet"
+    write_parquet(SynthConfig(rows=300, dim=6, correlation=0.5, seed=1), base)
+    exp = experiment_from_dict(
+        {
+            "data": {"path": str(base), "split": [0.6, 0.2, 0.2]},
+            "features": {"numeric": ["x*"]},
+            "tasks": [
+                {"name": "y1", "kind": "regression", "label": "y1"},
+                {"name": "y2", "kind": "regression", "label": "y2"},
+            ],
+            "model": {"name": "mmoe", "expert_dims": [4], "tower_dims": [3]},
+            "train": {"epochs": 1, "batch_size": 64, "progress": False},
+        }
+    )
+    rows = sweep(exp, [0.0, 1.0], ["mmoe"], 1, tmp_path / "sw")
+    assert {(r["correlation"], r["model"], r["task"]) for r in rows} == {
+        (p, "mmoe", t) for p in (0.0, 1.0) for t in ("y1", "y2")
+    }
+    for name in ("sweep.csv", "sweep.png", "sweep.md", "corr0/summary.md", "corr1/report.html"):
+        assert (tmp_path / "sw" / name).exists(), name
+    meta = pq_metadata(tmp_path / "sw" / "data" / "corr1.parquet")
+    assert meta["correlation"] == 1.0 and meta["dim"] == 6 and meta["rows"] == 300
+
+
+def pq_metadata(path):
+    import pyarrow.parquet as pq
+
+    return json.loads(pq.read_schema(path).metadata[b"plerec.synth"])
