@@ -39,7 +39,7 @@ def _set_weights(body: PLE, cfg: dict, arrays: dict) -> None:
         with torch.no_grad():
             for l_ in range(len(lv["expert_dims"])):
                 layer.experts.weights[l_].copy_(torch.stack([t(arrays[f"{n}.W{l_}"]) for n in names]))
-                layer.experts.biases[l_].copy_(torch.stack([t(arrays[f"{n}.b{l_}"])[None] for n in names]))
+                layer.experts.biases[l_].copy_(torch.stack([t(arrays[f"{n}.b{l_}"]) for n in names]))
             layer.task_gates.weights[0].copy_(
                 torch.stack([t(arrays[f"L{j}.task{k}.gate.W"]) for k in range(num_tasks)])
             )
@@ -213,7 +213,7 @@ def test_parallel_mlp_equals_independent_mlps():
             lin = torch.nn.Linear(w.shape[1], w.shape[2])
             with torch.no_grad():
                 lin.weight.copy_(w[e].T)
-                lin.bias.copy_(b[e, 0])
+                lin.bias.copy_(b[e])
             layers += [lin, torch.nn.ReLU()]
         singles.append(torch.nn.Sequential(*layers))
     x = torch.randn(7, 5)
@@ -224,7 +224,7 @@ def test_parallel_mlp_equals_independent_mlps():
     separate.sum().backward()
     for e in range(3):
         torch.testing.assert_close(bank.weights[0].grad[e], singles[e][0].weight.grad.T)
-        torch.testing.assert_close(bank.biases[1].grad[e, 0], singles[e][2].bias.grad)
+        torch.testing.assert_close(bank.biases[1].grad[e], singles[e][2].bias.grad)
     # Per-network inputs (E, B, d) route each network its own rows.
     xs = torch.randn(3, 7, 5)
     torch.testing.assert_close(bank(xs), torch.stack([net(xs[e]) for e, net in enumerate(singles)]))

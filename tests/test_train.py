@@ -203,18 +203,19 @@ def _script_monitor(monkeypatch, values: list[float]) -> list[dict]:
     Returns the model states seen by each evaluation, in order.
     """
     scripted, evaluated, snapshots = iter(values), set(), []
-    real_evaluate, real_monitor = train_module.evaluate, train_module.monitor_value
+    real_evaluate, real_monitor = train_module.evaluate_split, train_module.monitor_value
 
-    def snapshot_evaluate(model, table, exp_):
-        snapshots.append(_state(model))
-        metrics = real_evaluate(model, table, exp_)
-        evaluated.add(id(metrics))
-        return metrics
+    def snapshot_evaluate(model, data, split, exp_, ctx):
+        metrics, rows = real_evaluate(model, data, split, exp_, ctx)
+        if split == "valid" and len(snapshots) < len(values):
+            snapshots.append(_state(model))
+            evaluated.add(id(metrics))
+        return metrics, rows
 
     def scripted_monitor(metrics, exp_):
         return (next(scripted), True) if id(metrics) in evaluated else real_monitor(metrics, exp_)
 
-    monkeypatch.setattr(train_module, "evaluate", snapshot_evaluate)
+    monkeypatch.setattr(train_module, "evaluate_split", snapshot_evaluate)
     monkeypatch.setattr(train_module, "monitor_value", scripted_monitor)
     return snapshots
 

@@ -60,8 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key, e.g. --set train.lr=3e-4 --set model.name=mmoe (repeatable)",
     )
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides train.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("prepare", help="one pass over the training data: vocabularies and statistics to --out")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="folder for encoder.json ([data] prepared reads it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(run=_prepare)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split of the experiment's data")
     p.add_argument("experiment", type=Path)
@@ -154,24 +161,57 @@ def _toml_value(value) -> str:
 
 def _train(args) -> int:
     from plerec.config import load_experiment
+    from plerec.distributed import init_distributed, shutdown
     from plerec.train import fit, prepare_data
 
-    exp = load_experiment(args.experiment, args.overrides)
+    overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    exp = load_experiment(args.experiment, overrides)
     if args.quiet:
         exp = _quiet(exp)
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    data = prepare_data(exp)
-    if not args.quiet:
-        _describe_data(exp, data)
-    result = fit(exp, data, out_dir=args.out, log=log)
-    print(_metrics_table({exp.model_name: result.metrics.get("test", result.metrics["valid"])}, exp))
-    print(f"best epoch {result.best_epoch}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
+    ctx = init_distributed(exp.train.device)  # under torchrun: join the process group
+    try:
+        talk = ctx.is_main and not args.quiet
+        log = (lambda msg: print(msg, file=sys.stderr)) if talk else None
+        data = prepare_data(exp)
+        if talk:
+            _describe_data(exp, data)
+            if ctx.enabled:
+                print(
+                    f"distributed: {ctx.world_size} ranks, {exp.train.batch_size // ctx.world_size} rows "
+                    f"per rank and step, device {ctx.device}",
+                    file=sys.stderr,
+                )
+        result = fit(exp, data, out_dir=args.out, log=log, ctx=ctx)
+        if ctx.is_main:
+            print(_metrics_table({exp.model_name: result.metrics.get("test", result.metrics["valid"])}, exp))
+            print(f"best epoch {result.best_epoch}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def _prepare(args) -> int:
+    from plerec.config import load_experiment
+    from plerec.data.stream import fit_encoder, save_encoder
+    from plerec.train import prepare_data
+
+    exp = load_experiment(args.experiment, args.overrides)
+    if exp.data.streaming:
+        encoder = fit_encoder(exp, exp.data.train)
+    else:
+        encoder = prepare_data(exp).encoder
+    path = save_encoder(encoder, args.out)
+    print(
+        f"{len(encoder.categorical)} categorical features ({sum(encoder.vocab_sizes)} ids), "
+        f"{len(encoder.dense_names)} dense features; wrote {path}"
+    )
+    print(f"reuse it with --set data.prepared={args.out}")
     return 0
 
 
 def _evaluate(args) -> int:
     from plerec.config import load_experiment
-    from plerec.train import evaluate, load_checkpoint, prepare_data, write_json
+    from plerec.train import evaluate_split, load_checkpoint, prepare_data, write_json
 
     exp = load_experiment(args.experiment, args.overrides)
     model, encoder, trained = load_checkpoint(args.checkpoint)
@@ -187,9 +227,9 @@ def _evaluate(args) -> int:
             "hold training rows. Pass the run's experiment.toml or the same `--set` overrides"
         )
     data = prepare_data(exp, encoder=encoder)
-    if args.split not in data.splits:
+    if not data.has(args.split):
         raise ValueError(f"The experiment {args.experiment} has no {args.split} split")
-    metrics = evaluate(model, data.splits[args.split], exp)
+    metrics, _rows = evaluate_split(model, data, args.split, exp)
     record = {"model": trained.model_name, "seed": trained.seed, "split": args.split, "tasks": metrics}
     out = args.out or args.checkpoint.with_name(f"metrics-{args.split}.json")
     write_json(out, record)

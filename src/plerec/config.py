@@ -86,6 +86,8 @@ class DataConfig:
     split_seed: int | None = None
     exclude: tuple[str, ...] = ()
     missing_numeric: str = "impute"
+    streaming: bool = False
+    prepared: str = ""
     csv: CsvOptions = field(default_factory=CsvOptions)
 
     def __post_init__(self) -> None:
@@ -112,6 +114,12 @@ class DataConfig:
         if self.missing_numeric not in ("impute", "error"):
             raise ValueError(
                 f"Expected [data] `missing_numeric` to be 'impute' or 'error', but got {self.missing_numeric!r}"
+            )
+        if self.streaming and not self.train:
+            raise ValueError(
+                "Expected [data] streaming = true to read separate `train` and `valid` Parquet files or "
+                "folders (a single `path` cannot be split without reading it whole), but got path="
+                f"{self.path!r}"
             )
 
 
@@ -189,6 +197,9 @@ class TrainConfig:
     patience: int = 3
     threads: int = 0
     progress: bool = True
+    sparse_embeddings: bool = True
+    device: str = "cpu"
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "epochs"):
@@ -201,6 +212,8 @@ class TrainConfig:
             )
         if self.weight_schedule not in ("epoch", "step"):
             raise ValueError(f"Expected [train] `weight_schedule` 'epoch' or 'step', but got {self.weight_schedule!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"Expected [train] `device` 'cpu', 'cuda' or 'auto', but got {self.device!r}")
         if self.monitor_metric not in ("auto", "auc", "logloss", "mse", "loss"):
             raise ValueError(
                 "Expected [train] `monitor_metric` to be one of auto, auc, logloss, mse, loss, "
@@ -260,7 +273,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         apply_override(raw, item)
     data = raw.get("data")
     if isinstance(data, dict):
-        for key in ("path", "train", "valid", "test"):
+        for key in ("path", "train", "valid", "test", "prepared"):
             if isinstance(data.get(key), str) and data[key]:
                 data[key] = str((path.parent / data[key]).resolve()) if not Path(data[key]).is_absolute() else data[key]
     try:

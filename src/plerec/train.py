@@ -13,11 +13,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, write_experiment
+from plerec.data.batches import InMemoryBatches, local_eval_batches
 from plerec.data.encode import EncodedTable, Encoder
+from plerec.data.stream import ParquetBatches, fit_encoder, load_encoder, local_eval_chunks, save_encoder
 from plerec.data.table import load_splits
+from plerec.distributed import (
+    SINGLE_PROCESS,
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    check_batch_size,
+    gather_rows,
+    init_distributed,
+)
 from plerec.metrics import HIGHER_IS_BETTER, METRICS_BY_KIND, TaskMetricAccumulator
 from plerec.models import MultiTaskModel, build_model
 
@@ -26,10 +38,19 @@ CHECKPOINT_FORMAT = "plerec-checkpoint-1"
 
 @dataclass(slots=True)
 class PreparedData:
-    """The encoder fitted on the training split and every split as column tensors."""
+    """The encoder fitted on the training split, and every split: as column tensors in memory, or (with
+    [data] streaming) as Parquet paths read a row group at a time."""
 
     encoder: Encoder
     splits: dict[str, EncodedTable]
+    streams: dict[str, str] = field(default_factory=dict)
+
+    def has(self, split: str) -> bool:
+        return split in self.splits or split in self.streams
+
+    @property
+    def split_names(self) -> list[str]:
+        return [s for s in ("train", "valid", "test") if self.has(s)]
 
 
 @dataclass(slots=True)
@@ -39,20 +60,37 @@ class FitResult:
     metrics: dict[str, dict[str, dict[str, float]]]  # split -> task -> metric -> value
     history: list[dict] = field(default_factory=list)  # one record per epoch
     best_epoch: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the training steps only, without evaluation
 
 
 def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedData:
-    """Read and split the data, fit the encoder on train (unless given), encode every split once."""
+    """Read and split the data, fit the encoder on train (unless given or [data] prepared), encode once.
+
+    With [data] streaming, nothing is loaded: the encoder comes from `prepared` or one pass over train.
+    """
+    if encoder is None and exp.data.prepared:
+        encoder = load_encoder(exp.data.prepared, exp)
+    if exp.data.streaming:
+        encoder = encoder or fit_encoder(exp, exp.data.train)
+        streams = {s: getattr(exp.data, s) for s in ("train", "valid", "test") if getattr(exp.data, s)}
+        return PreparedData(encoder, {}, streams)
     frames = load_splits(exp.data, exp.seed)
     if encoder is None:
         encoder = Encoder.fit(exp, frames["train"])
     return PreparedData(encoder, {name: encoder.transform(frame) for name, frame in frames.items()})
 
 
-def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, is_binary: torch.Tensor):
+def masked_task_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    is_binary: torch.Tensor,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. 9: each task's loss is the mean over its own sample space only. Returns (T,).
 
+    `counts` (T,) replaces the per-task row counts of this batch as denominators; DDP passes the counts
+    of the whole global batch so that the ranks' gradients add up to the one-process gradient.
     A task with no labelled row in the batch contributes exactly 0 (and a zero gradient), never NaN.
     """
     # Labels outside a task's space may be anything (NaN included); zero them before the loss and
@@ -62,7 +100,8 @@ def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, T)
     squared = (logits - labels).square()  # (B, T)
     per_row = torch.where(mask, torch.where(is_binary, bce, squared), 0.0)  # (B, T)
-    return per_row.sum(0) / mask.sum(0).clamp_min(1)  # (T,)
+    denominators = mask.sum(0) if counts is None else counts
+    return per_row.sum(0) / denominators.clamp_min(1)  # (T,)
 
 
 def loss_weights(exp: Experiment, t: int | float) -> torch.Tensor:
@@ -70,22 +109,75 @@ def loss_weights(exp: Experiment, t: int | float) -> torch.Tensor:
     return torch.tensor([task.weight * task.gamma**t for task in exp.tasks], dtype=torch.float32)
 
 
+def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[torch.optim.Optimizer]:
+    """Adam for the dense parameters; with sparse embeddings, SparseAdam updates only the embedding rows a
+    batch touches (a dense Adam step over every row dominates at large vocabularies). Weight decay
+    applies to the dense parameters only when embeddings are sparse."""
+    embedding = model.input.embedding.weight
+    dense = [p for p in model.parameters() if p is not embedding]
+    if not model.input.embedding.sparse:
+        return [torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)]
+    return [
+        torch.optim.Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay),
+        torch.optim.SparseAdam([embedding], lr=exp.train.lr),
+    ]
+
+
 @torch.inference_mode()
 def predict(model: MultiTaskModel, table: EncodedTable, batch_size: int = 16384) -> torch.Tensor:
     """Logits (N, T) for a whole split, in order."""
     model.eval()
+    device = next(model.parameters()).device
     parts = []
     for start in range(0, len(table), batch_size):
-        batch = table.batch(slice(start, start + batch_size))
-        parts.append(model(batch.sparse, batch.dense))
+        batch = table.batch(slice(start, start + batch_size)).to(device)
+        parts.append(model(batch.sparse, batch.dense).float().cpu())
     return torch.cat(parts) if parts else torch.empty(0, table.labels.shape[1])
 
 
 def evaluate(model: MultiTaskModel, table: EncodedTable, exp: Experiment) -> dict[str, dict[str, float]]:
-    """Per-task metrics over each task's own sample space."""
+    """Per-task metrics over each task's own sample space (one process, one table in memory)."""
     metric = TaskMetricAccumulator(exp.task_kinds)
     metric.update(predict(model, table, exp.train.eval_batch_size), table.labels, table.label_mask)
     return metric.compute()
+
+
+@torch.inference_mode()
+def evaluate_split(
+    model: MultiTaskModel, data: PreparedData, split: str, exp: Experiment, ctx: DistContext = SINGLE_PROCESS
+) -> tuple[dict[str, dict[str, float]], int]:
+    """Per-task metrics of a split, and how many rows were scored. Under DDP each rank scores its own
+    disjoint rows and the predictions are gathered, so the metrics equal the one-process metrics."""
+    model.eval()
+    logits, labels, mask = [], [], []
+    if split in data.splits:
+        table = data.splits[split]
+        batches = local_eval_batches(table, exp.train.eval_batch_size, ctx)
+    else:
+        batches = (
+            chunk.batch(slice(s, s + exp.train.eval_batch_size))
+            for chunk in local_eval_chunks(data.streams[split], data.encoder, ctx)
+            for s in range(0, len(chunk), exp.train.eval_batch_size)
+        )
+    for batch in batches:
+        logits.append(model(batch.sparse.to(ctx.device), batch.dense.to(ctx.device)).float().cpu())
+        labels.append(batch.labels)
+        mask.append(batch.label_mask)
+    num_tasks = len(exp.tasks)
+    local = (
+        torch.cat(logits) if logits else torch.empty(0, num_tasks),
+        torch.cat(labels) if labels else torch.empty(0, num_tasks),
+        torch.cat(mask) if mask else torch.empty(0, num_tasks, dtype=torch.bool),
+    )
+    sizes = [local[0].shape[0]]
+    if ctx.enabled:
+        counts = torch.zeros(ctx.world_size, dtype=torch.long)
+        counts[ctx.rank] = sizes[0]
+        sizes = all_reduce_sum(counts, ctx).tolist()
+    gathered = [gather_rows(t, sizes, ctx) for t in local]
+    metric = TaskMetricAccumulator(exp.task_kinds)
+    metric.update(*gathered)
+    return metric.compute(), int(sum(sizes))
 
 
 def monitor_value(metrics: dict[str, dict[str, float]], exp: Experiment) -> tuple[float, bool]:
@@ -113,73 +205,96 @@ def fit(
     data: PreparedData | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    ctx: DistContext | None = None,
 ) -> FitResult:
     """Train `exp.model_name` on the experiment's data; keep the best epoch by the validation monitor.
 
     With `out_dir`, writes best.pt (the best checkpoint, updated as training goes), metrics.json,
-    history.json and experiment.toml (every key resolved).
+    history.json and experiment.toml (every key resolved). Under torchrun (WORLD_SIZE > 1) it trains
+    with DistributedDataParallel; only rank 0 logs and writes.
     """
-    say = log or (lambda _msg: None)
     # A monitor that does not apply to its task would otherwise only fail after the first epoch.
     monitor_value({t.name: dict.fromkeys(METRICS_BY_KIND[t.kind], 0.0) for t in exp.tasks}, exp)
+    ctx = ctx or init_distributed(exp.train.device)
+    local_batch = check_batch_size(exp.train.batch_size, ctx)  # noqa: F841 - validates before any work
+    say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)
     data = data or prepare_data(exp)
-    train_table, valid_table = data.splits["train"], data.splits["valid"]
-    out = Path(out_dir) if out_dir is not None else None
+    out = Path(out_dir) if out_dir is not None and ctx.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_experiment(exp, out / "experiment.toml")
+        if data.streams:
+            save_encoder(data.encoder, out)
 
     torch.manual_seed(exp.seed)
     model = build_model(
         exp.model_name, exp.model, data.encoder.vocab_sizes, len(data.encoder.dense_names), len(exp.tasks)
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)
-    is_binary = torch.tensor([t.kind == "binary" for t in exp.tasks])
-    shuffle = torch.Generator().manual_seed(exp.seed)
-    batch_size = exp.train.batch_size
-    steps_per_epoch = math.ceil(len(train_table) / batch_size)
+    # NCCL has no sparse all-reduce: on GPUs under DDP the embedding gradients stay dense.
+    model.input.embedding.sparse = exp.train.sparse_embeddings and not (ctx.enabled and ctx.device.type == "cuda")
+    model.to(ctx.device)
+    optimizers = make_optimizers(model, exp)
+    net = DistributedDataParallel(model) if ctx.enabled else model
+    is_binary = torch.tensor([t.kind == "binary" for t in exp.tasks], device=ctx.device)
+    weights_per_epoch = exp.train.weight_schedule == "epoch"
+    if data.streams:
+        source = ParquetBatches(data.streams["train"], data.encoder, exp.train.batch_size, exp.seed, ctx)
+    else:
+        source = InMemoryBatches(data.splits["train"], exp.train.batch_size, exp.seed, ctx)
     names = [t.name for t in exp.tasks]
+    autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=exp.train.bf16)
 
     best_value, best_state, best_epoch, stale = None, None, 0, 0
     history: list[dict] = []
     step = 0
+    train_seconds = 0.0
     started = time.perf_counter()
     for epoch in range(exp.train.epochs):
-        model.train()
-        order = torch.randperm(len(train_table), generator=shuffle)
-        running = torch.zeros(len(names))
+        net.train()
+        steps = len(source)
+        running = torch.zeros(len(names), device=ctx.device)
         bar = tqdm(
-            total=steps_per_epoch,
+            total=steps,
             desc=f"{exp.model_name} epoch {epoch + 1}/{exp.train.epochs}",
-            disable=not exp.train.progress,
+            disable=not (exp.train.progress and ctx.is_main),
             leave=False,
             dynamic_ncols=True,
         )
-        for i in range(steps_per_epoch):
-            batch = train_table.batch(order[i * batch_size : (i + 1) * batch_size])
-            logits = model(batch.sparse, batch.dense)  # (B, T)
-            task_losses = masked_task_losses(logits, batch.labels, batch.label_mask, is_binary)  # (T,)
-            t = epoch if exp.train.weight_schedule == "epoch" else step
-            loss = (loss_weights(exp, t) * task_losses).sum()
-            optimizer.zero_grad(set_to_none=True)
+        epoch_start = time.perf_counter()
+        for i, batch in enumerate(source.epoch()):
+            batch = batch.to(ctx.device, non_blocking=True)
+            with autocast:
+                logits = net(batch.sparse, batch.dense).float()  # (B, T)
+            counts = None
+            if ctx.enabled:  # each task's mean is over its rows in the whole global batch
+                counts = all_reduce_sum(batch.label_mask.sum(0).float(), ctx)
+            task_losses = masked_task_losses(logits, batch.labels, batch.label_mask, is_binary, counts)  # (T,)
+            weights = loss_weights(exp, epoch if weights_per_epoch else step).to(ctx.device)
+            loss = (weights * task_losses).sum() * ctx.world_size  # DDP averages gradients over ranks
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             step += 1
             running += task_losses.detach()
-            if exp.train.progress and (i % 20 == 0 or i == steps_per_epoch - 1):
-                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(names, (running / (i + 1)).tolist(), strict=True)})
+            if bar.disable is False and (i % 50 == 0 or i == steps - 1):
+                shown = (running / (i + 1)).tolist()
+                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(names, shown, strict=True)})
             bar.update(1)
         bar.close()
+        train_seconds += time.perf_counter() - epoch_start
 
-        valid_metrics = evaluate(model, valid_table, exp)
+        valid_metrics, valid_rows = evaluate_split(model, data, "valid", exp, ctx)
         value, higher = monitor_value(valid_metrics, exp)
         improved = best_value is None or (value > best_value if higher else value < best_value)
         record = {
             "epoch": epoch + 1,
-            "train_loss": dict(zip(names, (running / steps_per_epoch).tolist(), strict=True)),
+            "train_loss": dict(zip(names, (running / max(steps, 1)).tolist(), strict=True)),
             "valid": valid_metrics,
+            "valid_rows": valid_rows,
             "monitor": value,
             "seconds": time.perf_counter() - started,
         }
@@ -195,14 +310,14 @@ def fit(
             if exp.train.patience and stale >= exp.train.patience:
                 say(f"early stop: no better validation {exp.train.monitor} for {stale} epochs")
                 break
-    train_seconds = time.perf_counter() - started
 
     model.load_state_dict(best_state)  # type: ignore[arg-type]
-    metrics = {split: evaluate(model, table, exp) for split, table in data.splits.items()}
+    metrics = {split: evaluate_split(model, data, split, exp, ctx)[0] for split in data.split_names}
     result = FitResult(model, data.encoder, metrics, history, best_epoch, train_seconds)
     if out is not None:
         write_json(out / "metrics.json", metrics_record(exp, metrics, train_seconds))
         write_json(out / "history.json", {"best_epoch": best_epoch, "epochs": history})
+    barrier(ctx)
     return result
 
 
@@ -269,7 +384,9 @@ __all__ = [
     "FitResult",
     "PreparedData",
     "evaluate",
+    "evaluate_split",
     "fit",
+    "make_optimizers",
     "load_checkpoint",
     "loss_weights",
     "masked_task_losses",

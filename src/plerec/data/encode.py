@@ -54,6 +54,12 @@ class EncodedTable:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def batch_table(self, index: slice) -> EncodedTable:
+        """Rows as a table of views (no copy)."""
+        return EncodedTable(
+            self.sparse[index], self.dense[index], self.labels[index], self.label_mask[index], self.source
+        )
+
     def batch(self, index: torch.Tensor | slice) -> Batch:
         if isinstance(index, slice):
             return Batch(self.sparse[index], self.dense[index], self.labels[index], self.label_mask[index])
@@ -89,36 +95,8 @@ class Encoder:
 
     @classmethod
     def fit(cls, exp: Experiment, train: pd.DataFrame) -> Encoder:
-        source = train.attrs.get("source", "the training data")
-        categorical, numeric, inferred = select_features(exp, list(train.columns), train, source)
-        enc = cls(
-            categorical=categorical,
-            numeric=numeric,
-            tasks=[
-                {"name": t.name, "kind": t.kind, "label": t.label, "condition": t.condition, "space": t.space}
-                for t in exp.tasks
-            ],
-            missing_numeric=exp.data.missing_numeric,
-            inferred=inferred,
-        )
-        for col in categorical:
-            values = train[col].dropna()
-            counts = values.value_counts(sort=False)
-            # Frequent values first; ties by the value's text, so ids do not depend on row order.
-            order = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
-            enc.vocabs[col] = [_plain(v) for v, _ in order]
-        for col in numeric:
-            values = _numeric_column(train, col, source)
-            missing = np.isnan(values)
-            if missing.any():
-                if enc.missing_numeric == "error":
-                    _raise_missing(train, col, missing, source)
-                enc.indicators.append(col)
-            present = values[~missing]
-            enc.means[col] = float(present.mean()) if present.size else 0.0
-            std = float(present.std()) if present.size else 0.0
-            enc.stds[col] = std if std > 0 else 1.0
-        return enc
+        """Vocabularies and statistics of a training table held in memory."""
+        return EncoderFitter(exp, train).update(train).finish()
 
     def transform(self, frame: pd.DataFrame) -> EncodedTable:
         source = frame.attrs.get("source", "the data")
@@ -154,6 +132,68 @@ class Encoder:
     @classmethod
     def from_state_dict(cls, state: dict) -> Encoder:
         return cls(**state)
+
+
+class EncoderFitter:
+    """Fits an Encoder over one table or a stream of chunks (one pass, bounded memory).
+
+    Categorical counts add up across chunks; numeric means and variances merge exactly by the
+    pairwise (Chan et al.) update, so one chunk or many give the same statistics.
+    """
+
+    def __init__(self, exp: Experiment, sample: pd.DataFrame):
+        self.source = sample.attrs.get("source", "the training data")
+        categorical, numeric, inferred = select_features(exp, list(sample.columns), sample, self.source)
+        self.encoder = Encoder(
+            categorical=categorical,
+            numeric=numeric,
+            tasks=[
+                {"name": t.name, "kind": t.kind, "label": t.label, "condition": t.condition, "space": t.space}
+                for t in exp.tasks
+            ],
+            missing_numeric=exp.data.missing_numeric,
+            inferred=inferred,
+        )
+        self.counts: dict[str, dict] = {col: {} for col in categorical}
+        self.moments: dict[str, list[float]] = {col: [0, 0.0, 0.0] for col in numeric}  # n, mean, M2
+        self.has_missing: set[str] = set()
+
+    def update(self, frame: pd.DataFrame) -> EncoderFitter:
+        source = frame.attrs.get("source", self.source)
+        _require_columns(frame, self.encoder.categorical + self.encoder.numeric, source, "a feature")
+        for col, counts in self.counts.items():
+            for value, count in frame[col].dropna().value_counts(sort=False).items():
+                key = _plain(value)
+                counts[key] = counts.get(key, 0) + int(count)
+        for col, (n_a, mean_a, m2_a) in self.moments.items():
+            values = _numeric_column(frame, col, source)
+            missing = np.isnan(values)
+            if missing.any():
+                if self.encoder.missing_numeric == "error":
+                    _raise_missing(frame, col, missing, source)
+                self.has_missing.add(col)
+            present = values[~missing]
+            n_b = present.size
+            if n_b == 0:
+                continue
+            mean_b = float(present.mean())
+            m2_b = float(np.square(present - mean_b).sum())
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            self.moments[col] = [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
+        return self
+
+    def finish(self) -> Encoder:
+        enc = self.encoder
+        for col, counts in self.counts.items():
+            # Frequent values first; ties by the value's text, so ids do not depend on row order.
+            enc.vocabs[col] = [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+        for col, (n, mean, m2) in self.moments.items():
+            enc.means[col] = float(mean) if n else 0.0
+            std = float(np.sqrt(m2 / n)) if n else 0.0
+            enc.stds[col] = std if std > 0 else 1.0
+        enc.indicators = [col for col in enc.numeric if col in self.has_missing]
+        return enc
 
 
 def select_features(

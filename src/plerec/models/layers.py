@@ -72,7 +72,7 @@ class ParallelMLP(nn.Module):
             bound = 1.0 / math.sqrt(d)
             self.weights.append(nn.Parameter(torch.empty(num, d, h).uniform_(-bound, bound)))
             if self.biases is not None:
-                self.biases.append(nn.Parameter(torch.empty(num, 1, h).uniform_(-bound, bound)))
+                self.biases.append(nn.Parameter(torch.empty(num, h).uniform_(-bound, bound)))
             d = h
         self.out_dim = d
 
@@ -83,12 +83,15 @@ class ParallelMLP(nn.Module):
             if h.dim() == 2:
                 # Shared input: one GEMM against all networks' weights side by side.
                 e, d, o = w.shape
-                out = (h @ w.transpose(0, 1).reshape(d, e * o)).view(-1, e, o).transpose(0, 1)  # (E, B, o)
-                h = out if self.biases is None else out + self.biases[i]
+                if e == 1:
+                    out = (h @ w[0]).unsqueeze(0)  # (1, B, o)
+                else:
+                    out = (h @ w.transpose(0, 1).reshape(d, e * o)).view(-1, e, o).transpose(0, 1)  # (E, B, o)
+                h = out if self.biases is None else out + self.biases[i].unsqueeze(1)
             elif self.biases is None:
                 h = torch.bmm(h, w)  # (E, B, o)
             else:
-                h = torch.baddbmm(self.biases[i], h, w)  # (E, B, o)
+                h = torch.baddbmm(self.biases[i].unsqueeze(1), h, w)  # (E, B, o)
             if i < last or self.final_activation:
                 h = torch.relu(h)
         return h

@@ -1,0 +1,44 @@
+"""Batch sources for training and evaluation over in-memory column tensors.
+
+A training source yields the same number of steps on every rank: each global batch of the epoch's
+permutation is split into one contiguous slice per rank, so DDP over N ranks sees exactly the rows
+one process would see in the same step. Streaming sources (data/stream.py) follow the same interface.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from plerec.data.encode import Batch, EncodedTable
+from plerec.distributed import SINGLE_PROCESS, DistContext, shard_bounds
+
+
+class InMemoryBatches:
+    """Shuffled global batches of a whole split held as tensors; batches are index-selects."""
+
+    def __init__(self, table: EncodedTable, batch_size: int, seed: int, ctx: DistContext = SINGLE_PROCESS):
+        self.table = table
+        self.batch_size = batch_size
+        self.ctx = ctx
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.table) / self.batch_size)
+
+    def epoch(self) -> Iterator[Batch]:
+        order = torch.randperm(len(self.table), generator=self.generator)  # same on every rank
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if self.ctx.enabled:
+                index = index.tensor_split(self.ctx.world_size)[self.ctx.rank]
+            yield self.table.batch(index)
+
+
+def local_eval_batches(table: EncodedTable, batch_size: int, ctx: DistContext = SINGLE_PROCESS) -> Iterator[Batch]:
+    """This rank's disjoint, contiguous share of a split, in row order, as slices."""
+    start, stop = shard_bounds(len(table), ctx)[ctx.rank]
+    for begin in range(start, stop, batch_size):
+        yield table.batch(slice(begin, min(begin + batch_size, stop)))

@@ -1,0 +1,214 @@
+"""Streaming Parquet input: row groups read one at a time, so memory is bounded by a row group and
+the model, not by the data set.
+
+Each epoch the list of row groups (over every file of the split) is shuffled with the seed and
+rank r takes every W-th group; rows are shuffled inside each group. Every rank takes the same
+number of steps: that of the rank with the fewest rows this epoch (rows beyond it wait for a later
+epoch's shuffle). Evaluation reads every group exactly once, spread over the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from plerec.config import Experiment
+from plerec.data.encode import Batch, EncodedTable, Encoder, EncoderFitter
+from plerec.distributed import SINGLE_PROCESS, DistContext
+
+ENCODER_FILE = "encoder.json"
+
+
+@dataclass(frozen=True, slots=True)
+class RowGroup:
+    file: str
+    index: int
+    first_row: int  # the row number of its first row within the file
+    num_rows: int
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a split: one file, or every *.parquet file under a folder (sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"Data path {path} does not exist")
+    files = sorted(p for p in path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"Expected Parquet files (*.parquet) under {path}, but found none")
+    for file in files:
+        if file.suffix not in (".parquet", ".pq"):
+            raise ValueError(f"Expected streaming input to be Parquet (.parquet), but got {file}")
+    return files
+
+
+def row_groups(files: list[Path]) -> list[RowGroup]:
+    """Every row group of the files, after checking that all files share one schema."""
+    groups: list[RowGroup] = []
+    reference = None
+    for file in files:
+        meta = pq.ParquetFile(file)
+        schema = meta.schema_arrow
+        if reference is None:
+            reference = (file, schema)
+        elif not schema.equals(reference[1]):
+            ref_file, ref_schema = reference
+            diffs = [
+                f"`{f.name}` {f.type} vs {ref_schema.field(f.name).type}"
+                for f in schema
+                if f.name in ref_schema.names and not f.type.equals(ref_schema.field(f.name).type)
+            ]
+            only_here = sorted(set(schema.names) - set(ref_schema.names))
+            only_there = sorted(set(ref_schema.names) - set(schema.names))
+            detail = "; ".join(
+                part
+                for part in (
+                    f"types differ: {', '.join(diffs)}" if diffs else "",
+                    f"only in {file.name}: {only_here}" if only_here else "",
+                    f"only in {Path(ref_file).name}: {only_there}" if only_there else "",
+                )
+                if part
+            )
+            raise ValueError(f"Parquet files disagree on schema: {file} differs from {ref_file} ({detail})")
+        first = 0
+        for i in range(meta.num_row_groups):
+            n = meta.metadata.row_group(i).num_rows
+            groups.append(RowGroup(str(file), i, first, n))
+            first += n
+    return groups
+
+
+def read_group(group: RowGroup, columns: list[str] | None = None) -> pd.DataFrame:
+    frame = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns).to_pandas()
+    frame.index = pd.RangeIndex(group.first_row, group.first_row + len(frame))  # file row numbers in errors
+    frame.attrs["source"] = f"{group.file} (row group {group.index})"
+    return frame
+
+
+def fit_encoder(exp: Experiment, path: str | Path) -> Encoder:
+    """One pass over the training Parquet data, a row group at a time."""
+    groups = row_groups(parquet_files(path))
+    if not groups:
+        raise ValueError(f"The training data {path} has no rows")
+    fitter = EncoderFitter(exp, read_group(groups[0]))
+    columns = _needed_columns(fitter.encoder)
+    for group in groups:
+        fitter.update(read_group(group, columns))
+    return fitter.finish()
+
+
+def save_encoder(encoder: Encoder, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ENCODER_FILE
+    path.write_text(json.dumps(encoder.state_dict(), indent=1) + "\n")
+    return path
+
+
+def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
+    path = Path(folder) / ENCODER_FILE
+    if not path.is_file():
+        raise ValueError(f"Expected a prepared encoder at {path} (write it with `plerec prepare`), but found none")
+    encoder = Encoder.from_state_dict(json.loads(path.read_text()))
+    tasks = [(t["name"], t["kind"]) for t in encoder.tasks]
+    if tasks != [(t.name, t.kind) for t in exp.tasks]:
+        raise ValueError(f"The prepared encoder {path} is for tasks {tasks}, not the experiment's")
+    return encoder
+
+
+def _needed_columns(encoder: Encoder) -> list[str]:
+    columns = list(encoder.categorical) + list(encoder.numeric)
+    for task in encoder.tasks:
+        for text in (task["label"], task["condition"], task["space"]):
+            if text and text != "present":
+                columns.append(text if text == task["label"] else _condition_column(text))
+    return list(dict.fromkeys(columns))
+
+
+def _condition_column(text: str) -> str:
+    from plerec.config import Condition
+
+    return Condition.parse(text, "a condition").column
+
+
+class ParquetBatches:
+    """Training batches streamed from Parquet row groups; same interface as InMemoryBatches."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        encoder: Encoder,
+        batch_size: int,
+        seed: int,
+        ctx: DistContext = SINGLE_PROCESS,
+    ):
+        self.groups = row_groups(parquet_files(path))
+        self.encoder = encoder
+        self.columns = _needed_columns(encoder)
+        self.local_batch = batch_size // ctx.world_size
+        self.seed = seed
+        self.ctx = ctx
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_index = 0
+
+    def _assignment(self, epoch: int) -> list[list[RowGroup]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+        shuffled = [self.groups[i] for i in order]
+        return [shuffled[r :: self.ctx.world_size] for r in range(self.ctx.world_size)]
+
+    def steps(self, epoch: int) -> int:
+        rows = [sum(g.num_rows for g in mine) for mine in self._assignment(epoch)]
+        return min(math.ceil(n / self.local_batch) for n in rows)
+
+    def __len__(self) -> int:
+        return self.steps(self.epoch_index)
+
+    def epoch(self) -> Iterator[Batch]:
+        epoch = self.epoch_index
+        self.epoch_index += 1
+        steps = self.steps(epoch)
+        mine = self._assignment(epoch)[self.ctx.rank]
+        pending: EncodedTable | None = None
+        done = 0
+        for group in mine:
+            chunk = self.encoder.transform(read_group(group, self.columns))
+            chunk = _take(chunk, torch.randperm(len(chunk), generator=self.generator))
+            pending = chunk if pending is None else _concat(pending, chunk)
+            while len(pending) >= self.local_batch and done < steps:
+                yield pending.batch(slice(0, self.local_batch))
+                pending = pending.batch_table(slice(self.local_batch, None))
+                done += 1
+            if done == steps:
+                return
+        if pending is not None and len(pending) and done < steps:
+            yield pending.batch(slice(0, len(pending)))
+
+
+def local_eval_chunks(path: str | Path, encoder: Encoder, ctx: DistContext = SINGLE_PROCESS) -> Iterator[EncodedTable]:
+    """This rank's share of an evaluation split: every row group once over all ranks."""
+    groups = row_groups(parquet_files(path))
+    columns = _needed_columns(encoder)
+    for group in groups[ctx.rank :: ctx.world_size]:
+        yield encoder.transform(read_group(group, columns))
+
+
+def _take(table: EncodedTable, index: torch.Tensor) -> EncodedTable:
+    b = table.batch(index)
+    return EncodedTable(b.sparse, b.dense, b.labels, b.label_mask, table.source)
+
+
+def _concat(a: EncodedTable, b: EncodedTable) -> EncodedTable:
+    return EncodedTable(
+        torch.cat([a.sparse, b.sparse]),
+        torch.cat([a.dense, b.dense]),
+        torch.cat([a.labels, b.labels]),
+        torch.cat([a.label_mask, b.label_mask]),
+        b.source,
+    )

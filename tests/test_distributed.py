@@ -1,0 +1,248 @@
+"""DDP on CPU with gloo (2 processes under torchrun) against one process; streaming Parquet input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from plerec.cli import main
+from plerec.config import experiment_from_dict, load_experiment
+from plerec.data.stream import ParquetBatches, fit_encoder, local_eval_chunks, row_groups
+from plerec.distributed import DistContext, check_batch_size, init_distributed, shard_bounds
+from plerec.train import evaluate_split, fit, load_checkpoint, prepare_data
+
+EXPERIMENT = """
+seed = 0
+[data]
+train = "{root}/train.parquet"
+valid = "{root}/valid.parquet"
+test = "{root}/test.parquet"
+[features]
+numeric = ["f*"]
+categorical = ["c*"]
+[[tasks]]
+name = "click"
+kind = "binary"
+label = "click"
+[[tasks]]
+name = "watch"
+kind = "regression"
+label = "watch"
+space = "click == 1"
+[model]
+name = "ple"
+embedding_dim = 3
+expert_dims = [6]
+tower_dims = [4]
+[train]
+batch_size = 8
+epochs = 2
+patience = 0
+progress = false
+"""
+
+
+def _frame(n: int, rng: np.random.Generator) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "f0": rng.normal(size=n),
+            "f1": rng.normal(size=n),
+            "c0": rng.integers(0, 5, n),
+            "c1": rng.choice(list("abcdef"), n),
+        }
+    )
+    frame["click"] = (frame.f0 + rng.normal(size=n) > 0).astype(int)
+    frame["watch"] = np.where(frame.click == 1, frame.f1 * 2, np.nan)  # only watched after a click
+    return frame
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, rows in (("train", 101), ("valid", 33), ("test", 41)):  # odd sizes: uneven shards
+        _frame(rows, rng).to_parquet(tmp_path / f"{name}.parquet", row_group_size=17)
+    path = tmp_path / "exp.toml"
+    path.write_text(EXPERIMENT.format(root=tmp_path))
+    return path
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_ddp_parameters_equal_one_process_on_the_same_global_batches(experiment, tmp_path, sparse):
+    overrides = [f"train.sparse_embeddings={str(sparse).lower()}"]
+    _torchrun(
+        ["-m", "plerec", "train", str(experiment), "--out", str(tmp_path / "ddp"), "--quiet"]
+        + [arg for o in overrides for arg in ("--set", o)],
+        tmp_path,
+    )
+    single = fit(load_experiment(experiment, overrides), ctx=DistContext())
+    # The checkpoint holds the unwrapped model and loads in a single process.
+    ddp_model, _, ddp_exp = load_checkpoint(tmp_path / "ddp" / "best.pt")
+    assert ddp_exp.train.batch_size == 8
+    ddp_state, single_state = ddp_model.state_dict(), single.model.state_dict()
+    assert set(ddp_state) == set(single_state)
+    moved = 0.0
+    for key, value in single_state.items():
+        torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    # and training really moved the weights (a test that cannot fail proves nothing)
+    fresh = fit(load_experiment(experiment, [*overrides, "train.lr=1e-9"]), ctx=DistContext()).model.state_dict()
+    moved = max((fresh[k] - single_state[k]).abs().max().item() for k in fresh)
+    assert moved > 1e-3
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["tasks"]["click"]["n"] == 41  # every test row once
+
+
+EVAL_SCRIPT = """
+import json, sys
+from plerec.config import load_experiment
+from plerec.distributed import init_distributed, shutdown
+from plerec.train import evaluate_split, load_checkpoint, prepare_data
+exp = load_experiment(sys.argv[1], sys.argv[4:])
+model, encoder, _ = load_checkpoint(sys.argv[2])
+ctx = init_distributed("cpu")
+data = prepare_data(exp, encoder)
+out = {{split: evaluate_split(model, data, split, exp, ctx) for split in ("valid", "test")}}
+if ctx.is_main:
+    open(sys.argv[3], "w").write(json.dumps(out))
+shutdown(ctx)
+"""
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_distributed_evaluation_equals_single_process(experiment, tmp_path, streaming):
+    assert main(["train", str(experiment), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    checkpoint = tmp_path / "one" / "best.pt"
+    script = tmp_path / "eval.py"
+    script.write_text(textwrap.dedent(EVAL_SCRIPT.format()))
+    overrides = [f"data.streaming={str(streaming).lower()}", "train.eval_batch_size=5"]
+    _torchrun([str(script), str(experiment), str(checkpoint), str(tmp_path / "ddp.json"), *overrides], tmp_path)
+    distributed = json.loads((tmp_path / "ddp.json").read_text())
+    exp = load_experiment(experiment, overrides)
+    model, encoder, _ = load_checkpoint(checkpoint)
+    data = prepare_data(exp, encoder)
+    for split, rows in (("valid", 33), ("test", 41)):
+        metrics, n = evaluate_split(model, data, split, exp)
+        d_metrics, d_n = distributed[split]
+        assert n == d_n == rows  # every row counted once, no padded duplicates
+        for task, values in metrics.items():
+            assert d_metrics[task]["n"] == values["n"]
+            for key, value in values.items():
+                assert d_metrics[task][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (split, task, key)
+
+
+def test_shards_are_disjoint_and_cover_every_row():
+    for n in (0, 1, 7, 33):
+        bounds = shard_bounds(n, DistContext(rank=0, world_size=3))
+        covered = [i for start, stop in bounds for i in range(start, stop)]
+        assert covered == list(range(n))
+
+
+def test_streaming_batches_read_each_row_once_and_ranks_are_disjoint(experiment):
+    exp = load_experiment(experiment, ["data.streaming=true"])
+    encoder = fit_encoder(exp, exp.data.train)
+    groups = row_groups([Path(exp.data.train)])
+    assert [g.num_rows for g in groups] == [17] * 5 + [16]
+    # One process: every row exactly once per epoch, the order reshuffled between epochs.
+    source = ParquetBatches(exp.data.train, encoder, 8, seed=0)
+    first = torch.cat([b.dense[:, 0] for b in source.epoch()])
+    second = torch.cat([b.dense[:, 0] for b in source.epoch()])
+    everything = torch.cat([chunk.dense[:, 0] for chunk in local_eval_chunks(exp.data.train, encoder)])
+    assert sorted(first.tolist()) == sorted(everything.tolist()) == sorted(second.tolist())
+    assert first.tolist() != second.tolist()
+    # Two ranks: disjoint rows, the same number of steps, half the batch each.
+    seen = []
+    for rank in range(2):
+        ranked = ParquetBatches(exp.data.train, encoder, 8, seed=0, ctx=DistContext(rank=rank, world_size=2))
+        batches = list(ranked.epoch())
+        assert len(batches) == ranked.steps(0)
+        assert all(len(b) <= 4 for b in batches)
+        seen.append({round(v, 6) for b in batches for v in b.dense[:, 0].tolist()})
+    assert not seen[0] & seen[1]
+
+
+def test_streaming_encoder_equals_in_memory_encoder(experiment):
+    exp = load_experiment(experiment)
+    in_memory = prepare_data(exp).encoder
+    streamed = fit_encoder(exp, exp.data.train)
+    assert streamed.vocabs == in_memory.vocabs
+    for col in in_memory.means:
+        assert streamed.means[col] == pytest.approx(in_memory.means[col], rel=1e-12)
+        assert streamed.stds[col] == pytest.approx(in_memory.stds[col], rel=1e-12)
+
+
+def test_prepare_then_train_reuses_the_vocabularies(experiment, tmp_path, capsys):
+    assert main(["prepare", str(experiment), "--out", str(tmp_path / "prep"), "--set", "data.streaming=true"]) == 0
+    assert (tmp_path / "prep" / "encoder.json").exists()
+    saved = json.loads((tmp_path / "prep" / "encoder.json").read_text())
+    code = main(
+        ["train", str(experiment), "--out", str(tmp_path / "run"), "--quiet"]
+        + ["--set", "data.streaming=true", "--set", f"data.prepared={tmp_path / 'prep'}"]
+    )
+    assert code == 0
+    _, encoder, _ = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert encoder.vocabs == saved["vocabs"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tasks"]["click"]["n"] == 41
+
+
+def test_streaming_training_matches_in_memory_metrics_shape(experiment):
+    exp = load_experiment(experiment, ["data.streaming=true"])
+    result = fit(exp, ctx=DistContext())
+    assert set(result.metrics) == {"train", "valid", "test"}
+    assert result.metrics["train"]["click"]["n"] == 101
+
+
+def test_world_size_must_divide_the_batch_size():
+    with pytest.raises(ValueError, match=r"batch_size \(10\) to be divisible by the world size \(3\)"):
+        check_batch_size(10, DistContext(rank=0, world_size=3))
+    assert check_batch_size(12, DistContext(rank=1, world_size=3)) == 4
+
+
+def test_missing_rendezvous_variable_is_named():
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "29500"}
+    with pytest.raises(ValueError, match="rendezvous variable\\(s\\) MASTER_ADDR are not set"):
+        init_distributed("cpu", env=env)
+    assert not init_distributed("cpu", env={}).enabled
+
+
+def test_parquet_folder_with_disagreeing_schemas_is_an_error(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    _frame(10, rng).to_parquet(folder / "a.parquet")
+    other = _frame(10, rng)
+    other["c0"] = other["c0"].astype(str)
+    other.to_parquet(folder / "b.parquet")
+    with pytest.raises(
+        ValueError, match=r"disagree on schema: .*b.parquet differs from .*a.parquet.*`c0` (large_)?string vs int64"
+    ):
+        row_groups(sorted(folder.glob("*.parquet")))
+    extra = _frame(10, rng).assign(extra=1.0)
+    extra.to_parquet(folder / "b.parquet")
+    with pytest.raises(ValueError, match=r"only in b.parquet: \['extra'\]"):
+        row_groups(sorted(folder.glob("*.parquet")))
+
+
+def test_streaming_needs_separate_files():
+    with pytest.raises(ValueError, match="streaming = true to read separate `train` and `valid`"):
+        experiment_from_dict(
+            {
+                "data": {"path": "x.parquet", "streaming": True},
+                "features": {"numeric": ["f0"]},
+                "tasks": [{"name": "a", "kind": "binary", "label": "a"}],
+            }
+        )
