@@ -375,3 +375,53 @@ def test_fit_selects_on_the_monitored_task(table_path):
     monitors = [r["monitor"] for r in result.history]
     assert monitors == [r["valid"]["click"]["auc"] for r in result.history]
     assert result.best_epoch == int(np.argmax(monitors)) + 1
+
+
+def test_sparse_embedding_update_equals_dense_adam_on_touched_rows():
+    """SparseAdam on the rows a batch touches gives the weights dense Adam gives them; other rows stay put."""
+    from plerec.models import build_model
+    from plerec.train import make_optimizers
+
+    exp = experiment_from_dict(
+        {
+            "data": {"path": "unused.csv"},
+            "features": {"categorical": ["a"]},
+            "tasks": [{"name": "t", "kind": "binary", "label": "t"}],
+            "train": {"lr": 1e-2},
+        }
+    )
+    vocabs, steps = [50, 40], 5
+    g = torch.Generator().manual_seed(0)
+    # Every batch touches the same rows (ids 1..6 of each field), so both optimisers see them every step.
+    sparse_ids = torch.stack([torch.randint(1, 7, (32,), generator=g) for _ in vocabs], dim=1)
+    sparse_ids[:6, 0] = sparse_ids[:6, 1] = torch.arange(1, 7)
+    dense, labels = torch.randn(32, 2, generator=g), (torch.rand(32, 1, generator=g) > 0.5).float()
+    models = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = build_model("mmoe", {"num_experts": 2, "expert_dims": [4], "tower_dims": [3]}, vocabs, 2, 1)
+        model.input.embedding.sparse = sparse
+        optimizers = make_optimizers(model, exp)
+        assert len(optimizers) == (2 if sparse else 1)
+        for _ in range(steps):
+            loss = masked_task_losses(
+                model(sparse_ids, dense), labels, torch.ones_like(labels, dtype=torch.bool), torch.tensor([True])
+            )
+            for opt in optimizers:
+                opt.zero_grad()
+            loss.sum().backward()
+            for opt in optimizers:
+                opt.step()
+        models.append(model)
+    dense_model, sparse_model = models
+    touched = torch.unique(sparse_ids + model.input.offsets)
+    untouched = torch.ones(sum(vocabs), dtype=torch.bool)
+    untouched[touched] = False
+    w_dense, w_sparse = dense_model.input.embedding.weight, sparse_model.input.embedding.weight
+    torch.testing.assert_close(w_sparse[touched], w_dense[touched], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    initial = build_model("mmoe", {"num_experts": 2, "expert_dims": [4], "tower_dims": [3]}, vocabs, 2, 1)
+    torch.testing.assert_close(w_sparse[untouched], initial.input.embedding.weight[untouched], rtol=0, atol=0)
+    assert not torch.allclose(w_sparse[touched], initial.input.embedding.weight[touched])
+    for (name, p_dense), p_sparse in zip(dense_model.named_parameters(), sparse_model.parameters(), strict=True):
+        torch.testing.assert_close(p_sparse, p_dense, rtol=1e-5, atol=1e-6, msg=name)

@@ -32,6 +32,7 @@ from plerec.distributed import (
 )
 from plerec.metrics import HIGHER_IS_BETTER, METRICS_BY_KIND, TaskMetricAccumulator
 from plerec.models import MultiTaskModel, build_model
+from plerec.optim import RowSparseAdam
 
 CHECKPOINT_FORMAT = "plerec-checkpoint-1"
 
@@ -110,8 +111,8 @@ def loss_weights(exp: Experiment, t: int | float) -> torch.Tensor:
 
 
 def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[torch.optim.Optimizer]:
-    """Adam for the dense parameters; with sparse embeddings, SparseAdam updates only the embedding rows a
-    batch touches (a dense Adam step over every row dominates at large vocabularies). Weight decay
+    """Adam for the dense parameters; with sparse embeddings, RowSparseAdam updates only the embedding rows
+    a batch touches (a dense Adam step over every row dominates at large vocabularies). Weight decay
     applies to the dense parameters only when embeddings are sparse."""
     embedding = model.input.embedding.weight
     dense = [p for p in model.parameters() if p is not embedding]
@@ -119,7 +120,7 @@ def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[torch.optim.
         return [torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)]
     return [
         torch.optim.Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay),
-        torch.optim.SparseAdam([embedding], lr=exp.train.lr),
+        RowSparseAdam([embedding], lr=exp.train.lr),
     ]
 
 

@@ -162,20 +162,24 @@ class ExtractionLayer(nn.Module):
             streams = []
             if m_k:
                 per_task = task_inputs if task_inputs.dim() == 3 else task_inputs.expand(k, *task_inputs.shape)
-                streams.append(per_task.repeat_interleave(m_k, dim=0))  # (K*m_k, B, d)
+                streams.append(per_task if m_k == 1 else per_task.repeat_interleave(m_k, dim=0))  # (K*m_k, B, d)
             if m_s:
                 if shared_input is None:
                     raise ValueError("Expected a shared input for a level with shared experts, but got None")
                 streams.append(shared_input.expand(m_s, *shared_input.shape))  # (m_s, B, d)
             outputs = self.experts(torch.cat(streams))  # (E, B, H)
         batch, hidden = outputs.shape[1], outputs.shape[2]
-        task_outputs = outputs[: k * m_k].view(k, m_k, batch, hidden)
-        shared_outputs = outputs[k * m_k :].unsqueeze(0).expand(k, m_s, batch, hidden)
-        candidates = torch.cat([task_outputs, shared_outputs], dim=1)  # (K, m_k+m_s, B, H): own first
-
         selectors = task_inputs if task_selectors is None else task_selectors
-        task_weights = torch.softmax(self.task_gates(selectors), dim=-1)  # (K, B, m_k+m_s)
-        mixed = torch.einsum("kbn,knbh->kbh", task_weights, candidates)  # (K, B, H)
+        task_weights = torch.softmax(self.task_gates(selectors), dim=-1)  # (K, B, m_k+m_s): own experts first
+        # Weighted sums by broadcasting: no (K, m_k+m_s, B, H) stack of candidates is materialised.
+        parts = []
+        if m_k:
+            own = outputs[: k * m_k].view(k, m_k, batch, hidden)
+            parts.append((task_weights[..., :m_k].permute(0, 2, 1).unsqueeze(-1) * own).sum(1))  # (K, B, H)
+        if m_s:
+            shared = outputs[k * m_k :]  # (m_s, B, H), read by every task
+            parts.append((task_weights[..., m_k:].permute(0, 2, 1).unsqueeze(-1) * shared).sum(1))  # (K, B, H)
+        mixed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         gates = {"task": task_weights}
 
         shared_mixed = None
@@ -184,6 +188,6 @@ class ExtractionLayer(nn.Module):
             if selector is None:
                 raise ValueError("Expected a shared selector for the shared gate, but got None")
             shared_weights = torch.softmax(self.shared_gate(selector)[0], dim=-1)  # (B, E)
-            shared_mixed = torch.einsum("be,ebh->bh", shared_weights, outputs)  # (B, H)
+            shared_mixed = (shared_weights.t().unsqueeze(-1) * outputs).sum(0)  # (B, H)
             gates["shared"] = shared_weights
         return mixed, shared_mixed, gates
