@@ -75,6 +75,8 @@ def test_compare_writes_every_file_with_documented_columns(tiny, tmp_path):
     experts = pd.read_csv(out / "experts.csv")
     assert list(experts.columns) == ["model", "seed", "gate", "expert", "mean", "std"]
     assert set(experts["model"]) == {"mmoe", "ple"}  # the gated models only
+    ple_gates = set(experts.loc[experts.model == "ple", "gate"])
+    assert {"L0.click", "L0.watch", "L0.shared", "L1.click", "L1.watch"} == ple_gates  # tasks by name
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     summary = (out / "summary.md").read_text()

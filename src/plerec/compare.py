@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -64,9 +65,12 @@ def model_params(exp: Experiment, name: str, overrides: dict[str, dict] | None =
     return params
 
 
-def expert_utilisation(model: MultiTaskModel, data, batch_size: int = 16384) -> list[dict]:
+def expert_utilisation(
+    model: MultiTaskModel, data, batch_size: int = 16384, task_names: Sequence[str] | None = None
+) -> list[dict]:
     """Paper §5.3: for every gate, the mean and standard deviation of the weight it gives each expert
-    over all rows of `data` (an EncodedTable)."""
+    over all rows of `data` (an EncodedTable). With `task_names`, `task{k}` in gate and expert names
+    becomes the task's name (`L0.task1.0` -> `L0.marital.0`)."""
     names = model.gate_experts()
     if not names:
         return []
@@ -87,6 +91,9 @@ def expert_utilisation(model: MultiTaskModel, data, batch_size: int = 16384) -> 
         std = (squares[gate] / n - mean.square()).clamp_min(0).sqrt()
         for i, expert in enumerate(experts):
             rows.append({"gate": gate, "expert": expert, "mean": float(mean[i]), "std": float(std[i])})
+    if task_names:
+        rename = lambda text: re.sub(r"task(\d+)", lambda m: task_names[int(m.group(1))], text)  # noqa: E731
+        rows = [{**row, "gate": rename(row["gate"]), "expert": rename(row["expert"])} for row in rows]
     return rows
 
 
@@ -129,7 +136,11 @@ def compare(
                 seed=seed,
                 metrics=result.metrics,
                 history=result.history,
-                experts=expert_utilisation(result.model, data.splits["test"]) if "test" in data.splits else [],
+                experts=(
+                    expert_utilisation(result.model, data.splits["test"], task_names=[t.name for t in exp.tasks])
+                    if "test" in data.splits
+                    else []
+                ),
             )
             write_json(record, asdict(run))
             runs.append(run)

@@ -42,9 +42,11 @@ class Summary:
         losing = [t for t in self.task_kinds if (model, t) in self.gains and self.gains[model, t].mean < 0]
         if not losing:
             return ""
+        noise = all(abs(self.gains[model, t].mean) <= self.gains[model, t].std for t in losing)
+        note = " (within one std over seeds)" if noise else ""
         if len(losing) == len(self.task_kinds):
-            return "negative transfer on every task"
-        return "seesaw: loses on " + ", ".join(losing)
+            return "negative transfer on every task" + note
+        return "seesaw: loses on " + ", ".join(losing) + note
 
 
 def summarize(runs, task_kinds: dict[str, str], baseline: str = "single", split: str = "test") -> Summary:
