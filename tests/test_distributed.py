@@ -163,15 +163,20 @@ def test_streaming_batches_read_each_row_once_and_ranks_are_disjoint(experiment)
     everything = torch.cat([chunk.dense[:, 0] for chunk in local_eval_chunks(exp.data.train, encoder)])
     assert sorted(first.tolist()) == sorted(everything.tolist()) == sorted(second.tolist())
     assert first.tolist() != second.tolist()
-    # Two ranks: disjoint rows, the same number of steps, half the batch each.
-    seen = []
-    for rank in range(2):
-        ranked = ParquetBatches(exp.data.train, encoder, 8, seed=0, ctx=DistContext(rank=rank, world_size=2))
-        batches = list(ranked.epoch())
-        assert len(batches) == ranked.steps(0)
-        assert all(len(b) <= 4 for b in batches)
-        seen.append({round(v, 6) for b in batches for v in b.dense[:, 0].tolist()})
-    assert not seen[0] & seen[1]
+    # Two and four ranks: disjoint rows that add up to every row, the same number of steps on every
+    # rank (a rank that runs out takes empty steps), at most batch / world rows per step.
+    for world in (2, 4):
+        seen, steps = [], set()
+        for rank in range(world):
+            ctx = DistContext(rank=rank, world_size=world)
+            ranked = ParquetBatches(exp.data.train, encoder, 8, seed=0, ctx=ctx)
+            batches = list(ranked.epoch())
+            steps.add(len(batches))
+            assert len(batches) == ranked.steps(0)
+            assert all(len(b) <= 8 // world for b in batches)
+            seen.append([v for b in batches for v in b.dense[:, 0].tolist()])
+        assert len(steps) == 1
+        assert sorted(v for part in seen for v in part) == sorted(everything.tolist())
 
 
 def test_streaming_encoder_equals_in_memory_encoder(experiment):

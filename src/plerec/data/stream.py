@@ -2,9 +2,11 @@
 the model, not by the data set.
 
 Each epoch the list of row groups (over every file of the split) is shuffled with the seed and
-rank r takes every W-th group; rows are shuffled inside each group. Every rank takes the same
-number of steps: that of the rank with the fewest rows this epoch (rows beyond it wait for a later
-epoch's shuffle). Evaluation reads every group exactly once, spread over the ranks.
+rank r takes every W-th group; rows are shuffled inside each group. Every row is read once per epoch.
+Every rank takes the same number of steps, that of the rank with the most rows this epoch: a rank
+that runs out first takes empty steps (its gradient is zero, and each task's loss is normalised by
+its rows in the whole global batch), so DDP's collective calls stay in step. Evaluation reads every
+group exactly once, spread over the ranks.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class ParquetBatches:
 
     def steps(self, epoch: int) -> int:
         rows = [sum(g.num_rows for g in mine) for mine in self._assignment(epoch)]
-        return min(math.ceil(n / self.local_batch) for n in rows)
+        return max(math.ceil(n / self.local_batch) for n in rows)
 
     def __len__(self) -> int:
         return self.steps(self.epoch_index)
@@ -189,6 +191,18 @@ class ParquetBatches:
                 return
         if pending is not None and len(pending) and done < steps:
             yield pending.batch(slice(0, len(pending)))
+            done += 1
+        for _ in range(steps - done):  # this rank ran out of rows first: empty steps keep DDP in step
+            yield self._empty()
+
+    def _empty(self) -> Batch:
+        num_tasks = len(self.encoder.tasks)
+        return Batch(
+            torch.zeros(0, len(self.encoder.categorical), dtype=torch.int32),
+            torch.zeros(0, len(self.encoder.dense_names)),
+            torch.zeros(0, num_tasks),
+            torch.zeros(0, num_tasks, dtype=torch.bool),
+        )
 
 
 def local_eval_chunks(path: str | Path, encoder: Encoder, ctx: DistContext = SINGLE_PROCESS) -> Iterator[EncodedTable]:
