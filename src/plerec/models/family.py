@@ -21,10 +21,13 @@ class ModelConfig:
     """Hyperparameters every model has."""
 
     embedding_dim: int = 8
+    embedding_init_std: float = 1e-4
     tower_dims: tuple[int, ...] = (64,)
 
     def __post_init__(self) -> None:
         _check_positive("embedding_dim", [self.embedding_dim])
+        if not self.embedding_init_std > 0:
+            raise ValueError(f"Expected `embedding_init_std` > 0, but got {self.embedding_init_std}")
         _check_positive("tower_dims", self.tower_dims)
 
 
@@ -492,7 +495,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.name = name
         self.config = config
-        self.input = FeatureInput(vocab_sizes, num_dense, config.embedding_dim)
+        self.input = FeatureInput(vocab_sizes, num_dense, config.embedding_dim, config.embedding_init_std)
         self.body = MODELS[name].build(config, self.input.out_dim, num_tasks)
 
     def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:

@@ -19,13 +19,15 @@ class FeatureInput(nn.Module):
     lookup serves every field. Id 0 of every field is the reserved "unseen or missing" id.
     """
 
-    def __init__(self, vocab_sizes: Sequence[int], num_dense: int, embedding_dim: int):
+    def __init__(self, vocab_sizes: Sequence[int], num_dense: int, embedding_dim: int, init_std: float = 1e-4):
         super().__init__()
         self.num_sparse = len(vocab_sizes)
         self.num_dense = num_dense
         self.embedding_dim = embedding_dim
         self.embedding = nn.Embedding(max(sum(vocab_sizes), 1), embedding_dim)
-        nn.init.normal_(self.embedding.weight, std=0.05)
+        # Small: with Adam each row moves by about lr per update, so a rarely seen id keeps mostly its
+        # initial value; a small one keeps rare ids near neutral instead of random.
+        nn.init.normal_(self.embedding.weight, std=init_std)
         starts = [0, *torch.tensor(list(vocab_sizes), dtype=torch.long).cumsum(0).tolist()[:-1]]
         self.register_buffer("offsets", torch.tensor(starts[: self.num_sparse], dtype=torch.long), persistent=False)
         self.out_dim = self.num_sparse * embedding_dim + num_dense
