@@ -247,7 +247,7 @@ def test_no_early_stop_with_patience_zero(table_path, monkeypatch):
 
 def test_restored_model_is_the_best_epoch_and_best_pt_round_trips(table_path, tmp_path):
     # A large learning rate makes validation bounce, so the best epoch is not the last one.
-    exp = _experiment(table_path, epochs=6, patience=0, lr=0.3, batch_size=32)
+    exp = _experiment(table_path, epochs=6, patience=0, lr=0.5, batch_size=32)
     data = prepare_data(exp)
     result = fit(exp, data, out_dir=tmp_path)
 

@@ -82,20 +82,19 @@ class ParallelMLP(nn.Module):
         h = x
         last = len(self.weights) - 1
         for i, w in enumerate(self.weights):
+            e, d, o = w.shape
+            bias = None if self.biases is None else self.biases[i]
             if h.dim() == 2:
-                # Shared input: one GEMM against all networks' weights side by side.
-                e, d, o = w.shape
-                if e == 1:
-                    out = (h @ w[0]).unsqueeze(0)  # (1, B, o)
-                else:
-                    out = (h @ w.transpose(0, 1).reshape(d, e * o)).view(-1, e, o).transpose(0, 1)  # (E, B, o)
-                h = out if self.biases is None else out + self.biases[i].unsqueeze(1)
-            elif self.biases is None:
+                # Shared input: one GEMM against all networks' weights side by side, bias fused in.
+                flat = w[0] if e == 1 else w.transpose(0, 1).reshape(d, e * o)  # (d, E*o)
+                out = h @ flat if bias is None else torch.addmm(bias.reshape(e * o), h, flat)  # (B, E*o)
+                h = out.view(-1, e, o).transpose(0, 1)  # (E, B, o)
+            elif bias is None:
                 h = torch.bmm(h, w)  # (E, B, o)
             else:
-                h = torch.baddbmm(self.biases[i].unsqueeze(1), h, w)  # (E, B, o)
+                h = torch.baddbmm(bias.unsqueeze(1), h, w)  # (E, B, o)
             if i < last or self.final_activation:
-                h = torch.relu(h)
+                h = torch.relu_(h)  # in place: the matmul's output is not needed for its backward
         return h
 
 
