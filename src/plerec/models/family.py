@@ -32,7 +32,9 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SingleTaskConfig(ModelConfig):
+class SharedBottomConfig(ModelConfig):
+    """Models built from bottom MLPs (shared, per task, or both) and towers."""
+
     bottom_dims: tuple[int, ...] = (128,)
 
     def __post_init__(self) -> None:
@@ -41,12 +43,8 @@ class SingleTaskConfig(ModelConfig):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SharedBottomConfig(ModelConfig):
-    bottom_dims: tuple[int, ...] = (128,)
-
-    def __post_init__(self) -> None:
-        ModelConfig.__post_init__(self)
-        _check_positive("bottom_dims", self.bottom_dims, allow_empty=False)
+class SingleTaskConfig(SharedBottomConfig):
+    """One network per task: its own bottom of `bottom_dims`, then its tower."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
