@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, write_experiment
 from plerec.data.batches import InMemoryBatches, local_eval_batches
-from plerec.data.encode import EncodedTable, Encoder
-from plerec.data.stream import ParquetBatches, fit_encoder, load_encoder, local_eval_chunks, save_encoder
+from plerec.data.encode import EncodedTable, Encoder, encode_file, fit_encoder_chunked
+from plerec.data.stream import ParquetBatches, load_encoder, local_eval_chunks, save_encoder
 from plerec.data.table import load_splits
 from plerec.distributed import (
     SINGLE_PROCESS,
@@ -71,10 +71,13 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
     """
     if encoder is None and exp.data.prepared:
         encoder = load_encoder(exp.data.prepared, exp)
+    files = {s: getattr(exp.data, s) for s in ("train", "valid", "test") if getattr(exp.data, s)}
     if exp.data.streaming:
-        encoder = encoder or fit_encoder(exp, exp.data.train)
-        streams = {s: getattr(exp.data, s) for s in ("train", "valid", "test") if getattr(exp.data, s)}
-        return PreparedData(encoder, {}, streams)
+        encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
+        return PreparedData(encoder, {}, files)
+    if exp.data.train:  # separate files: read and encoded a chunk at a time, never whole DataFrames
+        encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
+        return PreparedData(encoder, {s: encode_file(path, encoder, exp.data.csv) for s, path in files.items()})
     frames = load_splits(exp.data, exp.seed)
     if encoder is None:
         encoder = Encoder.fit(exp, frames["train"])

@@ -387,3 +387,66 @@ def _plain(value):
 
 def _is_glob(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[")
+
+
+def fit_encoder_chunked(exp: Experiment, path: str, csv=None, chunk_rows: int = 131_072) -> Encoder:
+    """Fit the encoder in one pass over a training file read a chunk at a time."""
+    from plerec.data.table import iter_frames
+
+    fitter = None
+    for frame in iter_frames(path, csv, chunk_rows):
+        fitter = fitter or EncoderFitter(exp, frame)
+        fitter.update(frame)
+    if fitter is None:
+        raise ValueError(f"The training data {path} has no rows")
+    return fitter.finish()
+
+
+def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 131_072) -> EncodedTable:
+    """A whole file as column tensors, encoded a chunk at a time: the file is never held whole as a
+    DataFrame. Parquet row counts are known up front, so its tensors are filled in place."""
+    from plerec.data.table import count_rows, iter_frames
+
+    total = count_rows(path)
+    columns = None
+    if total is not None:
+        columns = list(dict.fromkeys(encoder.categorical + encoder.numeric + _task_columns(encoder)))
+    chunks = (encoder.transform(frame) for frame in iter_frames(path, csv, chunk_rows, columns))
+    if total is None:
+        parts = list(chunks)
+        if not parts:
+            raise ValueError(f"{path} has no rows")
+        return EncodedTable(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("sparse", "dense", "labels", "label_mask")),
+            source=str(path),
+        )
+    num_tasks = len(encoder.tasks)
+    table = EncodedTable(
+        sparse=torch.empty(total, len(encoder.categorical), dtype=_torch_int(encoder.vocab_sizes)),
+        dense=torch.empty(total, len(encoder.dense_names)),
+        labels=torch.empty(total, num_tasks),
+        label_mask=torch.empty(total, num_tasks, dtype=torch.bool),
+        source=str(path),
+    )
+    start = 0
+    for part in chunks:
+        stop = start + len(part)
+        for name in ("sparse", "dense", "labels", "label_mask"):
+            getattr(table, name)[start:stop] = getattr(part, name)
+        start = stop
+    return table
+
+
+def _task_columns(encoder: Encoder) -> list[str]:
+    columns = []
+    for task in (TaskConfig(**t) for t in encoder.tasks):
+        columns.append(task.source_column)
+        if task.space_condition is not None:
+            columns.append(task.space_condition.column)
+    return columns
+
+
+def _torch_int(vocab_sizes: list[int]) -> torch.dtype:
+    return {np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}.get(
+        _narrowest_int(vocab_sizes), torch.int64
+    )

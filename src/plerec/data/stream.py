@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from plerec.config import Experiment
-from plerec.data.encode import Batch, EncodedTable, Encoder, EncoderFitter
+from plerec.data.encode import Batch, EncodedTable, Encoder, fit_encoder_chunked
 from plerec.distributed import SINGLE_PROCESS, DistContext
 
 ENCODER_FILE = "encoder.json"
@@ -95,15 +95,8 @@ def read_group(group: RowGroup, columns: list[str] | None = None) -> pd.DataFram
 
 
 def fit_encoder(exp: Experiment, path: str | Path) -> Encoder:
-    """One pass over the training Parquet data, a row group at a time."""
-    groups = row_groups(parquet_files(path))
-    if not groups:
-        raise ValueError(f"The training data {path} has no rows")
-    fitter = EncoderFitter(exp, read_group(groups[0]))
-    columns = _needed_columns(fitter.encoder)
-    for group in groups:
-        fitter.update(read_group(group, columns))
-    return fitter.finish()
+    """One pass over the training Parquet data, a chunk at a time."""
+    return fit_encoder_chunked(exp, str(path))
 
 
 def save_encoder(encoder: Encoder, folder: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """Reading tables (CSV, gzipped CSV, Parquet) and splitting them into train / valid / test."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,30 +14,72 @@ SPLITS = ("train", "valid", "test")
 
 def read_table(path: str | Path, csv: CsvOptions | None = None) -> pd.DataFrame:
     """One file (or a folder of Parquet files) as a DataFrame; the format comes from the suffix."""
-    csv = csv or CsvOptions()
     path = Path(path)
+    if _is_parquet(path):
+        return pq.read_table(path).to_pandas()
+    try:
+        return pd.read_csv(path, **_csv_options(path, csv or CsvOptions()), low_memory=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"Reading {path}: {err}") from None
+
+
+def iter_frames(
+    path: str | Path, csv: CsvOptions | None = None, chunk_rows: int = 131_072, columns: list[str] | None = None
+) -> Iterator[pd.DataFrame]:
+    """A file (or a folder of Parquet files) in chunks of at most `chunk_rows` rows, so that reading
+    never holds more than one chunk as a DataFrame. Each chunk's index is its rows' numbers in the file."""
+    path = Path(path)
+    if _is_parquet(path):
+        for file in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
+            first = 0
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows, columns=columns):
+                frame = batch.to_pandas()
+                frame.index = pd.RangeIndex(first, first + len(frame))
+                frame.attrs["source"] = str(file)
+                first += len(frame)
+                yield frame
+        return
+    try:
+        for frame in pd.read_csv(path, **_csv_options(path, csv or CsvOptions()), chunksize=chunk_rows):
+            frame.attrs["source"] = str(path)
+            yield frame
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"Reading {path}: {err}") from None
+
+
+def count_rows(path: str | Path) -> int | None:
+    """The number of rows of a Parquet file or folder from its metadata; None for CSV (unknown unread)."""
+    path = Path(path)
+    if not _is_parquet(path):
+        return None
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _is_parquet(path: Path) -> bool:
     if not path.exists():
         raise ValueError(f"Data file {path} does not exist")
     name = path.name.lower()
     if path.is_dir() or name.endswith((".parquet", ".pq")):
-        return pq.read_table(path).to_pandas()
+        return True
     if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz", ".gz")):
-        options = {
-            "sep": "\t" if ".tsv" in name and csv.sep == "," else csv.sep,
-            "skipinitialspace": csv.skipinitialspace,
-            "keep_default_na": csv.keep_default_na,
-            "na_values": list(csv.na_values) or None,
-            "low_memory": False,
-        }
-        if csv.names:
-            options.update(header=0 if csv.header else None, names=list(csv.names))
-        elif not csv.header:
-            raise ValueError(f"Reading {path}: a CSV without a header needs [data.csv] `names`")
-        try:
-            return pd.read_csv(path, **options)
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            raise ValueError(f"Reading {path}: {err}") from None
+        return False
     raise ValueError(f"Expected {path} to end in .csv, .csv.gz, .tsv or .parquet, but got {path.name!r}")
+
+
+def _csv_options(path: Path, csv: CsvOptions) -> dict:
+    name = path.name.lower()
+    options = {
+        "sep": "\t" if ".tsv" in name and csv.sep == "," else csv.sep,
+        "skipinitialspace": csv.skipinitialspace,
+        "keep_default_na": csv.keep_default_na,
+        "na_values": list(csv.na_values) or None,
+    }
+    if csv.names:
+        options.update(header=0 if csv.header else None, names=list(csv.names))
+    elif not csv.header:
+        raise ValueError(f"Reading {path}: a CSV without a header needs [data.csv] `names`")
+    return options
 
 
 def load_splits(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
