@@ -26,5 +26,5 @@ def test_ali_ccp_cvr_is_learnt_on_clicked_rows_only():
     # 50 test rows, 2 clicked (SOURCE.md: click rate 0.04): the CVR space is the clicked rows only.
     assert test["ctr"]["n"] == 50
     assert test["cvr"]["n"] == 2
-    assert result.metrics["train"]["cvr"]["n"] == 7  # 7 clicks among the 100 training rows
+    assert result.metrics["valid"]["cvr"]["n"] == 3  # 3 clicks among the 50 validation rows
     assert "auc" in test["ctr"]

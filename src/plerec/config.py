@@ -189,7 +189,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 1024
-    eval_batch_size: int = 16384
+    eval_batch_size: int = 4096
     epochs: int = 10
     weight_schedule: str = "epoch"
     monitor: str = "mean"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import os
@@ -58,7 +59,7 @@ class PreparedData:
 class FitResult:
     model: MultiTaskModel
     encoder: Encoder
-    metrics: dict[str, dict[str, dict[str, float]]]  # split -> task -> metric -> value
+    metrics: dict[str, dict[str, dict[str, float]]]  # valid/test -> task -> metric -> value
     history: list[dict] = field(default_factory=list)  # one record per epoch
     best_epoch: int = 0
     train_seconds: float = 0.0  # the training steps only, without evaluation
@@ -77,11 +78,23 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
         return PreparedData(encoder, {}, files)
     if exp.data.train:  # separate files: read and encoded a chunk at a time, never whole DataFrames
         encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
-        return PreparedData(encoder, {s: encode_file(path, encoder, exp.data.csv) for s, path in files.items()})
-    frames = load_splits(exp.data, exp.seed)
-    if encoder is None:
-        encoder = Encoder.fit(exp, frames["train"])
-    return PreparedData(encoder, {name: encoder.transform(frame) for name, frame in frames.items()})
+        splits = {s: encode_file(path, encoder, exp.data.csv) for s, path in files.items()}
+    else:
+        frames = load_splits(exp.data, exp.seed)
+        encoder = encoder or Encoder.fit(exp, frames["train"])
+        splits = {name: encoder.transform(frame) for name, frame in frames.items()}
+        del frames
+    _release_freed_memory()
+    return PreparedData(encoder, splits)
+
+
+def _release_freed_memory() -> None:
+    """Hand the reading buffers freed above back to the OS (glibc keeps them otherwise), so that they
+    do not add to the process's peak memory during training."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def masked_task_losses(
@@ -128,7 +141,7 @@ def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[torch.optim.
 
 
 @torch.inference_mode()
-def predict(model: MultiTaskModel, table: EncodedTable, batch_size: int = 16384) -> torch.Tensor:
+def predict(model: MultiTaskModel, table: EncodedTable, batch_size: int = 4096) -> torch.Tensor:
     """Logits (N, T) for a whole split, in order."""
     model.eval()
     device = next(model.parameters()).device
@@ -316,7 +329,8 @@ def fit(
                 break
 
     model.load_state_dict(best_state)  # type: ignore[arg-type]
-    metrics = {split: evaluate_split(model, data, split, exp, ctx)[0] for split in data.split_names}
+    # The held-out splits only: scoring the whole training split again would cost about an epoch.
+    metrics = {split: evaluate_split(model, data, split, exp, ctx)[0] for split in data.split_names if split != "train"}
     result = FitResult(model, data.encoder, metrics, history, best_epoch, train_seconds)
     if out is not None:
         write_json(out / "metrics.json", metrics_record(exp, metrics, train_seconds))
