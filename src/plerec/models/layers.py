@@ -115,7 +115,6 @@ class ExtractionLayer(nn.Module):
         num_shared_experts: int,
         expert_dims: Sequence[int],
         shared_gate: bool,
-        gate_in_dim: int | None = None,
     ):
         super().__init__()
         if num_task_experts < 0 or num_shared_experts < 0 or num_task_experts + num_shared_experts == 0:
@@ -127,33 +126,27 @@ class ExtractionLayer(nn.Module):
         self.num_task_experts = num_task_experts
         self.num_shared_experts = num_shared_experts
         num_experts = num_tasks * num_task_experts + num_shared_experts
-        gate_in_dim = in_dim if gate_in_dim is None else gate_in_dim
         self.experts = ParallelMLP(num_experts, in_dim, expert_dims)
         self.out_dim = self.experts.out_dim
         # The paper's gates are a single linear map without bias, then a softmax (Eq. 3).
         self.task_gates = ParallelMLP(
             num_tasks,
-            gate_in_dim,
+            in_dim,
             [num_task_experts + num_shared_experts],
             final_activation=False,
             bias=False,
         )
         self.shared_gate = (
-            ParallelMLP(1, gate_in_dim, [num_experts], final_activation=False, bias=False) if shared_gate else None
+            ParallelMLP(1, in_dim, [num_experts], final_activation=False, bias=False) if shared_gate else None
         )
 
     def forward(
-        self,
-        task_inputs: Tensor,
-        shared_input: Tensor | None,
-        task_selectors: Tensor | None = None,
-        shared_selector: Tensor | None = None,
+        self, task_inputs: Tensor, shared_input: Tensor | None
     ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        """Mix the level's experts.
+        """Mix the level's experts; each gate selects on the input of the experts it belongs to.
 
         task_inputs: (B, d) read by every task, or (K, B, d) one stream per task.
         shared_input: (B, d), the shared stream (None when the level has no shared experts).
-        Selectors default to the expert inputs (PLE); ML-MMoE passes the raw input instead.
         Returns task outputs (K, B, H), the shared output (B, H) or None, and gate weights.
         """
         k, m_k, m_s = self.num_tasks, self.num_task_experts, self.num_shared_experts
@@ -170,8 +163,7 @@ class ExtractionLayer(nn.Module):
                 streams.append(shared_input.expand(m_s, *shared_input.shape))  # (m_s, B, d)
             outputs = self.experts(torch.cat(streams))  # (E, B, H)
         batch, hidden = outputs.shape[1], outputs.shape[2]
-        selectors = task_inputs if task_selectors is None else task_selectors
-        task_weights = torch.softmax(self.task_gates(selectors), dim=-1)  # (K, B, m_k+m_s): own experts first
+        task_weights = torch.softmax(self.task_gates(task_inputs), dim=-1)  # (K, B, m_k+m_s): own experts first
         # Weighted sums by broadcasting: no (K, m_k+m_s, B, H) stack of candidates is materialised.
         parts = []
         if m_k:
@@ -185,10 +177,9 @@ class ExtractionLayer(nn.Module):
 
         shared_mixed = None
         if self.shared_gate is not None:
-            selector = shared_input if shared_selector is None else shared_selector
-            if selector is None:
-                raise ValueError("Expected a shared selector for the shared gate, but got None")
-            shared_weights = torch.softmax(self.shared_gate(selector)[0], dim=-1)  # (B, E)
+            if shared_input is None:
+                raise ValueError("Expected a shared input for the shared gate, but got None")
+            shared_weights = torch.softmax(self.shared_gate(shared_input)[0], dim=-1)  # (B, E)
             shared_mixed = (shared_weights.t().unsqueeze(-1) * outputs).sum(0)  # (B, H)
             gates["shared"] = shared_weights
         return mixed, shared_mixed, gates
