@@ -1,0 +1,407 @@
+"""One measurement in its own process: train one epoch, time inference on the test split, report AUC and RSS.
+
+Run by run.py as `python worker.py SPEC.json RESULT.json`. SPEC names the library (`plerec`,
+`torch-rechub`, `deepctr-torch`, or a peer's model fed by plerec's batching:
+`torch-rechub+plerec-batching`, `deepctr-torch+plerec-batching`), the model (`ple` or `mmoe`), the batch
+size, the data folder, which training file to read and the number of threads.
+
+Every library trains through its own recommended call, with the small validation file as its
+validation data: plerec `fit`, torch-rechub `MTLTrainer.fit`, DeepCTR-Torch `model.fit(validation_data=...)`
+(for the plerec-batching variants: plerec's batch source and a loop written here). What is timed is
+the training only, as plerec's `FitResult.train_seconds` defines it (the epoch's steps, without the
+validation pass, checkpointing or final evaluation): for torch-rechub the time of
+`MTLTrainer.train_one_epoch` inside `fit`; for DeepCTR-Torch the time of `fit` less the time of the
+`evaluate` call it makes for the validation data. Reading the Parquet files and turning them into the
+arrays each library takes is not timed. Inference is timed separately over the whole test split at
+the same batch size, with each library's own predict call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from sklearn.metrics import roc_auc_score
+
+ARCH = {
+    "embedding_dim": 16,
+    "expert_dims": [256, 128],
+    "tower_dims": [64],
+    "ple": {"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 1},
+    "mmoe": {"num_experts": 3},
+    "lr": 1e-3,
+}
+
+
+def main(spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    load_start = os.getloadavg()  # other processes on the machine skew every number: keep a trace
+    threads = spec["threads"]
+    torch.set_num_threads(threads)
+    torch.manual_seed(spec["seed"])
+    data_dir = Path(spec["data"])
+    meta = json.loads((data_dir / "meta.json").read_text())
+    runner = {
+        "plerec": run_plerec,
+        "torch-rechub": run_rechub,
+        "deepctr-torch": run_deepctr,
+        "torch-rechub+plerec-batching": run_peer_on_plerec_batching,
+        "deepctr-torch+plerec-batching": run_peer_on_plerec_batching,
+    }[spec["library"]]
+    out = runner(spec, meta, data_dir)
+    labels = out.pop("test_labels")
+    probs = out.pop("test_scores")
+    out["auc"] = {t: float(roc_auc_score(labels[:, k], probs[:, k])) for k, t in enumerate(meta["tasks"])}
+    out["train_samples_per_s"] = out["train_rows"] / out["train_seconds"]
+    out["infer_samples_per_s"] = out["infer_rows"] / out["infer_seconds"]
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    out["torch_threads"] = torch.get_num_threads()
+    out["load_average_start_end"] = [load_start[0], os.getloadavg()[0]]
+    if "plerec" in sys.modules:
+        out["plerec_imported_from"] = str(Path(sys.modules["plerec"].__file__).parent)
+    Path(result_path).write_text(json.dumps({**spec, **out}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# plerec through its public API, reading the Parquet files itself
+
+
+def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
+    model = {"name": spec["model"], "embedding_dim": ARCH["embedding_dim"], "tower_dims": ARCH["tower_dims"]}
+    model.update(expert_dims=ARCH["expert_dims"], **ARCH[spec["model"]])
+    return {
+        "seed": spec["seed"],
+        "data": {
+            "train": str(data_dir / spec["train_file"]),
+            "valid": str(data_dir / "valid.parquet"),
+            "test": str(data_dir / "test.parquet"),
+        },
+        "features": {"categorical": meta["categorical"], "numeric": meta["numeric"]},
+        "tasks": [{"name": t, "kind": "binary", "label": t} for t in meta["tasks"]],
+        "model": model,
+        "train": {
+            "lr": ARCH["lr"],
+            "batch_size": spec["batch_size"],
+            "epochs": 1,
+            "threads": spec["threads"],
+            "progress": False,
+        },
+    }
+
+
+def plerec_data(spec: dict, meta: dict, data_dir: Path):
+    """The experiment and its encoded splits. With `encoder` in the spec (a short run on the head of the
+    training file), the vocabularies fitted on the whole training file are reused, so every run of a
+    configuration builds a model of the same size."""
+    from plerec.config import experiment_from_dict
+    from plerec.data.encode import Encoder
+    from plerec.train import prepare_data
+
+    exp = experiment_from_dict(plerec_experiment(spec, meta, data_dir))
+    encoder = None
+    if spec.get("encoder"):
+        encoder = Encoder.from_state_dict(json.loads(Path(spec["encoder"]).read_text()))
+    return exp, prepare_data(exp, encoder)
+
+
+def run_plerec(spec: dict, meta: dict, data_dir: Path) -> dict:
+    from plerec.config import experiment_to_dict
+    from plerec.train import fit, predict
+
+    exp, data = plerec_data(spec, meta, data_dir)
+    result = fit(exp, data)
+    test = data.splits["test"]
+    start = time.perf_counter()
+    logits = predict(result.model, test, spec["batch_size"])
+    infer_seconds = time.perf_counter() - start
+    return {
+        "train_rows": len(data.splits["train"]),
+        "train_seconds": result.train_seconds,
+        "infer_rows": len(test),
+        "infer_seconds": infer_seconds,
+        "test_labels": test.labels.numpy(),
+        "test_scores": torch.sigmoid(logits).numpy(),
+        "plerec_test_auc": {t: m["auc"] for t, m in result.metrics["test"].items()},
+        "vocab_ids": sum(data.encoder.vocab_sizes),
+        "plerec_train_config": experiment_to_dict(exp)["train"],
+    }
+
+
+def save_encoder(spec: dict, meta: dict, data_dir: Path, path: Path) -> None:
+    """Fit plerec's encoder on the whole training file (what the full run does) and save it."""
+    _, data = plerec_data(spec, meta, data_dir)
+    path.write_text(json.dumps(data.encoder.state_dict()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers: arrays as their own examples prepare them (ids as given, numeric features standardised)
+
+
+def read_columns(path: Path, meta: dict) -> dict[str, np.ndarray]:
+    table = pq.read_table(path)
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+def peer_arrays(spec: dict, meta: dict, data_dir: Path):
+    splits = {
+        "train": read_columns(data_dir / spec["train_file"], meta),
+        "valid": read_columns(data_dir / "valid.parquet", meta),
+        "test": read_columns(data_dir / "test.parquet", meta),
+    }
+    # Standardise with the statistics of the whole training file (like plerec's encoder); the head
+    # of the file gives nearly the same, but the full file keeps short and full runs identical.
+    full = None
+    if spec["train_file"] != "train.parquet":
+        full = pq.read_table(data_dir / "train.parquet", columns=meta["numeric"])
+    stats = {}
+    for name in meta["numeric"]:
+        values = (full.column(name).to_numpy() if full is not None else splits["train"][name]).astype(np.float64)
+        stats[name] = (values.mean(), values.std() or 1.0)
+    out = {}
+    for split, cols in splits.items():
+        x = {c: cols[c] for c in meta["categorical"]}
+        x.update({n: ((cols[n] - stats[n][0]) / stats[n][1]).astype(np.float32) for n in meta["numeric"]})
+        y = np.stack([cols[t] for t in meta["tasks"]], axis=1).astype(np.float32)
+        out[split] = (x, y)
+    return out
+
+
+def rechub_model(name: str, vocab_sizes: dict[str, int], numeric: list[str]):
+    from torch_rechub.basic.features import DenseFeature, SparseFeature
+    from torch_rechub.models.multi_task import MMOE, PLE
+
+    features = [SparseFeature(c, vocab_size=v, embed_dim=ARCH["embedding_dim"]) for c, v in vocab_sizes.items()]
+    features += [DenseFeature(n) for n in numeric]
+    task_types = ["classification", "classification"]
+    towers = [{"dims": ARCH["tower_dims"]} for _ in task_types]
+    experts = {"dims": ARCH["expert_dims"]}
+    if name == "ple":
+        p = ARCH["ple"]
+        return PLE(
+            features,
+            task_types,
+            n_level=p["num_levels"],
+            n_expert_specific=p["num_task_experts"],
+            n_expert_shared=p["num_shared_experts"],
+            expert_params=experts,
+            tower_params_list=towers,
+        )
+    return MMOE(
+        features, task_types, n_expert=ARCH["mmoe"]["num_experts"], expert_params=experts, tower_params_list=towers
+    )
+
+
+def run_rechub(spec: dict, meta: dict, data_dir: Path) -> dict:
+    from torch.utils.data import DataLoader
+    from torch_rechub.trainers import MTLTrainer
+    from torch_rechub.utils.data import DataGenerator, PredictDataset
+
+    arrays = peer_arrays(spec, meta, data_dir)
+    (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = arrays["train"], arrays["valid"], arrays["test"]
+    model = rechub_model(spec["model"], meta["vocab_sizes"], meta["numeric"])
+    bs = spec["batch_size"]
+    train_dl, valid_dl, _ = DataGenerator(x_train, y_train).generate_dataloader(
+        x_valid, y_valid, x_test, y_test, batch_size=bs
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = MTLTrainer(
+            model,
+            task_types=["classification", "classification"],
+            optimizer_params={"lr": ARCH["lr"], "weight_decay": 0.0},
+            n_epoch=1,
+            device="cpu",
+            model_path=tmp,
+        )
+        epochs = timed(trainer, "train_one_epoch")
+        trainer.fit(train_dl, valid_dl)
+        train_seconds = sum(epochs)
+    test_dl = DataLoader(PredictDataset(x_test), batch_size=bs, shuffle=False)
+    start = time.perf_counter()
+    preds = trainer.predict(trainer.model, test_dl)
+    infer_seconds = time.perf_counter() - start
+    return {
+        "train_rows": len(y_train),
+        "train_seconds": train_seconds,
+        "infer_rows": len(y_test),
+        "infer_seconds": infer_seconds,
+        "test_labels": y_test,
+        "test_scores": np.asarray(preds, dtype=np.float64),
+    }
+
+
+def timed(obj, method: str) -> list[float]:
+    """Wrap obj.method (on this instance only) to record how long each call takes."""
+    seconds: list[float] = []
+    original = getattr(obj, method)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(obj, method, wrapper)
+    return seconds
+
+
+def import_deepctr():
+    import deepctr_torch
+
+    # Importing deepctr_torch starts a thread that asks PyPI for a newer release; let it finish (or
+    # fail) before anything is timed, so it does not compete for the two cores.
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(timeout=10)  # past that it waits on the network, not on the CPU
+    return deepctr_torch
+
+
+def deepctr_model(name: str, vocab_sizes: dict[str, int], numeric: list[str], seed: int):
+    import_deepctr()
+    from deepctr_torch.inputs import DenseFeat, SparseFeat
+    from deepctr_torch.models.multitask import MMOE, PLE
+
+    columns = [SparseFeat(c, vocabulary_size=v, embedding_dim=ARCH["embedding_dim"]) for c, v in vocab_sizes.items()]
+    columns += [DenseFeat(n, 1) for n in numeric]
+    # The same objective as the others: no L2 terms (DeepCTR's defaults add 1e-5 on embeddings), and
+    # gates that are a single linear layer (DeepCTR's default puts a 64-unit hidden layer in each gate).
+    common = dict(
+        expert_dnn_hidden_units=tuple(ARCH["expert_dims"]),
+        gate_dnn_hidden_units=(),
+        tower_dnn_hidden_units=tuple(ARCH["tower_dims"]),
+        l2_reg_linear=0.0,
+        l2_reg_embedding=0.0,
+        l2_reg_dnn=0.0,
+        seed=seed,
+        task_types=("binary", "binary"),
+        task_names=("click", "conversion"),
+        device="cpu",
+    )
+    if name == "ple":
+        p = ARCH["ple"]
+        return PLE(
+            columns,
+            shared_expert_num=p["num_shared_experts"],
+            specific_expert_num=p["num_task_experts"],
+            num_levels=p["num_levels"],
+            **common,
+        )
+    return MMOE(columns, num_experts=ARCH["mmoe"]["num_experts"], **common)
+
+
+def run_deepctr(spec: dict, meta: dict, data_dir: Path) -> dict:
+    arrays = peer_arrays(spec, meta, data_dir)
+    (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = arrays["train"], arrays["valid"], arrays["test"]
+    model = deepctr_model(spec["model"], meta["vocab_sizes"], meta["numeric"], spec["seed"])
+    model.compile(
+        torch.optim.Adam(model.parameters(), lr=ARCH["lr"]),
+        loss=["binary_crossentropy", "binary_crossentropy"],
+        metrics=["auc"],
+    )
+    bs = spec["batch_size"]
+    validations = timed(model, "evaluate")
+    start = time.perf_counter()
+    model.fit(x_train, y_train, batch_size=bs, epochs=1, verbose=0, validation_data=(x_valid, y_valid))
+    train_seconds = time.perf_counter() - start - sum(validations)
+    start = time.perf_counter()
+    preds = model.predict(x_test, batch_size=bs)
+    infer_seconds = time.perf_counter() - start
+    return {
+        "train_rows": len(y_train),
+        "train_seconds": train_seconds,
+        "infer_rows": len(y_test),
+        "infer_seconds": infer_seconds,
+        "test_labels": y_test,
+        "test_scores": preds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# A peer's model class fed by plerec's batching: plerec reads and encodes the data, and its training
+# batch source (the one `fit` uses) yields the batches; only the model and its loss differ from
+# plerec's own loop, which separates model speed from pipeline speed.
+
+
+def plerec_batches(table, batch_size: int, seed: int):
+    """plerec's training batch source; a shuffled index-select loop like it where plerec has none."""
+    try:
+        from plerec.data.batches import InMemoryBatches
+    except ImportError:
+        InMemoryBatches = None
+    if InMemoryBatches is not None:
+        return InMemoryBatches(table, batch_size, seed).epoch()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(table), generator=generator)
+    return (table.batch(order[i : i + batch_size]) for i in range(0, len(table), batch_size))
+
+
+def run_peer_on_plerec_batching(spec: dict, meta: dict, data_dir: Path) -> dict:
+    exp, data = plerec_data(spec, meta, data_dir)
+    vocab = dict(zip(data.encoder.categorical, data.encoder.vocab_sizes, strict=True))
+    numeric = data.encoder.dense_names
+    peer = spec["library"].split("+")[0]
+    if peer == "torch-rechub":
+        model = rechub_model(spec["model"], vocab, numeric)
+        cat_names = data.encoder.categorical
+
+        def inputs(batch):
+            x = {c: batch.sparse[:, j] for j, c in enumerate(cat_names)}
+            x.update({n: batch.dense[:, j] for j, n in enumerate(numeric)})
+            return x
+    else:
+        model = deepctr_model(spec["model"], vocab, numeric, spec["seed"])
+
+        def inputs(batch):
+            # DeepCTR's models take one float matrix, sparse ids first (its feature_index order).
+            return torch.cat([batch.sparse.float(), batch.dense], dim=1)
+
+    train, test = data.splits["train"], data.splits["test"]
+    bs = spec["batch_size"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=ARCH["lr"])
+    loss_fn = torch.nn.functional.binary_cross_entropy  # peer models return probabilities
+
+    start = time.perf_counter()
+    model.train()
+    for batch in plerec_batches(train, bs, spec["seed"]):
+        probs = model(inputs(batch))  # (B, T)
+        loss = sum(loss_fn(probs[:, k], batch.labels[:, k]) for k in range(probs.shape[1]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        parts = [model(inputs(test.batch(slice(i, i + bs)))) for i in range(0, len(test), bs)]
+        probs = torch.cat(parts)
+    infer_seconds = time.perf_counter() - start
+    return {
+        "train_rows": len(train),
+        "train_seconds": train_seconds,
+        "infer_rows": len(test),
+        "infer_seconds": infer_seconds,
+        "test_labels": test.labels.numpy(),
+        "test_scores": probs.numpy().astype(np.float64),
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--save-encoder":
+        spec = json.loads(Path(sys.argv[2]).read_text())
+        torch.set_num_threads(spec["threads"])
+        data_dir = Path(spec["data"])
+        save_encoder(spec, json.loads((data_dir / "meta.json").read_text()), data_dir, Path(sys.argv[3]))
+    elif len(sys.argv) == 3:
+        main(sys.argv[1], sys.argv[2])
+    else:
+        sys.exit(f"usage: {os.path.basename(sys.argv[0])} SPEC.json RESULT.json | --save-encoder SPEC.json OUT.json")
