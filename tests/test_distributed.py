@@ -14,7 +14,8 @@ import torch
 
 from plerec.cli import main
 from plerec.config import experiment_from_dict, load_experiment
-from plerec.data.stream import ParquetBatches, fit_encoder, local_eval_chunks, row_groups
+from plerec.data.encode import fit_encoder_chunked
+from plerec.data.stream import ParquetBatches, local_eval_chunks, row_groups
 from plerec.distributed import DistContext, check_batch_size, init_distributed, shard_bounds
 from plerec.train import evaluate_split, fit, load_checkpoint, prepare_data
 
@@ -153,7 +154,7 @@ def test_shards_are_disjoint_and_cover_every_row():
 
 def test_streaming_batches_read_each_row_once_and_ranks_are_disjoint(experiment):
     exp = load_experiment(experiment, ["data.streaming=true"])
-    encoder = fit_encoder(exp, exp.data.train)
+    encoder = fit_encoder_chunked(exp, exp.data.train)
     groups = row_groups([Path(exp.data.train)])
     assert [g.num_rows for g in groups] == [17] * 5 + [16]
     # One process: every row exactly once per epoch, the order reshuffled between epochs.
@@ -182,7 +183,7 @@ def test_streaming_batches_read_each_row_once_and_ranks_are_disjoint(experiment)
 def test_streaming_encoder_equals_in_memory_encoder(experiment):
     exp = load_experiment(experiment)
     in_memory = prepare_data(exp).encoder
-    streamed = fit_encoder(exp, exp.data.train)
+    streamed = fit_encoder_chunked(exp, exp.data.train)
     assert streamed.vocabs == in_memory.vocabs
     for col in in_memory.means:
         assert streamed.means[col] == pytest.approx(in_memory.means[col], rel=1e-12)

@@ -192,13 +192,14 @@ def _train(args) -> int:
 
 def _prepare(args) -> int:
     from plerec.config import load_experiment
-    from plerec.data.stream import fit_encoder, save_encoder
+    from plerec.data.encode import fit_encoder_chunked
+    from plerec.data.stream import save_encoder
     from plerec.train import prepare_data
 
     exp = load_experiment(args.experiment, args.overrides)
-    if exp.data.streaming:
-        encoder = fit_encoder(exp, exp.data.train)
-    else:
+    if exp.data.train:  # separate files: one chunked pass over train, nothing else read
+        encoder = fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
+    else:  # one file cut by fractions: the split decides which rows are training rows
         encoder = prepare_data(exp).encoder
     path = save_encoder(encoder, args.out)
     print(

@@ -233,7 +233,7 @@ def fit(
     # A monitor that does not apply to its task would otherwise only fail after the first epoch.
     monitor_value({t.name: dict.fromkeys(METRICS_BY_KIND[t.kind], 0.0) for t in exp.tasks}, exp)
     ctx = ctx or init_distributed(exp.train.device)
-    local_batch = check_batch_size(exp.train.batch_size, ctx)  # noqa: F841 - validates before any work
+    check_batch_size(exp.train.batch_size, ctx)  # before any work
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from plerec.config import Experiment
-from plerec.data.encode import Batch, EncodedTable, Encoder, fit_encoder_chunked
+from plerec.data.encode import Batch, EncodedTable, Encoder
 from plerec.distributed import SINGLE_PROCESS, DistContext
 
 ENCODER_FILE = "encoder.json"
@@ -92,11 +92,6 @@ def read_group(group: RowGroup, columns: list[str] | None = None) -> pd.DataFram
     frame.index = pd.RangeIndex(group.first_row, group.first_row + len(frame))  # file row numbers in errors
     frame.attrs["source"] = f"{group.file} (row group {group.index})"
     return frame
-
-
-def fit_encoder(exp: Experiment, path: str | Path) -> Encoder:
-    """One pass over the training Parquet data, a chunk at a time."""
-    return fit_encoder_chunked(exp, str(path))
 
 
 def save_encoder(encoder: Encoder, folder: str | Path) -> Path:

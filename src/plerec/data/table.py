@@ -9,8 +9,6 @@ import pyarrow.parquet as pq
 
 from plerec.config import CsvOptions, DataConfig
 
-SPLITS = ("train", "valid", "test")
-
 
 def read_table(path: str | Path, csv: CsvOptions | None = None) -> pd.DataFrame:
     """One file (or a folder of Parquet files) as a DataFrame; the format comes from the suffix."""
