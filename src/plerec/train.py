@@ -90,8 +90,11 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
 
 
 def _release_freed_memory() -> None:
-    """Hand the reading buffers freed above back to the OS (glibc keeps them otherwise), so that they
-    do not add to the process's peak memory during training."""
+    """Hand the reading buffers freed above back to the OS (Arrow's memory pool and glibc keep them
+    otherwise), so that they do not add to the process's peak memory during training."""
+    import pyarrow
+
+    pyarrow.default_memory_pool().release_unused()  # measured: ~100 MB kept by mimalloc after reading
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
@@ -133,10 +136,12 @@ def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[torch.optim.
     applies to the dense parameters only when embeddings are sparse."""
     embedding = model.input.embedding.weight
     dense = [p for p in model.parameters() if p is not embedding]
+    # The fused kernel updates every tensor in one pass (same arithmetic as the loop over tensors).
+    fused = {"fused": True} if embedding.device.type in ("cpu", "cuda") else {}
     if not model.input.embedding.sparse:
-        return [torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)]
+        return [torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay, **fused)]
     return [
-        torch.optim.Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay),
+        torch.optim.Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay, **fused),
         RowSparseAdam([embedding], lr=exp.train.lr),
     ]
 
