@@ -100,6 +100,43 @@ class ParallelMLP(nn.Module):
         return h
 
 
+class _GateMix(torch.autograd.Function):
+    """Gates' weighted sums of expert outputs, with a hand-written backward.
+
+    mixed[g] = Σ_j weights[g, :, j] · outputs[selection[g][j]]. Autograd's version of this broadcast
+    multiply-and-sum spends most of its time in generic reductions over broadcast dimensions; written
+    out, every pass is one fused multiply-add or one row reduction over contiguous memory.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, outputs: Tensor, selection: tuple[tuple[int, ...], ...]) -> Tensor:
+        columns = weights.permute(0, 2, 1).contiguous()  # (G, M, B): each weight column contiguous
+        dtype = torch.promote_types(weights.dtype, outputs.dtype)
+        mixed = torch.zeros(len(selection), outputs.shape[1], outputs.shape[2], dtype=dtype, device=outputs.device)
+        for g, experts in enumerate(selection):
+            for j, e in enumerate(experts):
+                mixed[g].addcmul_(outputs[e], columns[g, j].unsqueeze(-1))
+        ctx.save_for_backward(columns, outputs)
+        ctx.selection = selection
+        return mixed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        columns, outputs = ctx.saved_tensors
+        grad_outputs = torch.zeros_like(outputs, dtype=torch.promote_types(grad.dtype, outputs.dtype))
+        grad_columns = torch.empty_like(columns)
+        for g, experts in enumerate(ctx.selection):
+            for j, e in enumerate(experts):
+                grad_outputs[e].addcmul_(grad[g], columns[g, j].unsqueeze(-1))
+                torch.sum(grad[g] * outputs[e], dim=-1, out=grad_columns[g, j])
+        return grad_columns.permute(0, 2, 1), grad_outputs.to(outputs.dtype), None
+
+
+def gate_mix(weights: Tensor, outputs: Tensor, selection: tuple[tuple[int, ...], ...]) -> Tensor:
+    """(G, B, M) gate weights over (E, B, H) expert outputs -> (G, B, H): gate g weighs experts selection[g]."""
+    return _GateMix.apply(weights, outputs, selection)
+
+
 class ExtractionLayer(nn.Module):
     """One extraction layer: task experts nested by task, shared experts, task gates, optional shared gate.
 
@@ -141,6 +178,11 @@ class ExtractionLayer(nn.Module):
         self.shared_gate = (
             ParallelMLP(1, in_dim, [num_experts], final_activation=False, bias=False) if shared_gate else None
         )
+        # Task k's gate weighs its own experts, then the shared ones (outputs are ordered that way).
+        shared = tuple(range(num_tasks * num_task_experts, num_experts))
+        self.task_selection = tuple(
+            tuple(range(t * num_task_experts, (t + 1) * num_task_experts)) + shared for t in range(num_tasks)
+        )
 
     def forward(
         self, task_inputs: Tensor, shared_input: Tensor | None
@@ -164,17 +206,8 @@ class ExtractionLayer(nn.Module):
                     raise ValueError("Expected a shared input for a level with shared experts, but got None")
                 streams.append(shared_input.expand(m_s, *shared_input.shape))  # (m_s, B, d)
             outputs = self.experts(torch.cat(streams))  # (E, B, H)
-        batch, hidden = outputs.shape[1], outputs.shape[2]
         task_weights = torch.softmax(self.task_gates(task_inputs), dim=-1)  # (K, B, m_k+m_s): own experts first
-        # Weighted sums by broadcasting: no (K, m_k+m_s, B, H) stack of candidates is materialised.
-        parts = []
-        if m_k:
-            own = outputs[: k * m_k].view(k, m_k, batch, hidden)
-            parts.append((task_weights[..., :m_k].permute(0, 2, 1).unsqueeze(-1) * own).sum(1))  # (K, B, H)
-        if m_s:
-            shared = outputs[k * m_k :]  # (m_s, B, H), read by every task
-            parts.append((task_weights[..., m_k:].permute(0, 2, 1).unsqueeze(-1) * shared).sum(1))  # (K, B, H)
-        mixed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        mixed = gate_mix(task_weights, outputs, self.task_selection)  # (K, B, H)
         gates = {"task": task_weights}
 
         shared_mixed = None
@@ -182,6 +215,6 @@ class ExtractionLayer(nn.Module):
             if shared_input is None:
                 raise ValueError("Expected a shared input for the shared gate, but got None")
             shared_weights = torch.softmax(self.shared_gate(shared_input)[0], dim=-1)  # (B, E)
-            shared_mixed = (shared_weights.t().unsqueeze(-1) * outputs).sum(0)  # (B, H)
+            shared_mixed = gate_mix(shared_weights.unsqueeze(0), outputs, (tuple(range(len(outputs))),))[0]  # (B, H)
             gates["shared"] = shared_weights
         return mixed, shared_mixed, gates
