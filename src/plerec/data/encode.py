@@ -123,7 +123,8 @@ class Encoder:
             if missing.any() and self.missing_numeric == "error":
                 _raise_missing(frame, col, missing, source)
             values = np.where(missing, self.means[col], values)
-            dense[:, j] = (values - self.means[col]) / self.stds[col]
+            with np.errstate(over="ignore"):  # overflow is reported below, with the rows
+                dense[:, j] = (values - self.means[col]) / self.stds[col]
             overflow = ~np.isfinite(dense[:, j])
             if overflow.any():
                 row = frame.index[overflow.argmax()]
@@ -233,8 +234,9 @@ class EncoderFitter:
             n_b = present.size
             if n_b == 0:
                 continue
-            mean_b = float(present.mean())
-            m2_b = float(np.square(present - mean_b).sum())
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by finish()
+                mean_b = float(present.mean())
+                m2_b = float(np.square(present - mean_b).sum())
             n = n_a + n_b
             delta = mean_b - mean_a
             self.moments[col] = [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
