@@ -419,7 +419,9 @@ def test_hashed_ids_do_not_depend_on_the_process_hash_seed(tmp_path):
 
 def test_category_keys_make_7_7_0_and_text_7_one_category_across_chunks(tmp_path):
     assert category_key(7) == category_key(7.0) == category_key(np.int16(7)) == category_key("7") == "7"
-    assert category_key(7.5) == "7.5" and category_key(True) == "True"
+    assert category_key("7.0") == category_key(" 7") == category_key("7e0") == "7"  # as pandas would read them
+    assert category_key(7.5) == category_key("7.5") == "7.5" and category_key(True) == category_key("true") == "True"
+    assert category_key("kiwi") == "kiwi" and category_key("1_000") == "1_000" and category_key("nan") == "nan"
     # The first chunk holds only numbers (read as int), the second also text (read as strings).
     values = ["7", "3", "7", "3", "7", "3", "kiwi", "7", "3", "kiwi"]
     frame = pd.DataFrame({"code": values, "x": 1.0, "y": [0, 1] * 5})

@@ -93,7 +93,7 @@ class Encoder:
     missing_numeric: str = "impute"
     inferred: dict[str, str] = field(default_factory=dict)
     hash_buckets: dict[str, int] = field(default_factory=dict)
-    _lookup: dict[str, pd.Index] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def vocab_sizes(self) -> list[int]:
@@ -157,8 +157,11 @@ class Encoder:
             ids = np.array([stable_bucket(k, self.hash_buckets[col]) for k in keys], dtype=np.int64)
         else:
             if col not in self._lookup:
-                self._lookup[col] = pd.Index([category_key(v) for v in self.vocabs[col]], dtype=object)
-            ids = self._lookup[col].get_indexer(pd.Index(keys, dtype=object)).astype(np.int64) + 1
+                lookup: dict[str, int] = {}
+                for i, v in enumerate(self.vocabs[col]):
+                    lookup.setdefault(category_key(v), i + 1)
+                self._lookup[col] = lookup
+            ids = np.array([self._lookup[col].get(k, 0) for k in keys], dtype=np.int64)  # unseen: 0
         out = np.zeros(len(column), dtype=np.int64)
         present = (codes >= 0) & ~missing
         out[present] = ids[codes[present]]
@@ -481,8 +484,9 @@ def _show(value) -> str:
 
 
 def category_key(value) -> str:
-    """The text a categorical value is counted, looked up and hashed by: 7, 7.0 and "7" are one category,
-    whichever type a file (or a chunk of a CSV file) was read with."""
+    """The text a categorical value is counted, looked up and hashed by. Numbers compare by value and text
+    that reads as a number compares as that number (7, 7.0, "7" and "7.0" are one category), so that a
+    category does not depend on the type a file, or one chunk of a CSV file, happened to be read with."""
     if isinstance(value, bool | np.bool_):
         return str(bool(value))
     if isinstance(value, int | np.integer):
@@ -490,7 +494,25 @@ def category_key(value) -> str:
     if isinstance(value, float | np.floating):
         value = float(value)
         return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
-    return str(value)
+    if not isinstance(value, str):
+        return str(value)
+    text = value.strip()
+    if text in _BOOL_TEXT:  # what pandas reads as a boolean in a column without other text
+        return _BOOL_TEXT[text]
+    if "_" in text:  # Python reads "1_000" as a number, pandas does not
+        return value
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return value
+    return category_key(number) if np.isfinite(number) else value
+
+
+_BOOL_TEXT = {"True": "True", "TRUE": "True", "true": "True", "False": "False", "FALSE": "False", "false": "False"}
 
 
 def stable_bucket(key: str, buckets: int) -> int:
