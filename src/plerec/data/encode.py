@@ -239,6 +239,8 @@ class EncoderFitter:
                 continue
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by finish()
                 mean_b = float(present.mean())
+                if not np.isfinite(mean_b):  # the sum overflowed, not the mean
+                    mean_b = float((present / n_b).sum())
                 m2_b = float(np.square(present - mean_b).sum())
             n = n_a + n_b
             delta = mean_b - mean_a
