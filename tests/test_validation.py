@@ -341,7 +341,7 @@ def test_duplicate_or_empty_names_in_parquet_are_errors(tmp_path):
 
 def test_a_header_shorter_than_its_rows_is_an_error_not_a_shifted_table(tmp_path):
     (tmp_path / "t.csv").write_text("x,y\n1,a,0\n2,b,1\n")
-    with pytest.raises(ValueError, match=r"Reading .*t\.csv: the first data row has more fields than the header"):
+    with pytest.raises(ValueError, match=r"Reading .*t\.csv: the first data row has more fields than there are column"):
         read_table(tmp_path / "t.csv")
     (tmp_path / "u.csv").write_text("x,y\n1,0\n2,b,1\n")
     with pytest.raises(ValueError, match=r"Reading .*u\.csv: Error tokenizing .*Expected 2 fields in line 3, saw 3"):

@@ -100,10 +100,10 @@ def _csv_errors(path: Path) -> Iterator[None]:
             yield
     except pd.errors.EmptyDataError:
         raise ValueError(f"Reading {path}: the file is empty (no header, no rows)") from None
-    except pd.errors.ParserWarning as warning:
+    except pd.errors.ParserWarning:
         raise ValueError(
-            f"Reading {path}: the first data row has more fields than the header ({warning}). "
-            "Give every column a name in the header"
+            f"Reading {path}: the first data row has more fields than there are column names; pandas would "
+            "shift the columns. Name every column in the header (or in [data.csv] names)"
         ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ValueError(f"Reading {path}: {' '.join(str(err).split())}") from None
