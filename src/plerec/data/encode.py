@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,7 +116,7 @@ class Encoder:
         n = len(frame)
         sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for j, col in enumerate(self.categorical):
-            sparse[:, j] = self._category_ids(col, frame[col])
+            sparse[:, j] = self._category_ids(col, frame[col], source)
         dense = np.zeros((n, len(self.dense_names)), dtype=np.float32)
         for j, col in enumerate(self.numeric):
             values = _numeric_column(frame, col, source)
@@ -145,13 +146,13 @@ class Encoder:
             source=source,
         )
 
-    def _category_ids(self, col: str, column: pd.Series) -> np.ndarray:
+    def _category_ids(self, col: str, column: pd.Series, source: str) -> np.ndarray:
         """Ids of one categorical column: 1 + the vocabulary index (0: unseen or missing), or 1 + a bucket.
 
         Values are looked up by their text (`category_key`), so 7, 7.0 and "7" are one category whichever
         type a file or a chunk of it was read with; the key is computed once per distinct value."""
         missing = _missing(column)
-        codes, uniques = pd.factorize(column)
+        codes, uniques = pd.factorize(_hashable(column, col, source))
         keys = [category_key(v) for v in uniques]
         if col in self.hash_buckets:
             ids = np.array([stable_bucket(k, self.hash_buckets[col]) for k in keys], dtype=np.int64)
@@ -210,7 +211,8 @@ class EncoderFitter:
         _require_columns(frame, self.encoder.categorical + self.encoder.numeric, source, "a feature")
         for col, counts in self.counts.items():
             column = frame[col]
-            for value, count in column[~_missing(column)].value_counts(sort=False).items():
+            present = _hashable(column[~_missing(column)], col, source)
+            for value, count in present.value_counts(sort=False).items():
                 key = category_key(value)
                 if key in counts:
                     counts[key][1] += int(count)
@@ -479,6 +481,19 @@ def bad_rows(column: pd.Series, bad: np.ndarray) -> str:
     )
 
 
+def _hashable(column: pd.Series, col: str, source: str) -> pd.Series:
+    """The column, after checking that its values are single values, not lists or tables (Parquet nested types)."""
+    if column.dtype == object:
+        odd = column.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray)).to_numpy(dtype=bool)
+        if odd.any():
+            row = column.index[odd.argmax()]
+            raise ValueError(
+                f"Categorical column `{col}` of {source}, row {row}: expected a single value (text or a number), "
+                f"but got {type(column.loc[row]).__name__} {column.loc[row]!r}." + bad_rows(column, odd)
+            )
+    return column
+
+
 def _show(value) -> str:
     if value is None or (isinstance(value, float | np.floating) and np.isnan(value)) or value is pd.NA:
         return "empty"
@@ -531,11 +546,12 @@ def _json_value(value, key: str):
 
 
 def _suggest_buckets(max_vocab: int) -> int:
-    return 1 << max(10, min(24, max_vocab.bit_length()))
+    """The largest power of two within max_vocab, at most 2^20: a table that max_vocab allows."""
+    return 1 << min(20, max_vocab.bit_length() - 1)
 
 
 def _toml_key(name: str) -> str:
-    return name if name.replace("_", "a").replace("-", "a").isalnum() and name.isascii() else f'"{name}"'
+    return name if name.replace("_", "a").replace("-", "a").isalnum() and name.isascii() else json.dumps(name)
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str], source: str, what: str) -> None:
