@@ -5,6 +5,7 @@ An experiment is [data] (where rows come from), [features] (which columns feed t
 Every key is documented in the README; unknown keys are rejected with a "did you mean" hint.
 """
 
+import math
 import re
 import tomllib
 import types
@@ -75,6 +76,24 @@ class CsvOptions:
     keep_default_na: bool = True
     na_values: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not self.sep:
+            raise ValueError("Expected [data.csv] `sep` to be a separator such as ',' or ';', but got ''")
+        empty = [i for i, name in enumerate(self.names) if not name.strip()]
+        repeated = sorted({name for name in self.names if self.names.count(name) > 1})
+        if empty or repeated:
+            raise ValueError(
+                "Expected [data.csv] `names` to be distinct, non-empty column names, but got "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"empty names at positions {empty}" if empty else "",
+                        f"repeated names {repeated}" if repeated else "",
+                    )
+                    if part
+                )
+            )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataConfig:
@@ -103,8 +122,14 @@ class DataConfig:
                 "Expected [data] `path` (one file split by `split`) not also `valid` or `test`, but got "
                 f"valid={self.valid!r}, test={self.test!r}"
             )
+        if self.split_seed is not None and self.split_seed < 0:
+            raise ValueError(f"Expected [data] `split_seed` >= 0, but got {self.split_seed}")
         if self.path:
-            if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            if (
+                len(self.split) != 3
+                or not all(math.isfinite(f) and f >= 0 for f in self.split)
+                or abs(sum(self.split) - 1) > 1e-6
+            ):
                 raise ValueError(
                     f"Expected [data] `split` to be three fractions (train, valid, test) summing to 1, "
                     f"but got {list(self.split)}"
@@ -129,6 +154,8 @@ class FeaturesConfig:
     numeric: tuple[str, ...] = ()
     auto: bool = False
     auto_max_int_categories: int = 32
+    max_vocab: int = 10_000_000
+    hash_buckets: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (self.categorical or self.numeric or self.auto):
@@ -136,6 +163,18 @@ class FeaturesConfig:
                 "Expected [features] to list `categorical` and/or `numeric` columns or to set `auto = true`, "
                 "but got none"
             )
+        if self.auto_max_int_categories < 0:
+            raise ValueError(
+                f"Expected [features] `auto_max_int_categories` >= 0, but got {self.auto_max_int_categories}"
+            )
+        if self.max_vocab < 1:
+            raise ValueError(f"Expected [features] `max_vocab` >= 1, but got {self.max_vocab}")
+        for col, buckets in self.hash_buckets.items():
+            if not col or buckets < 1 or buckets >= 2**31:
+                raise ValueError(
+                    "Expected [features] `hash_buckets` to map column names to a number of buckets in "
+                    f"[1, 2^31), but got {col!r} = {buckets}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -161,7 +200,7 @@ class TaskConfig:
             )
         if self.condition and self.kind != "binary":
             raise ValueError(f"Expected {where} with a `condition` to be binary, but got kind {self.kind!r}")
-        if self.weight < 0 or self.gamma <= 0:
+        if not (math.isfinite(self.weight) and math.isfinite(self.gamma)) or self.weight < 0 or self.gamma <= 0:
             raise ValueError(
                 f"Expected {where} to have weight >= 0 and gamma > 0, but got weight={self.weight}, gamma={self.gamma}"
             )
@@ -212,9 +251,15 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected [train] `{name}` >= 1, but got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0 or self.threads < 0:
+        if (
+            not (math.isfinite(self.lr) and math.isfinite(self.weight_decay))
+            or self.lr <= 0
+            or self.weight_decay < 0
+            or self.patience < 0
+            or self.threads < 0
+        ):
             raise ValueError(
-                "Expected [train] lr > 0, weight_decay >= 0, patience >= 0 and threads >= 0, but got "
+                "Expected [train] finite lr > 0, finite weight_decay >= 0, patience >= 0 and threads >= 0, but got "
                 f"lr={self.lr}, weight_decay={self.weight_decay}, patience={self.patience}, threads={self.threads}"
             )
         if self.weight_schedule not in ("epoch", "step"):
@@ -240,6 +285,8 @@ class Experiment:
     source: str = ""  # the file it was read from, for error messages
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"Expected `seed` >= 0, but got {self.seed}")
         if not self.tasks:
             raise ValueError("Expected at least one [[tasks]] entry, but got none")
         names = [t.name for t in self.tasks]
@@ -418,6 +465,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ValueError as err:
                 errors.append(str(err))
         raise ValueError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"Expected {where} to be a table like {{ name = value }}, but got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {
+            _coerce(k, key_hint, f"{where} key"): _coerce(v, value_hint, f"{where} `{k}`") for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ValueError(f"Expected {where} to be a list, but got {value!r}")

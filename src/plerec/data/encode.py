@@ -1,14 +1,20 @@
 """From a DataFrame to column tensors: vocabularies, numeric statistics, labels and sample spaces.
 
 Everything the model sees is learnt from the training split only. Id 0 of every categorical field
-is reserved for values not seen in training (and for missing values). A numeric column's missing
-values are imputed with the training mean, with a 0/1 missing-indicator feature, or are an error.
-A task's label that is empty or NaN puts the row outside that task's sample space.
+is reserved for values not seen in training (and for missing values); a column listed in
+[features] hash_buckets has no vocabulary: its values map to N buckets by a fixed hash of their text.
+A numeric column's missing values are imputed with the training mean, with a 0/1 missing-indicator
+feature, or are an error. A task's label that is empty or NaN puts the row outside that task's sample
+space. Anything else that would not be finite, or not a label, stops with an error naming the file, the
+column and the first bad rows (counted from 0 at the first data row, in the file, whichever split or
+chunk they were read in).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +23,9 @@ import torch
 
 from plerec.config import Condition, Experiment, TaskConfig
 from plerec.errors import did_you_mean
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+BAD_ROWS_SHOWN = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +93,13 @@ class Encoder:
     tasks: list[dict] = field(default_factory=list)
     missing_numeric: str = "impute"
     inferred: dict[str, str] = field(default_factory=dict)
+    hash_buckets: dict[str, int] = field(default_factory=dict)
+    _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def vocab_sizes(self) -> list[int]:
-        return [len(self.vocabs[c]) + 1 for c in self.categorical]  # +1: the reserved id 0
+        sizes = [self.hash_buckets[c] if c in self.hash_buckets else len(self.vocabs[c]) for c in self.categorical]
+        return [n + 1 for n in sizes]  # +1: the reserved id 0
 
     @property
     def dense_names(self) -> list[str]:
@@ -104,9 +116,7 @@ class Encoder:
         n = len(frame)
         sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for j, col in enumerate(self.categorical):
-            index = pd.Index(self.vocabs[col])
-            codes = index.get_indexer(frame[col])
-            sparse[:, j] = codes + 1  # unseen (-1) becomes the reserved id 0
+            sparse[:, j] = self._category_ids(col, frame[col], source)
         dense = np.zeros((n, len(self.dense_names)), dtype=np.float32)
         for j, col in enumerate(self.numeric):
             values = _numeric_column(frame, col, source)
@@ -114,7 +124,17 @@ class Encoder:
             if missing.any() and self.missing_numeric == "error":
                 _raise_missing(frame, col, missing, source)
             values = np.where(missing, self.means[col], values)
-            dense[:, j] = (values - self.means[col]) / self.stds[col]
+            with np.errstate(over="ignore"):  # overflow is reported below, with the rows
+                dense[:, j] = (values - self.means[col]) / self.stds[col]
+            overflow = ~np.isfinite(dense[:, j])
+            if overflow.any():
+                row = frame.index[overflow.argmax()]
+                raise ValueError(
+                    f"Numeric column `{col}` of {source}, row {row}: expected a value whose standardised form "
+                    f"(x - {self.means[col]:.6g}) / {self.stds[col]:.6g} fits in float32, but got "
+                    f"{_plain(frame[col].loc[row])!r}; rescale the column (e.g. log) or check the value."
+                    + bad_rows(frame[col], overflow)
+                )
             if col in self.indicators:
                 dense[:, len(self.numeric) + self.indicators.index(col)] = missing
         labels, mask = encode_labels([TaskConfig(**t) for t in self.tasks], frame, source)
@@ -126,8 +146,30 @@ class Encoder:
             source=source,
         )
 
+    def _category_ids(self, col: str, column: pd.Series, source: str) -> np.ndarray:
+        """Ids of one categorical column: 1 + the vocabulary index (0: unseen or missing), or 1 + a bucket.
+
+        Values are looked up by their text (`category_key`), so 7, 7.0 and "7" are one category whichever
+        type a file or a chunk of it was read with; the key is computed once per distinct value."""
+        missing = _missing(column)
+        codes, uniques = pd.factorize(_hashable(column, col, source))
+        keys = [category_key(v) for v in uniques]
+        if col in self.hash_buckets:
+            ids = np.array([stable_bucket(k, self.hash_buckets[col]) for k in keys], dtype=np.int64)
+        else:
+            if col not in self._lookup:
+                lookup: dict[str, int] = {}
+                for i, v in enumerate(self.vocabs[col]):
+                    lookup.setdefault(category_key(v), i + 1)
+                self._lookup[col] = lookup
+            ids = np.array([self._lookup[col].get(k, 0) for k in keys], dtype=np.int64)  # unseen: 0
+        out = np.zeros(len(column), dtype=np.int64)
+        present = (codes >= 0) & ~missing
+        out[present] = ids[codes[present]]
+        return out
+
     def state_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self.__slots__ if not name.startswith("_")}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Encoder:
@@ -153,18 +195,39 @@ class EncoderFitter:
             ],
             missing_numeric=exp.data.missing_numeric,
             inferred=inferred,
+            hash_buckets={c: n for c, n in exp.features.hash_buckets.items() if c in categorical},
         )
-        self.counts: dict[str, dict] = {col: {} for col in categorical}
+        self.max_vocab = exp.features.max_vocab
+        # category key -> [a representative value, count]; hashed columns keep no counts
+        self.counts: dict[str, dict[str, list]] = {c: {} for c in categorical if c not in self.encoder.hash_buckets}
         self.moments: dict[str, list[float]] = {col: [0, 0.0, 0.0] for col in numeric}  # n, mean, M2
         self.has_missing: set[str] = set()
+        self.tasks = list(exp.tasks)
+        self.rows = 0
+        self.labelled = np.zeros(len(self.tasks), dtype=np.int64)  # training rows in each task's space
 
     def update(self, frame: pd.DataFrame) -> EncoderFitter:
         source = frame.attrs.get("source", self.source)
         _require_columns(frame, self.encoder.categorical + self.encoder.numeric, source, "a feature")
         for col, counts in self.counts.items():
-            for value, count in frame[col].dropna().value_counts(sort=False).items():
-                key = _plain(value)
-                counts[key] = counts.get(key, 0) + int(count)
+            column = frame[col]
+            present = _hashable(column[~_missing(column)], col, source)
+            for value, count in present.value_counts(sort=False).items():
+                key = category_key(value)
+                if key in counts:
+                    counts[key][1] += int(count)
+                else:
+                    counts[key] = [_json_value(value, key), int(count)]
+            if len(counts) > self.max_vocab:
+                raise ValueError(
+                    f"Categorical column `{col}` of {source}: expected at most [features] max_vocab = "
+                    f"{self.max_vocab} distinct values, but got {len(counts)} in the training rows read so far. "
+                    f"Hash it into a fixed number of ids with [features] hash_buckets = {{ {_toml_key(col)} = "
+                    f"{_suggest_buckets(self.max_vocab)} }}, or raise max_vocab if its embedding table fits in memory"
+                )
+        _, mask = encode_labels(self.tasks, frame, source)  # also checks the training labels early
+        self.labelled += mask.sum(axis=0)
+        self.rows += len(frame)
         for col, (n_a, mean_a, m2_a) in self.moments.items():
             values = _numeric_column(frame, col, source)
             missing = np.isnan(values)
@@ -176,8 +239,11 @@ class EncoderFitter:
             n_b = present.size
             if n_b == 0:
                 continue
-            mean_b = float(present.mean())
-            m2_b = float(np.square(present - mean_b).sum())
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by finish()
+                mean_b = float(present.mean())
+                if not np.isfinite(mean_b):  # the sum overflowed, not the mean
+                    mean_b = float((present / n_b).sum())
+                m2_b = float(np.square(present - mean_b).sum())
             n = n_a + n_b
             delta = mean_b - mean_a
             self.moments[col] = [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
@@ -185,12 +251,27 @@ class EncoderFitter:
 
     def finish(self) -> Encoder:
         enc = self.encoder
+        if self.rows == 0:
+            raise ValueError(f"Expected the training data {self.source} to have data rows, but it has none")
+        for task, count in zip(self.tasks, self.labelled, strict=True):
+            if count == 0:
+                space = f" and meets `space` ({task.space})" if task.space_condition is not None else ""
+                raise ValueError(
+                    f"Task `{task.name}` has no labelled row in the training data {self.source}: expected some of "
+                    f"its {self.rows} rows to have a value in column `{task.source_column}`{space}, but none has. "
+                    "Fill in the labels, or remove the task"
+                )
         for col, counts in self.counts.items():
             # Frequent values first; ties by the value's text, so ids do not depend on row order.
-            enc.vocabs[col] = [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+            enc.vocabs[col] = [v for k, (v, _) in sorted(counts.items(), key=lambda kv: (-kv[1][1], kv[0]))]
         for col, (n, mean, m2) in self.moments.items():
             enc.means[col] = float(mean) if n else 0.0
             std = float(np.sqrt(m2 / n)) if n else 0.0
+            if not (np.isfinite(enc.means[col]) and np.isfinite(std)):
+                raise ValueError(
+                    f"Numeric column `{col}` of {self.source}: expected values whose mean and standard deviation "
+                    f"are finite in float64, but got mean {enc.means[col]}, std {std}: rescale the column (e.g. log)"
+                )
             enc.stds[col] = std if std > 0 else 1.0
         enc.indicators = [col for col in enc.numeric if col in self.has_missing]
         return enc
@@ -246,6 +327,20 @@ def select_features(
             kind = _infer_kind(frame[col], exp.features.auto_max_int_categories)
             inferred[col] = kind
             (categorical if kind == "categorical" else numeric).append(col)
+    for col in exp.features.hash_buckets:
+        if col in numeric and col not in inferred:
+            raise ValueError(
+                f"Column `{col}` in [features] hash_buckets is listed as numeric: expected a categorical column"
+            )
+        if col in inferred and inferred[col] == "numeric":  # auto: a hashed column is a category
+            numeric.remove(col)
+            categorical.append(col)
+            inferred[col] = "categorical"
+        if col not in categorical:
+            raise ValueError(
+                f"Column `{col}` in [features] hash_buckets is not a categorical feature of {source}."
+                f"{did_you_mean(col, categorical)} Categorical features: {', '.join(categorical) or 'none'}"
+            )
     if not categorical and not numeric:
         raise ValueError(f"No feature columns left in {source} after exclusions")
     return categorical, numeric, inferred
@@ -289,7 +384,7 @@ def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.nd
             row = column.index[bad.argmax()]
             raise ValueError(
                 f"Column `{cond.column}` of {source}, row {row}: expected a number to compare in "
-                f"`{cond}`, but got {_plain(column.loc[row])!r}"
+                f"`{cond}`, but got {_plain(column.loc[row])!r}." + bad_rows(column, bad)
             )
         values = numeric.to_numpy(dtype=np.float64)
         target = float(cond.value)
@@ -305,17 +400,23 @@ def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.nd
 
 
 def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, source: str) -> np.ndarray:
-    numeric = pd.to_numeric(column.where(present), errors="coerce").to_numpy(dtype=np.float64)
+    numeric = _to_float(column, present)
     bad = present & ~np.isfinite(numeric)
     if task.kind == "binary":
         bad |= present & np.isfinite(numeric) & (numeric != 0) & (numeric != 1)
+    else:
+        bad |= present & (np.abs(numeric) > FLOAT32_MAX)  # labels are float32: it would become inf
     if bad.any():
         row = column.index[bad.argmax()]
         expected = "0 or 1 (or empty for rows outside the task)" if task.kind == "binary" else "a finite number"
-        hint = " Use `condition` to define a binary label from a text column." if task.kind == "binary" else ""
+        hint = (
+            " Use `condition` to define a binary label from a text column."
+            if task.kind == "binary"
+            else " Regression labels must be finite and within float32's range (about ±3.4e38)."
+        )
         raise ValueError(
             f"Label column `{task.source_column}` of task `{task.name}` in {source}, row {row}: "
-            f"expected {expected}, but got {_plain(column.loc[row])!r}.{hint}"
+            f"expected {expected}, but got {_plain(column.loc[row])!r}.{hint}" + bad_rows(column, bad)
         )
     return np.where(present, numeric, 0.0)
 
@@ -325,15 +426,31 @@ def _numeric_column(frame: pd.DataFrame, col: str, source: str) -> np.ndarray:
     if pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype=np.float64)
     missing = _missing(column)
-    numeric = pd.to_numeric(column.where(~missing), errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~missing & ~np.isfinite(numeric)  # text, and also inf, which would turn the standardised column to NaN
+    numeric = _to_float(column, ~missing)
+    # Text, and also ±inf: imputing it would hide a broken value, keeping it makes the standardised column NaN.
+    bad = ~missing & ~np.isfinite(numeric)
     if bad.any():
         row = column.index[bad.argmax()]
         raise ValueError(
             f"Numeric column `{col}` of {source}, row {row}: expected a finite number, "
-            f"but got {_plain(column.loc[row])!r} (list it under [features] categorical if it is a category)"
+            f"but got {_plain(column.loc[row])!r} (list it under [features] categorical if it is a category; "
+            "leave the cell empty if the value is missing)." + bad_rows(column, bad)
         )
     return numeric
+
+
+def _to_float(column: pd.Series, present: np.ndarray) -> np.ndarray:
+    """The column as float64 where `present`, NaN elsewhere and where a value is not a number."""
+    try:
+        return pd.to_numeric(column.where(present), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError, OverflowError):  # e.g. Python ints beyond int64 or odd objects: one by one
+        out = np.full(len(column), np.nan)
+        for i in np.flatnonzero(present):
+            try:
+                out[i] = float(column.iloc[i])
+            except (TypeError, ValueError, OverflowError):
+                pass
+        return out
 
 
 def _missing(column: pd.Series) -> np.ndarray:
@@ -347,9 +464,94 @@ def _missing(column: pd.Series) -> np.ndarray:
 def _raise_missing(frame: pd.DataFrame, col: str, missing: np.ndarray, source: str) -> None:
     row = frame.index[missing.argmax()]
     raise ValueError(
-        f"Numeric column `{col}` of {source}, row {row}: value is missing ({int(missing.sum())} rows in all) "
-        "and [data] missing_numeric = 'error'; set it to 'impute' to use the training mean and an indicator"
+        f"Numeric column `{col}` of {source}, row {row}: value is missing ({int(missing.sum())} rows of the "
+        f"{len(missing)} read) and [data] missing_numeric = 'error'; fill in the values, or set it to 'impute' "
+        "to use the training mean and an indicator." + bad_rows(frame[col], missing)
     )
+
+
+def bad_rows(column: pd.Series, bad: np.ndarray) -> str:
+    """The end of an error message: the first bad rows of a column with their values, and how many."""
+    positions = np.flatnonzero(bad)
+    shown = ", ".join(f"{column.index[i]} ({_show(column.iloc[i])})" for i in positions[:BAD_ROWS_SHOWN])
+    more = ", …" if len(positions) > BAD_ROWS_SHOWN else ""
+    return (
+        f" Bad rows (counted from 0 = the first data row of the file): {shown}{more}; "
+        f"{len(positions)} of the {len(bad)} rows read."
+    )
+
+
+def _hashable(column: pd.Series, col: str, source: str) -> pd.Series:
+    """The column, after checking that its values are single values, not lists or tables (Parquet nested types)."""
+    if column.dtype == object:
+        odd = column.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray)).to_numpy(dtype=bool)
+        if odd.any():
+            row = column.index[odd.argmax()]
+            raise ValueError(
+                f"Categorical column `{col}` of {source}, row {row}: expected a single value (text or a number), "
+                f"but got {type(column.loc[row]).__name__} {column.loc[row]!r}." + bad_rows(column, odd)
+            )
+    return column
+
+
+def _show(value) -> str:
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)) or value is pd.NA:
+        return "empty"
+    return repr(_plain(value))
+
+
+def category_key(value) -> str:
+    """The text a categorical value is counted, looked up and hashed by. Numbers compare by value and text
+    that reads as a number compares as that number (7, 7.0, "7" and "7.0" are one category), so that a
+    category does not depend on the type a file, or one chunk of a CSV file, happened to be read with."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    if not isinstance(value, str):
+        return str(value)
+    text = value.strip()
+    if text in _BOOL_TEXT:  # what pandas reads as a boolean in a column without other text
+        return _BOOL_TEXT[text]
+    if "_" in text:  # Python reads "1_000" as a number, pandas does not
+        return value
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return value
+    return category_key(number) if np.isfinite(number) else value
+
+
+_BOOL_TEXT = {"True": "True", "TRUE": "True", "true": "True", "False": "False", "FALSE": "False", "false": "False"}
+
+
+def stable_bucket(key: str, buckets: int) -> int:
+    """1 + a bucket in [0, buckets) from a fixed hash of the text (BLAKE2b, not Python's salted `hash`):
+    the same in every process, run and machine. Id 0 stays reserved for missing values."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return 1 + int.from_bytes(digest, "little") % buckets
+
+
+def _json_value(value, key: str):
+    """A vocabulary entry that serialises to JSON and checkpoints: the value, or its text."""
+    value = _plain(value)
+    return value if isinstance(value, str | int | float | bool) else key
+
+
+def _suggest_buckets(max_vocab: int) -> int:
+    """The largest power of two within max_vocab, at most 2^20: a table that max_vocab allows."""
+    return 1 << min(20, max_vocab.bit_length() - 1)
+
+
+def _toml_key(name: str) -> str:
+    return name if name.replace("_", "a").replace("-", "a").isalnum() and name.isascii() else json.dumps(name)
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str], source: str, what: str) -> None:
@@ -398,7 +600,7 @@ def fit_encoder_chunked(exp: Experiment, path: str, csv=None, chunk_rows: int = 
         fitter = fitter or EncoderFitter(exp, frame)
         fitter.update(frame)
     if fitter is None:
-        raise ValueError(f"The training data {path} has no rows")
+        raise ValueError(f"Expected the training data {path} to have data rows, but it has none")
     return fitter.finish()
 
 
@@ -413,13 +615,15 @@ def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 131_072
         columns = list(dict.fromkeys(encoder.categorical + encoder.numeric + _task_columns(encoder)))
     chunks = (encoder.transform(frame) for frame in iter_frames(path, csv, chunk_rows, columns))
     if total is None:
-        parts = list(chunks)
+        parts = [p for p in chunks if len(p)]
         if not parts:
-            raise ValueError(f"{path} has no rows")
+            raise ValueError(f"Expected {path} to have data rows, but it has none")
         return EncodedTable(
             *(torch.cat([getattr(p, f) for p in parts]) for f in ("sparse", "dense", "labels", "label_mask")),
             source=str(path),
         )
+    if total == 0:
+        raise ValueError(f"Expected {path} to have data rows, but it has none")
     num_tasks = len(encoder.tasks)
     table = EncodedTable(
         sparse=torch.empty(total, len(encoder.categorical), dtype=_torch_int(encoder.vocab_sizes)),

@@ -24,6 +24,7 @@ import torch
 
 from plerec.config import Experiment
 from plerec.data.encode import Batch, EncodedTable, Encoder
+from plerec.data.table import check_column_names
 from plerec.distributed import SINGLE_PROCESS, DistContext
 
 ENCODER_FILE = "encoder.json"
@@ -52,12 +53,14 @@ def parquet_files(path: str | Path) -> list[Path]:
 
 
 def row_groups(files: list[Path]) -> list[RowGroup]:
-    """Every row group of the files, after checking that all files share one schema."""
+    """Every row group of the files, after checking that all files share one schema with distinct
+    column names, and that they hold at least one row."""
     groups: list[RowGroup] = []
     reference = None
     for file in files:
         meta = pq.ParquetFile(file)
         schema = meta.schema_arrow
+        check_column_names(schema.names, str(file))
         if reference is None:
             reference = (file, schema)
         elif not schema.equals(reference[1]):
@@ -84,11 +87,18 @@ def row_groups(files: list[Path]) -> list[RowGroup]:
             n = meta.metadata.row_group(i).num_rows
             groups.append(RowGroup(str(file), i, first, n))
             first += n
+    if not any(g.num_rows for g in groups):
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} Parquet files)"
+        raise ValueError(f"Expected {where} to have data rows, but it has none")
     return groups
 
 
 def read_group(group: RowGroup, columns: list[str] | None = None) -> pd.DataFrame:
-    frame = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns).to_pandas()
+    """One row group as a DataFrame; of `columns`, those the file lacks are left out (the encoder names them)."""
+    reader = pq.ParquetFile(group.file)
+    if columns is not None:
+        columns = [c for c in columns if c in reader.schema_arrow.names]
+    frame = reader.read_row_group(group.index, columns=columns).to_pandas()
     frame.index = pd.RangeIndex(group.first_row, group.first_row + len(frame))  # file row numbers in errors
     frame.attrs["source"] = f"{group.file} (row group {group.index})"
     return frame

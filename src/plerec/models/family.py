@@ -7,6 +7,8 @@ layers. A tower is a ReLU MLP ending in one linear output per task.
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -26,8 +28,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_positive("embedding_dim", [self.embedding_dim])
-        if not self.embedding_init_std > 0:
-            raise ValueError(f"Expected `embedding_init_std` > 0, but got {self.embedding_init_std}")
+        if not (self.embedding_init_std > 0 and math.isfinite(self.embedding_init_std)):
+            raise ValueError(f"Expected `embedding_init_std` to be finite and > 0, but got {self.embedding_init_std}")
         _check_positive("tower_dims", self.tower_dims)
 
 
@@ -68,8 +70,9 @@ class LevelConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_task_experts", "num_shared_experts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Expected `{name}` to be >= 0, but got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Expected `{name}` to be an integer >= 0, but got {value}")
         if self.num_task_experts + self.num_shared_experts == 0:
             raise ValueError("Expected a level to have at least one task or shared expert, but got none")
         _check_positive("expert_dims", self.expert_dims, allow_empty=False)
@@ -134,6 +137,11 @@ class MLMMoEConfig(MoEConfig):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AsymmetricConfig(SharedBottomConfig):
     source_task: int = 0
+
+    def __post_init__(self) -> None:
+        SharedBottomConfig.__post_init__(self)
+        if not isinstance(self.source_task, int) or isinstance(self.source_task, bool) or self.source_task < 0:
+            raise ValueError(f"Expected `source_task` to be an integer >= 0, but got {self.source_task}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -525,11 +533,26 @@ def model_config(name: str, params: dict | None = None) -> ModelConfig:
         if key not in valid:
             raise unknown_key(key, valid, f"[model] for `{name}`")
         if key == "levels":
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"Expected [model] `levels` to be a list of tables, but got {value!r}")
             value = tuple(_level(j, lv) for j, lv in enumerate(value))
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _typed(value, typing.get_type_hints(cls)[key], f"[model] `{key}`")
         values[key] = value
     return cls(**values)
+
+
+def _typed(value, hint, where: str):
+    """A TOML value checked against a hyperparameter's type (int, float or a tuple of ints)."""
+    if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"Expected {where} to be {'a number' if hint is float else 'an integer'}, but got {value!r}")
+    if hint is float:
+        return float(value)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"Expected {where} to be a list of integers, but got {value!r}")
+        return tuple(value)
+    return value
 
 
 def _level(j: int, level) -> LevelConfig:
@@ -541,7 +564,8 @@ def _level(j: int, level) -> LevelConfig:
     for key in level:
         if key not in valid:
             raise unknown_key(key, valid, f"[model] levels[{j}]")
-    return LevelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in level.items()})
+    hints = typing.get_type_hints(LevelConfig)
+    return LevelConfig(**{k: _typed(v, hints[k], f"[model] levels[{j}] `{k}`") for k, v in level.items()})
 
 
 def build_model(name: str, config: ModelConfig | dict | None, vocab_sizes, num_dense: int, num_tasks: int):
