@@ -83,8 +83,10 @@ def export_model(
         _export_onnx(TaskOutputs(model, names, kinds), inputs, names, tmp)
     else:
         with warnings.catch_warnings():
-            # The tracer warns about Python branches on weight shapes (constants for a given model).
+            # The tracer warns about Python branches on weight shapes (constants for a given model), and
+            # torch 2.13 marks TorchScript deprecated (ONNX is the format to prefer; see the README).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(TaskOutputs(model, names, kinds, as_dict=True), inputs, strict=False)
         traced.save(str(tmp))
     os.replace(tmp, out)
