@@ -90,7 +90,7 @@ def log_length_factor(length: np.ndarray, config: RankConfig, rows: Sequence | N
         )
     if bad.any():
         i = int(bad.argmax())
-        raise ValueError(f"Length column `{name}`, row {rows[i]}: expected {expected}, but got {length[i]!r}")
+        raise ValueError(f"Length column `{name}`, row {rows[i]}: expected {expected}, but got {float(length[i])!r}")
     if transform == "none":
         return np.log(length)
     if transform == "log":
