@@ -177,6 +177,10 @@ def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
             parts.append(f"`{where}`: {e.get('msg')}")
         return JSONResponse({"error": "; ".join(parts)}, status_code=422)
 
+    @app.exception_handler(Exception)
+    def internal_error(request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"Internal error: {type(err).__name__}: {err}"}, status_code=500)
+
     def scored(frame: pd.DataFrame) -> pd.DataFrame:
         try:
             return scorer.score(frame)
@@ -200,6 +204,8 @@ def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
 
     @app.post("/rank")
     def rank_items(body: RankRequest) -> dict:
+        if not body.candidates:
+            raise RequestError(422, "Expected at least one row in `candidates`, but got none")
         if body.top_k is not None and body.top_k < 1:
             raise RequestError(422, f"Expected `top_k` >= 1, but got {body.top_k}")
         top_k = rank.top_k if body.top_k is None else body.top_k
