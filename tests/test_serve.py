@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from tiny_ship import candidates, train_tiny
 
 from plerec.config import load_experiment
 from plerec.rank import Scorer
-from plerec.serve import bind
+from plerec.serve import RowReader, bind
 
 FEATURES = ["cat", "device", "a", "b"]
 
@@ -226,6 +227,23 @@ def test_invalid_json_gets_a_400_and_the_service_keeps_serving(service):
     assert status == 200
     assert body["predictions"][0]["click"] == pytest.approx(scorer.score(frame)["click"].iloc[0], rel=1e-6)
     assert process.poll() is None
+
+
+def test_request_rows_are_encoded_exactly_as_the_encoder_does(service):
+    _, scorer, _ = service
+    frame = candidates(30, seed=23)
+    frame.loc[5, "device"] = 7  # an unseen numeric id
+    frame.loc[6, "device"] = None
+    rows = json_rows(frame, FEATURES + ["duration"])
+    assert rows[0]["cat"] == "never-seen" and rows[1]["cat"] is None and rows[2]["a"] is None
+    reader = RowReader(scorer, max_rows=100)
+    reader.check(rows, "rows")
+    got = reader.encode(rows, "rows")
+    expected = scorer.encoder.transform(frame, labels=False)
+    assert got.sparse.tolist() == expected.sparse.long().tolist()
+    assert got.sparse[:2, 0].tolist() == [0, 0] and got.sparse[6, 1] == 0 and got.sparse[5, 1] == 0
+    assert torch.equal(got.dense, expected.dense)
+    assert got.dense.shape[1] == 3 and got.dense[2, 2] == 1.0  # `a` was missing in training: an indicator
 
 
 def test_bind_takes_a_free_localhost_port():

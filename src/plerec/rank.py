@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from plerec.config import Experiment, RankConfig, TaskConfig
-from plerec.data.encode import Encoder
+from plerec.data.encode import EncodedTable, Encoder
 from plerec.models import MultiTaskModel
 
 RESERVED_COLUMNS = ("score", "log_score", "rank")
@@ -159,18 +159,19 @@ class Scorer:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def logits(self, frame: pd.DataFrame) -> torch.Tensor:
-        """(N, T) logits of raw rows (label columns are not read)."""
-        from plerec.train import predict
-
-        return predict(self.model, self.encoder.transform(frame, labels=False), self.batch_size)
-
     def score(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Per-task predictions, the fused `score` of Eq. 1 and its `log_score`, indexed like `frame`."""
-        logits = self.logits(frame)
-        length = self._length(frame)
-        log_score = fused_log_score(logits, self.tasks, self.rank, length, frame.index)
-        out = pd.DataFrame(task_outputs(logits, self.tasks), columns=self.task_names, index=frame.index)
+        table = self.encoder.transform(frame, labels=False)
+        return self.score_table(table, self._length(frame), frame.index)
+
+    def score_table(self, table: EncodedTable, length: np.ndarray | None = None, index=None) -> pd.DataFrame:
+        """`score` of rows already encoded; `length` is the raw [rank] length column, `index` labels the rows."""
+        from plerec.train import predict
+
+        logits = predict(self.model, table, self.batch_size)
+        index = pd.RangeIndex(len(table)) if index is None else index
+        log_score = fused_log_score(logits, self.tasks, self.rank, length, index)
+        out = pd.DataFrame(task_outputs(logits, self.tasks), columns=self.task_names, index=index)
         out["score"] = np.exp(log_score)
         out["log_score"] = log_score
         return out

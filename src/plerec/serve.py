@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from plerec.data.encode import EncodedTable
 from plerec.errors import did_you_mean
 from plerec.rank import Scorer, rank_within_groups
 
@@ -73,11 +74,19 @@ def _finite(value: int | float) -> bool:
         return False
 
 
+_TYPES = {"string": (str,), "number": (int, float), "boolean": (bool,)}  # what JSON parses into
+
+
 class RowReader:
-    """Checks request rows against the model's columns and turns them into a DataFrame."""
+    """Checks request rows against the model's columns and encodes them as the Encoder does.
+
+    Vocabulary lookups are dicts built once, so a request costs a dict lookup per value instead of the
+    DataFrame and index building of `Encoder.transform` (which the tests check it matches exactly).
+    """
 
     def __init__(self, scorer: Scorer, max_rows: int):
         encoder, rank = scorer.encoder, scorer.rank
+        self.encoder = encoder
         self.max_rows = max_rows
         self.numeric = list(encoder.numeric)
         self.categorical = list(encoder.categorical)
@@ -85,70 +94,111 @@ class RowReader:
         self.kinds = {
             c: {_json_kind(v) for v in encoder.vocabs[c]} or {"string", "number", "boolean"} for c in self.categorical
         }
+        self.types = {c: tuple(t for k in sorted(self.kinds[c]) for t in _TYPES[k]) for c in self.categorical}
+        # Where a column holds booleans next to numbers, keys say which is which: Python's True == 1, and
+        # true must not find the id of 1 (the Encoder keeps them apart).
+        self.tagged = {c: "boolean" in self.kinds[c] and len(self.kinds[c]) > 1 for c in self.categorical}
+        self.ids_of = {
+            c: {((type(v) is bool, v) if self.tagged[c] else v): i + 1 for i, v in enumerate(encoder.vocabs[c])}
+            for c in self.categorical
+        }
         self.length = rank.length
         self.ids = [c for c in (rank.group, rank.item) if c]
         self.required = list(dict.fromkeys(self.categorical + self.numeric + ([self.length] if self.length else [])))
         self.allowed = set(self.required) | set(self.ids)
 
-    def frame(self, rows: list[dict[str, Any]], what: str) -> pd.DataFrame:
+    def check(self, rows: list[dict[str, Any]], what: str) -> None:
         if not rows:
             raise RequestError(422, f"Expected at least one row in `{what}`, but got none")
         if len(rows) > self.max_rows:
             raise RequestError(413, f"Expected at most {self.max_rows} rows in `{what}`, but got {len(rows)}")
         for i, row in enumerate(rows):
-            self._check(row, f"{what}[{i}]")
-        frame = pd.DataFrame(index=pd.RangeIndex(len(rows)))
-        for column in self.required:
-            values = [row[column] for row in rows]
-            if column in self.categorical:
-                frame[column] = pd.Series(values, dtype=object)
-            else:
-                frame[column] = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
-        for column in self.ids:
-            frame[column] = pd.Series([row.get(column) for row in rows], dtype=object)
-        frame.attrs["source"] = f"the request's `{what}`"
-        return frame
+            self._check(row, what, i)
 
-    def _check(self, row: dict[str, Any], where: str) -> None:
+    def encode(self, rows: list[dict[str, Any]], what: str) -> EncodedTable:
+        """The checked rows as the model's inputs: what `Encoder.transform` gives for the same values."""
+        n, encoder = len(rows), self.encoder
+        sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
+        for j, column in enumerate(self.categorical):
+            ids = self.ids_of[column]
+            if self.tagged[column]:
+                sparse[:, j] = [ids.get((type(row[column]) is bool, row[column]), 0) for row in rows]
+            else:
+                sparse[:, j] = [ids.get(row[column], 0) for row in rows]
+        dense = np.zeros((n, len(encoder.dense_names)), dtype=np.float32)
+        for j, column in enumerate(self.numeric):
+            values = np.array([np.nan if row[column] is None else row[column] for row in rows], dtype=np.float64)
+            missing = np.isnan(values)
+            if missing.any() and encoder.missing_numeric == "error":
+                raise RequestError(
+                    422,
+                    f"{what}[{int(missing.argmax())}]: `{column}` is null, but the model was trained with "
+                    "[data] missing_numeric = 'error'",
+                )
+            dense[:, j] = (np.where(missing, encoder.means[column], values) - encoder.means[column]) / encoder.stds[
+                column
+            ]
+            if column in encoder.indicators:
+                dense[:, len(self.numeric) + encoder.indicators.index(column)] = missing
+        tasks = len(encoder.tasks)
+        return EncodedTable(
+            sparse=torch.from_numpy(sparse),
+            dense=torch.from_numpy(dense),
+            labels=torch.zeros(n, tasks),
+            label_mask=torch.zeros(n, tasks, dtype=torch.bool),
+            source=f"the request's `{what}`",
+        )
+
+    def lengths(self, rows: list[dict[str, Any]]) -> np.ndarray | None:
+        if not self.length:
+            return None
+        return np.array([row[self.length] for row in rows], dtype=np.float64)
+
+    def _check(self, row: dict[str, Any], what: str, i: int) -> None:
         for key in row:
             if key not in self.allowed:
                 raise RequestError(
                     422,
-                    f"{where}: unknown field `{key}`.{did_you_mean(key, self.allowed)} "
+                    f"{what}[{i}]: unknown field `{key}`.{did_you_mean(key, self.allowed)} "
                     f"Expected the fields {', '.join(sorted(self.allowed))}",
                 )
-        for column in self.required:
+        for column in self.categorical:
             if column not in row:
+                self._missing(what, i, column)
+            value = row[column]
+            if value is not None and type(value) not in self.types[column]:
+                expected = " or ".join(sorted(self.kinds[column]))
                 raise RequestError(
                     422,
-                    f"{where}: missing field `{column}` (every feature must be present; null marks a missing value)",
+                    f"{what}[{i}]: expected `{column}` to be a {expected} (the type of its training values) or null, "
+                    f"but got {_json_kind(value)} {value!r}",
                 )
+        for column in self.numeric:
+            if column not in row:
+                self._missing(what, i, column)
             value = row[column]
-            kind = _json_kind(value)
-            if column == self.length:
-                if kind != "number" or not _finite(value):
-                    raise RequestError(
-                        422, f"{where}: expected the length `{column}` to be a finite number, but got {value!r}"
-                    )
-            elif column in self.categorical:
-                if kind != "null" and kind not in self.kinds[column]:
-                    expected = " or ".join(sorted(self.kinds[column]))
-                    raise RequestError(
-                        422,
-                        f"{where}: expected `{column}` to be a {expected} (the type of its training values) or null, "
-                        f"but got {kind} {value!r}",
-                    )
-            elif kind == "null":
-                continue
-            elif kind != "number" or not _finite(value):
+            if value is not None and (type(value) not in (int, float) or not _finite(value)):
                 raise RequestError(
-                    422, f"{where}: expected `{column}` to be a finite number or null, but got {kind} {value!r}"
+                    422,
+                    f"{what}[{i}]: expected `{column}` to be a finite number or null, but got {_json_kind(value)} "
+                    f"{value!r}",
+                )
+        if self.length:
+            value = row.get(self.length)
+            if type(value) not in (int, float) or not _finite(value):
+                raise RequestError(
+                    422, f"{what}[{i}]: expected the length `{self.length}` to be a finite number, but got {value!r}"
                 )
         for column in self.ids:
-            if column in row and _json_kind(row[column]) not in ("string", "number", "boolean"):
+            if column in row and type(row[column]) not in (str, int, float, bool):
                 raise RequestError(
-                    422, f"{where}: expected the id `{column}` to be a string or number, but got {row[column]!r}"
+                    422, f"{what}[{i}]: expected the id `{column}` to be a string or number, but got {row[column]!r}"
                 )
+
+    def _missing(self, what: str, i: int, column: str) -> None:
+        raise RequestError(
+            422, f"{what}[{i}]: missing field `{column}` (every feature must be present; null marks a missing value)"
+        )
 
 
 def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
@@ -181,10 +231,11 @@ def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
     def internal_error(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse({"error": f"Internal error: {type(err).__name__}: {err}"}, status_code=500)
 
-    def scored(frame: pd.DataFrame) -> pd.DataFrame:
+    def scored(rows: list[dict[str, Any]], what: str) -> pd.DataFrame:
+        reader.check(rows, what)
         try:
-            return scorer.score(frame)
-        except ValueError as err:  # e.g. a missing value the model was trained to refuse
+            return scorer.score_table(reader.encode(rows, what), reader.lengths(rows))
+        except ValueError as err:  # e.g. a regression value Eq. 1 cannot take the log of
             raise RequestError(422, " ".join(str(err).split())) from None
 
     @app.get("/health")
@@ -199,7 +250,7 @@ def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
 
     @app.post("/score")
     def score(body: ScoreRequest) -> dict:
-        out = scored(reader.frame(body.rows, "rows"))
+        out = scored(body.rows, "rows")
         return {"tasks": scorer.task_names, "predictions": out.to_dict(orient="records")}
 
     @app.post("/rank")
@@ -230,9 +281,8 @@ def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
                     422, f"Expected the candidates of one user, but `{rank.group}` takes {len(users)} values"
                 )
             user = users.pop()
-        frame = reader.frame(rows, "candidates")
-        out = scored(frame)
-        order, ranks = rank_within_groups(np.zeros(len(frame), dtype=np.int64), out["log_score"].to_numpy())
+        out = scored(rows, "candidates")
+        order, ranks = rank_within_groups(np.zeros(len(rows), dtype=np.int64), out["log_score"].to_numpy())
         keep = order if not top_k else order[:top_k]
         predictions = out.to_dict(orient="records")
         items = []
