@@ -283,3 +283,13 @@ def test_bad_rank_weight_is_rejected():
     raw["tasks"][0]["rank_weight"] = "high"
     with pytest.raises(ValueError, match="`rank_weight` to be a number, but got 'high'"):
         experiment_from_dict(raw)
+
+
+def test_task_named_like_an_output_column_is_refused(trained):
+    _, checkpoint, experiment = trained
+    exp = load_experiment(experiment)
+    scorer = Scorer.from_checkpoint(checkpoint, exp)
+    with pytest.raises(ValueError, match=r"Task names \['score'\] clash with the ranking's output columns"):
+        Scorer(scorer.model, scorer.encoder, (replace(exp.tasks[0], name="score"), exp.tasks[1]), exp.rank)
+    with pytest.raises(ValueError, match="`group` and `item` to be different columns, but both are 'user'"):
+        Scorer(scorer.model, scorer.encoder, exp.tasks, replace(exp.rank, item="user"))

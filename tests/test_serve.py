@@ -262,3 +262,12 @@ def test_cli_serve_defaults_to_localhost(capsys):
 
     args = _parser().parse_args(["serve", "--checkpoint", "x.pt"])
     assert (args.host, args.port) == ("127.0.0.1", 8080)
+
+
+def test_cli_serve_errors(tmp_path, capsys):
+    from plerec.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "plerec: error: Checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--set", "rank.top_k=3"]) == 2
+    assert "Expected --experiment next to --set" in capsys.readouterr().err
