@@ -30,7 +30,8 @@ REQUIREMENTS = HERE / "requirements-peers.txt"
 CONSTRAINTS = ROOT / "constraints.txt"
 
 PLEREC = "plerec"
-OWN_TRAINERS = ("plerec", "torch-rechub", "deepctr-torch")
+PLEREC_BF16 = "plerec-bf16"  # plerec with [train] bf16 = true: bfloat16 autocast (AMX/AVX-512 BF16 on CPU)
+OWN_TRAINERS = ("plerec", "plerec-bf16", "torch-rechub", "deepctr-torch")
 ON_PLEREC_BATCHING = ("torch-rechub+plerec-batching", "deepctr-torch+plerec-batching")
 LIBRARIES = OWN_TRAINERS + ON_PLEREC_BATCHING
 MODELS = ("ple", "mmoe")
@@ -237,7 +238,7 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
 
     base = {"data": str((args.out / "data").resolve()), "threads": args.threads, "seed": args.seed}
     encoder_path = work / "plerec_encoder.json"
-    if any(lib == PLEREC or lib in ON_PLEREC_BATCHING for lib in libraries) and not (
+    if any(lib in (PLEREC, PLEREC_BF16) or lib in ON_PLEREC_BATCHING for lib in libraries) and not (
         args.resume and encoder_path.exists()
     ):
         # Short runs read the head of the training file but keep the vocabularies of the whole file, so
@@ -262,7 +263,7 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
         full = r == 0
         spec = {**base, "library": lib, "model": model, "batch_size": bs}
         spec["train_file"] = "train.parquet" if full else "train_head.parquet"
-        if not full and (lib == PLEREC or lib in ON_PLEREC_BATCHING):
+        if not full and (lib in (PLEREC, PLEREC_BF16) or lib in ON_PLEREC_BATCHING):
             spec["encoder"] = str(encoder_path.resolve())
         kind = "full" if full else "short"
         name = f"{lib}-{model}-{bs}-r{r}"

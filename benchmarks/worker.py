@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from sklearn.metrics import roc_auc_score
 
 ARCH = {
     "embedding_dim": 16,
@@ -52,18 +51,22 @@ def main(spec_path: str, result_path: str) -> None:
     meta = json.loads((data_dir / "meta.json").read_text())
     runner = {
         "plerec": run_plerec,
+        "plerec-bf16": run_plerec,
         "torch-rechub": run_rechub,
         "deepctr-torch": run_deepctr,
         "torch-rechub+plerec-batching": run_peer_on_plerec_batching,
         "deepctr-torch+plerec-batching": run_peer_on_plerec_batching,
     }[spec["library"]]
     out = runner(spec, meta, data_dir)
+    # The library's peak, before the harness imports scikit-learn to score the predictions.
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    from sklearn.metrics import roc_auc_score
+
     labels = out.pop("test_labels")
     probs = out.pop("test_scores")
     out["auc"] = {t: float(roc_auc_score(labels[:, k], probs[:, k])) for k, t in enumerate(meta["tasks"])}
     out["train_samples_per_s"] = out["train_rows"] / out["train_seconds"]
     out["infer_samples_per_s"] = out["infer_rows"] / out["infer_seconds"]
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     out["torch_threads"] = torch.get_num_threads()
     out["load_average_start_end"] = [load_start[0], os.getloadavg()[0]]
     if "plerec" in sys.modules:
@@ -94,6 +97,7 @@ def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
             "epochs": 1,
             "threads": spec["threads"],
             "progress": False,
+            "bf16": spec["library"] == "plerec-bf16",
         },
     }
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import plerec.train as train_module
+from plerec.checkpoint import read_checkpoint_file
 from plerec.config import experiment_from_dict
 from plerec.data.encode import EncodedTable
 from plerec.models import build_model
@@ -232,7 +233,7 @@ def test_early_stopping_respects_patience_and_restores_best_epoch(table_path, mo
     restored = result.model.state_dict()
     assert all(torch.equal(restored[k], best_state[k]) for k in best_state)
     assert not all(torch.equal(restored[k], snapshots[3][k]) for k in best_state)  # not the last epoch's
-    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    payload = read_checkpoint_file(tmp_path / "best.pt")
     assert payload["epoch"] == 2
     assert all(torch.equal(payload["state_dict"][k], best_state[k]) for k in best_state)
 

@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides train.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (last.pt); starts afresh if there is none",
+    )
     p.set_defaults(run=_train)
 
     p = sub.add_parser("prepare", help="one pass over the training data: vocabularies and statistics to --out")
@@ -199,7 +204,7 @@ def _train(args) -> int:
     try:
         talk = ctx.is_main and not args.quiet
         log = (lambda msg: print(msg, file=sys.stderr)) if talk else None
-        data = prepare_data(exp)
+        data = prepare_data(exp, encoder=_resumed_encoder(args.out) if args.resume else None)
         if talk:
             _describe_data(exp, data)
             if ctx.enabled:
@@ -208,13 +213,23 @@ def _train(args) -> int:
                     f"per rank and step, device {ctx.device}",
                     file=sys.stderr,
                 )
-        result = fit(exp, data, out_dir=args.out, log=log, ctx=ctx)
+        result = fit(exp, data, out_dir=args.out, log=log, ctx=ctx, resume=args.resume)
         if ctx.is_main:
             print(_metrics_table({exp.model_name: result.metrics.get("test", result.metrics["valid"])}, exp))
             print(f"best epoch {result.best_epoch}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
     finally:
         shutdown(ctx)
     return 0
+
+
+def _resumed_encoder(out: Path):
+    """The vocabularies of the run being resumed (no pass over the data to fit them again)."""
+    from plerec.checkpoint import read_checkpoint_file
+    from plerec.data.encode import Encoder
+    from plerec.train import LAST
+
+    path = out / LAST
+    return Encoder.from_state_dict(read_checkpoint_file(path)["encoder"]) if path.exists() else None
 
 
 def _prepare(args) -> int:
@@ -238,15 +253,22 @@ def _prepare(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from plerec.config import load_experiment
+    from plerec.checkpoint import differences
+    from plerec.config import experiment_to_dict, load_experiment
     from plerec.train import evaluate_split, load_checkpoint, prepare_data, write_json
 
     exp = load_experiment(args.experiment, args.overrides)
     model, encoder, trained = load_checkpoint(args.checkpoint)
-    if [(t.name, t.kind) for t in trained.tasks] != [(t.name, t.kind) for t in exp.tasks]:
+    # What decides the inputs, the outputs and the weights' shapes; loss weights do not matter here.
+    scored = ("name", "kind", "label", "condition", "space")
+    saved, now = experiment_to_dict(trained), experiment_to_dict(exp)
+    for side in (saved, now):
+        side["tasks"] = [{k: v for k, v in t.items() if k in scored} for t in side["tasks"]]
+    differ = [d for part in ("features", "tasks", "model") for d in differences(saved[part], now[part], part)]
+    if differ:
         raise ValueError(
-            f"The checkpoint {args.checkpoint} was trained on tasks {[t.name for t in trained.tasks]}, "
-            f"but {args.experiment} defines {[t.name for t in exp.tasks]}"
+            f"The checkpoint {args.checkpoint} was made for another schema or model than {args.experiment} "
+            f"describes (checkpoint -> experiment): {'; '.join(differ)}"
         )
     if exp.data.path and exp.data.path == trained.data.path and _split_of(exp) != _split_of(trained):
         raise ValueError(

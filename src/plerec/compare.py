@@ -130,7 +130,7 @@ def compare(
                 continue
             say(f"{name} seed {seed}: training")
             run_exp = replace(exp.with_model(name, params), seed=seed)
-            result = fit(run_exp, data, out_dir=run_dir, log=say)
+            result = fit(run_exp, data, out_dir=run_dir, log=say, resume=True)  # an interrupted run continues
             run = Run(
                 model=name,
                 seed=seed,

@@ -205,8 +205,15 @@ class TrainConfig:
     sparse_embeddings: bool = True
     device: str = "cpu"
     bf16: bool = False
+    checkpoint_every: int = 10_000
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                "Expected [train] `checkpoint_every` >= 0 (steps; 0 = at epoch ends only), "
+                f"but got {self.checkpoint_every}"
+            )
         for name in ("batch_size", "eval_batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected [train] `{name}` >= 1, but got {getattr(self, name)}")

@@ -63,6 +63,7 @@ def run_demo(
     results = {}
     for name in DEMO_MODELS:
         say(f"training {name}")
+        (out / name / "last.pt").unlink(missing_ok=True)  # the demo always trains from scratch
         result = fit(base.with_model(name, per_model[name]), data, out_dir=out / name, log=say)
         results[name] = result.metrics["test"]
     table = metrics_table(results, base.task_kinds)

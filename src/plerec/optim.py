@@ -15,10 +15,35 @@ import torch
 
 
 class RowSparseAdam(torch.optim.Optimizer):
+    """Lazy Adam for parameters with sparse gradients (nn.Embedding(sparse=True)).
+
+    Duplicate ids of a batch are summed by scattering into a persistent zeroed buffer and the touched
+    rows are read off a persistent bitmap, instead of coalescing (sorting) the gradient: both scratch
+    buffers are cleared again on the touched rows only. Both moments of a row live side by side in one
+    (rows, 2, dim) tensor, so a step reads and writes them with one gather and one scatter.
+    """
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"Expected lr > 0, eps > 0 and betas in [0, 1), but got lr={lr}, betas={betas}, eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self._scratch: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # not state: never saved
+
+    def _touched(self, param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the gradient touches (ascending) and their summed gradients."""
+        if grad.is_coalesced():
+            return grad.indices()[0], grad.values()
+        if param not in self._scratch:
+            self._scratch[param] = (torch.zeros_like(param), torch.zeros(param.shape[0], dtype=torch.bool))
+        total, seen = self._scratch[param]
+        ids, values = grad._indices()[0], grad._values()
+        total.index_add_(0, ids, values)  # duplicate ids add up, as in the dense gradient
+        seen[ids] = True
+        rows = seen.nonzero().squeeze(1)
+        summed = total.index_select(0, rows)
+        total.index_fill_(0, rows, 0.0)
+        seen[rows] = False
+        return rows, summed
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer.step
@@ -34,16 +59,14 @@ class RowSparseAdam(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
+                    state["moments"] = torch.zeros(param.shape[0], 2, *param.shape[1:], dtype=param.dtype)
                 state["step"] += 1
-                grad = grad.coalesce()  # duplicate ids add up, as in the dense gradient
-                rows, values = grad.indices()[0], grad.values()
-                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
-                exp_avg_sq.addcmul_(values, values, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, exp_avg)
-                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                rows, values = self._touched(param, grad)
+                moments = state["moments"].index_select(0, rows)  # (U, 2, dim): exp_avg, exp_avg_sq
+                exp_avg, exp_avg_sq = moments[:, 0], moments[:, 1]
+                exp_avg.lerp_(values, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                state["moments"].index_copy_(0, rows, moments)
                 t = state["step"]
                 step_size = group["lr"] / (1 - beta1**t)
                 denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])

@@ -28,9 +28,17 @@ class InMemoryBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.table) / self.batch_size)
 
-    def epoch(self) -> Iterator[Batch]:
+    def state(self) -> dict:
+        """Where the shuffling stands: taken at the start of an epoch, it replays that epoch."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def epoch(self, skip: int = 0) -> Iterator[Batch]:
+        """The epoch's batches; `skip` leaves out the first ones (a resumed run has done them)."""
         order = torch.randperm(len(self.table), generator=self.generator)  # same on every rank
-        for i in range(len(self)):
+        for i in range(skip, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             if self.ctx.enabled:
                 index = index.tensor_split(self.ctx.world_size)[self.ctx.rank]

@@ -145,31 +145,49 @@ class ParquetBatches:
         self.local_batch = batch_size // ctx.world_size
         self.seed = seed
         self.ctx = ctx
-        self.generator = torch.Generator().manual_seed(seed)
         self.epoch_index = 0
 
-    def _assignment(self, epoch: int) -> list[list[RowGroup]]:
+    def _assignment(self, epoch: int) -> list[list[tuple[int, RowGroup]]]:
+        """Each rank's row groups for the epoch, with each group's position in the whole split."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
-        shuffled = [self.groups[i] for i in order]
+        shuffled = [(int(i), self.groups[i]) for i in order]
         return [shuffled[r :: self.ctx.world_size] for r in range(self.ctx.world_size)]
 
     def steps(self, epoch: int) -> int:
-        rows = [sum(g.num_rows for g in mine) for mine in self._assignment(epoch)]
+        rows = [sum(g.num_rows for _, g in mine) for mine in self._assignment(epoch)]
         return max(math.ceil(n / self.local_batch) for n in rows)
 
     def __len__(self) -> int:
         return self.steps(self.epoch_index)
 
-    def epoch(self) -> Iterator[Batch]:
+    def state(self) -> dict:
+        """Where the shuffling stands: taken at the start of an epoch, it replays that epoch. Every
+        shuffle is a function of (seed, epoch, row group), so the epoch number is the whole state and
+        it is the same on every rank."""
+        return {"epoch_index": self.epoch_index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch_index = int(state["epoch_index"])
+
+    def epoch(self, skip: int = 0) -> Iterator[Batch]:
+        """The epoch's batches; `skip` leaves out the first ones (a resumed run has done them); row groups
+        wholly inside the skipped batches are not read."""
         epoch = self.epoch_index
         self.epoch_index += 1
         steps = self.steps(epoch)
         mine = self._assignment(epoch)[self.ctx.rank]
         pending: EncodedTable | None = None
-        done = 0
-        for group in mine:
+        done = min(skip, steps)
+        to_drop = done * self.local_batch  # rows of this rank inside the skipped batches
+        for position, group in mine:
+            if to_drop >= group.num_rows:
+                to_drop -= group.num_rows
+                continue
             chunk = self.encoder.transform(read_group(group, self.columns))
-            chunk = _take(chunk, torch.randperm(len(chunk), generator=self.generator))
+            shuffle = np.random.default_rng([self.seed, epoch, position]).permutation(len(chunk))
+            chunk = _take(chunk, torch.from_numpy(shuffle))
+            if to_drop:
+                chunk, to_drop = chunk.batch_table(slice(to_drop, None)), 0
             pending = chunk if pending is None else _concat(pending, chunk)
             while len(pending) >= self.local_batch and done < steps:
                 yield pending.batch(slice(0, self.local_batch))

