@@ -107,6 +107,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_sweep)
 
+    p = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, with a JSON sidecar for encoding raw rows")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by `plerec train` (best.pt)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, type=Path, help="model file to write; the sidecar goes to OUT.json")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("rank", help="score a candidate table, fuse the tasks by Eq. 1 and rank the items per user")
+    p.add_argument("experiment", type=Path, help="experiment TOML: task rank_weight and the [rank] section")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--input", required=True, type=Path, help="candidate table (CSV, gzipped CSV or Parquet)")
+    p.add_argument("--out", required=True, type=Path, help="ranked table to write (.csv, .csv.gz or .parquet)")
+    p.add_argument("--top-k", type=int, help="keep the k best items per user (default: [rank] top_k; 0 keeps all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(run=_rank)
+
+    p = sub.add_parser("serve", help="an HTTP JSON service: /score, /rank and /health")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument(
+        "--experiment", type=Path, help="take task rank_weight and [rank] from this file (default: the checkpoint's)"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed on start)")
+    p.add_argument("--max-rows", type=int, default=10_000, help="largest number of rows one request may send")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.set_defaults(run=_serve)
+
     p = sub.add_parser("demo", help="the main job: synthetic data, five models, per-task metrics and MTL gains")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--rows", type=int, default=100_000)
@@ -295,6 +322,58 @@ def _sweep(args) -> int:
     sweep(exp, correlations, args.models, args.seeds, args.out, log=log)
     print((args.out / "sweep.md").read_text())
     print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.png and one comparison folder per correlation")
+    return 0
+
+
+def _export(args) -> int:
+    from plerec.export import export_model
+    from plerec.train import load_checkpoint
+
+    model, encoder, exp = load_checkpoint(args.checkpoint)
+    path, sidecar = export_model(model, encoder, exp, args.format, args.out)
+    outputs = ", ".join(f"{t.name} ({'probability' if t.kind == 'binary' else 'value'})" for t in exp.tasks)
+    print(f"wrote {path} (inputs sparse, dense; outputs {outputs}) and {sidecar}")
+    return 0
+
+
+def _rank(args) -> int:
+    from plerec.config import load_experiment
+    from plerec.data.table import read_table
+    from plerec.rank import Scorer, write_ranked
+
+    exp = load_experiment(args.experiment, args.overrides)
+    top_k = exp.rank.top_k if args.top_k is None else args.top_k
+    if top_k < 0:
+        raise ValueError(f"Expected --top-k >= 0 (0 keeps every item), but got {top_k}")
+    scorer = Scorer.from_checkpoint(args.checkpoint, exp)
+    frame = read_table(args.input, exp.data.csv)
+    frame.attrs["source"] = str(args.input)
+    ranked = scorer.rank_table(frame, top_k)
+    path = write_ranked(ranked, args.out)
+    groups = ranked[exp.rank.group].nunique()
+    print(f"ranked {len(frame)} candidates of {groups} {exp.rank.group} values; wrote {len(ranked)} rows to {path}")
+    return 0
+
+
+def _serve(args) -> int:
+    from plerec.config import load_experiment
+    from plerec.rank import Scorer
+
+    try:
+        from plerec.serve import serve
+    except ImportError as err:
+        raise ValueError(
+            f"plerec serve needs the `serve` extra ({err.name} is missing): pip install 'plerec[serve]'"
+        ) from None
+    if args.overrides and not args.experiment:
+        raise ValueError("Expected --experiment next to --set (overrides apply to an experiment file)")
+    exp = load_experiment(args.experiment, args.overrides) if args.experiment else None
+    scorer = Scorer.from_checkpoint(args.checkpoint, exp)
+
+    def announce(host: str, port: int) -> None:
+        print(f"plerec serving {args.checkpoint} on http://{host}:{port} (/score, /rank, /health)", flush=True)
+
+    serve(scorer, args.host, args.port, max_rows=args.max_rows, threads=args.threads, on_ready=announce)
     return 0
 
 

@@ -20,6 +20,7 @@ from plerec.errors import did_you_mean, unknown_key
 from plerec.models import MODELS, ModelConfig, model_config
 
 TASK_KINDS = ("binary", "regression")
+LENGTH_TRANSFORMS = ("none", "log", "sigmoid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +187,7 @@ class TaskConfig:
     weight: float = 1.0
     gamma: float = 1.0
     space: str = "present"
+    rank_weight: float = 1.0  # w_k of Eq. 1: the exponent of this task's prediction in the fused ranking score
 
     def __post_init__(self) -> None:
         where = f"[[tasks]] `{self.name}`"
@@ -204,6 +206,8 @@ class TaskConfig:
             raise ValueError(
                 f"Expected {where} to have weight >= 0 and gamma > 0, but got weight={self.weight}, gamma={self.gamma}"
             )
+        if not math.isfinite(self.rank_weight):
+            raise ValueError(f"Expected `rank_weight` of {where} to be a finite number, but got {self.rank_weight}")
         if self.condition:
             Condition.parse(self.condition, f"`condition` of {where}")
         if self.space != "present":
@@ -274,6 +278,45 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RankConfig:
+    """How `plerec rank` and `plerec serve` fuse the task predictions into one score (Eq. 1) and rank items.
+
+    log score = Σ_k rank_weight_k · log p_k + log f(length), f one of LENGTH_TRANSFORMS.
+    """
+
+    group: str = ""  # the column whose rows form one ranked list (the user)
+    item: str = ""  # the column naming the ranked item
+    length: str = ""  # optional: the length-like column of f(video_len)
+    length_transform: str = "none"  # f: "none" (f = x), "log" (f = ln(1 + x)), "sigmoid" (f = σ((x − c) / s))
+    length_center: float = 0.0  # c of the sigmoid
+    length_scale: float = 1.0  # s of the sigmoid
+    top_k: int = 0  # keep the k best items per group; 0 keeps all
+
+    def __post_init__(self) -> None:
+        if self.length_transform not in LENGTH_TRANSFORMS:
+            raise ValueError(
+                f"Expected [rank] `length_transform` to be one of {LENGTH_TRANSFORMS}, but got "
+                f"{self.length_transform!r}.{did_you_mean(self.length_transform, LENGTH_TRANSFORMS)}"
+            )
+        if self.length_transform != "none" and not self.length:
+            raise ValueError(
+                f"Expected [rank] `length` (a column) with length_transform = {self.length_transform!r}, but got none"
+            )
+        if not (math.isfinite(self.length_center) and math.isfinite(self.length_scale) and self.length_scale > 0):
+            raise ValueError(
+                "Expected [rank] `length_center` finite and `length_scale` > 0, but got "
+                f"length_center={self.length_center}, length_scale={self.length_scale}"
+            )
+        if self.length_transform != "sigmoid" and (self.length_center, self.length_scale) != (0.0, 1.0):
+            raise ValueError(
+                "Expected [rank] `length_center` and `length_scale` only with length_transform = 'sigmoid', "
+                f"but got length_transform={self.length_transform!r}"
+            )
+        if self.top_k < 0:
+            raise ValueError(f"Expected [rank] `top_k` >= 0 (0 keeps every item), but got {self.top_k}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Experiment:
     seed: int = 0
     data: DataConfig
@@ -282,6 +325,7 @@ class Experiment:
     model_name: str = "ple"
     model: ModelConfig = field(default_factory=lambda: model_config("ple"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     source: str = ""  # the file it was read from, for error messages
 
     def __post_init__(self) -> None:
@@ -362,6 +406,7 @@ def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
         model_name=model_name,
         model=model_config(model_name, model_table),
         train=_build(TrainConfig, raw.get("train", {}), "[train]"),
+        rank=_build(RankConfig, raw.get("rank", {}), "[rank]"),
         source=source,
     )
 
@@ -388,6 +433,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         "tasks": [clean(t) for t in exp.tasks],
         "model": {"name": exp.model_name, **model},
         "train": clean(exp.train),
+        "rank": clean(exp.rank),
     }
 
 

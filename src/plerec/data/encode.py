@@ -110,7 +110,9 @@ class Encoder:
         """Vocabularies and statistics of a training table held in memory."""
         return EncoderFitter(exp, train).update(train).finish()
 
-    def transform(self, frame: pd.DataFrame) -> EncodedTable:
+    def transform(self, frame: pd.DataFrame, labels: bool = True) -> EncodedTable:
+        """The frame as tensors. `labels=False` encodes the features only (rows to score, e.g. candidates to
+        rank): no label column is read, and every row is outside every task's space."""
         source = frame.attrs.get("source", "the data")
         _require_columns(frame, self.categorical + self.numeric, source, "a feature")
         n = len(frame)
@@ -137,11 +139,14 @@ class Encoder:
                 )
             if col in self.indicators:
                 dense[:, len(self.numeric) + self.indicators.index(col)] = missing
-        labels, mask = encode_labels([TaskConfig(**t) for t in self.tasks], frame, source)
+        if labels:
+            values, mask = encode_labels([TaskConfig(**t) for t in self.tasks], frame, source)
+        else:
+            values, mask = np.zeros((n, len(self.tasks)), np.float32), np.zeros((n, len(self.tasks)), bool)
         return EncodedTable(
             sparse=torch.from_numpy(sparse.astype(_narrowest_int(self.vocab_sizes))),
             dense=torch.from_numpy(dense),
-            labels=torch.from_numpy(labels),
+            labels=torch.from_numpy(values),
             label_mask=torch.from_numpy(mask),
             source=source,
         )

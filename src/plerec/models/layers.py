@@ -133,8 +133,22 @@ class _GateMix(torch.autograd.Function):
 
 
 def gate_mix(weights: Tensor, outputs: Tensor, selection: tuple[tuple[int, ...], ...]) -> Tensor:
-    """(G, B, M) gate weights over (E, B, H) expert outputs -> (G, B, H): gate g weighs experts selection[g]."""
-    return _GateMix.apply(weights, outputs, selection)
+    """(G, B, M) gate weights over (E, B, H) expert outputs -> (G, B, H): gate g weighs experts selection[g].
+
+    Training uses the autograd function above; inference, tracing and export use the same sums in
+    plain operations (an autograd function cannot be traced or exported).
+    """
+    tracing = torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    if torch.is_grad_enabled() and (weights.requires_grad or outputs.requires_grad) and not tracing:
+        return _GateMix.apply(weights, outputs, selection)
+    mixed = []
+    for g, experts in enumerate(selection):
+        terms = [outputs[e] * weights[g, :, j].unsqueeze(-1) for j, e in enumerate(experts)]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        mixed.append(total)
+    return torch.stack(mixed)
 
 
 class ExtractionLayer(nn.Module):
