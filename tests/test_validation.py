@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,10 @@ def test_a_column_missing_from_the_valid_file_is_named(tmp_path, suffix):
 def test_streaming_reports_a_column_missing_from_the_valid_files(tmp_path):
     data = {**paths(tmp_path, table(), table(10, seed=1).drop(columns=["y"]), ".parquet"), "streaming": True}
     exp = make_exp(data)
-    encoder = prepare_data(exp).encoder
+    # At start-up, from the Parquet metadata: not after the first training epoch.
+    with pytest.raises(ValueError, match=r"Expected .*valid\.parquet to have the column\(s\) 'y' \(features, labels"):
+        prepare_data(exp)
+    encoder = prepare_data(replace(exp, data=replace(exp.data, valid=data["train"]))).encoder
     with pytest.raises(ValueError, match=r"Column `y` used by task `ctr` is not in .*valid\.parquet \(row group 0\)"):
         list(local_eval_chunks(data["valid"], encoder))
 

@@ -21,7 +21,7 @@ from plerec.checkpoint import differences, read_checkpoint_file, write_checkpoin
 from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, write_experiment
 from plerec.data.batches import InMemoryBatches, local_eval_batches
 from plerec.data.encode import EncodedTable, Encoder, encode_file, fit_encoder_chunked
-from plerec.data.stream import ParquetBatches, load_encoder, local_eval_chunks, save_encoder
+from plerec.data.stream import ParquetBatches, check_stream, load_encoder, local_eval_chunks, save_encoder
 from plerec.data.table import load_splits
 from plerec.distributed import (
     SINGLE_PROCESS,
@@ -76,6 +76,8 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
     files = {s: getattr(exp.data, s) for s in ("train", "valid", "test") if getattr(exp.data, s)}
     if exp.data.streaming:
         encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
+        for path in files.values():  # valid and test too: a bad file fails now, not after an epoch
+            check_stream(path, encoder)
         return PreparedData(encoder, {}, files)
     if exp.data.train:  # separate files: read and encoded a chunk at a time, never whole DataFrames
         encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
