@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from plerec.checkpoint import read_checkpoint_file
 from plerec.cli import main
 from plerec.config import experiment_from_dict, load_experiment
 from plerec.data.encode import fit_encoder_chunked
@@ -105,6 +106,23 @@ def test_ddp_parameters_equal_one_process_on_the_same_global_batches(experiment,
     assert moved > 1e-3
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["tasks"]["click"]["n"] == 41  # every test row once
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_ddp_run_resumed_under_torchrun_equals_an_uninterrupted_one(experiment, tmp_path, streaming):
+    """Two epochs straight against one epoch, then `--resume` with epochs = 2: both under 2 gloo ranks."""
+    common = ["-m", "plerec", "train", str(experiment), "--quiet", "--set", f"data.streaming={str(streaming).lower()}"]
+    _torchrun([*common, "--out", str(tmp_path / "whole")], tmp_path)
+    _torchrun([*common, "--out", str(tmp_path / "cut"), "--set", "train.epochs=1"], tmp_path)
+    first = read_checkpoint_file(tmp_path / "cut" / "last.pt")["progress"]
+    assert (first["epoch"], first["step"]) == (1, 13)  # 101 rows, global batch 8
+    _torchrun([*common, "--out", str(tmp_path / "cut"), "--resume"], tmp_path)
+    whole, cut = (read_checkpoint_file(tmp_path / run / "last.pt") for run in ("whole", "cut"))
+    assert cut["progress"]["step"] == whole["progress"]["step"] == 26
+    for key, value in whole["model"].items():
+        assert torch.equal(cut["model"][key], value), key
+    a, b = (json.loads((tmp_path / run / "metrics.json").read_text())["tasks"] for run in ("whole", "cut"))
+    assert a == b
 
 
 EVAL_SCRIPT = """
