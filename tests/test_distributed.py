@@ -8,9 +8,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from parquet_splits import frame, write_splits
 
 from plerec.checkpoint import read_checkpoint_file
 from plerec.cli import main
@@ -20,59 +20,10 @@ from plerec.data.stream import ParquetBatches, local_eval_chunks, row_groups
 from plerec.distributed import DistContext, check_batch_size, init_distributed, shard_bounds
 from plerec.train import evaluate_split, fit, load_checkpoint, prepare_data
 
-EXPERIMENT = """
-seed = 0
-[data]
-train = "{root}/train.parquet"
-valid = "{root}/valid.parquet"
-test = "{root}/test.parquet"
-[features]
-numeric = ["f*"]
-categorical = ["c*"]
-[[tasks]]
-name = "click"
-kind = "binary"
-label = "click"
-[[tasks]]
-name = "watch"
-kind = "regression"
-label = "watch"
-space = "click == 1"
-[model]
-name = "ple"
-embedding_dim = 3
-expert_dims = [6]
-tower_dims = [4]
-[train]
-batch_size = 8
-epochs = 2
-patience = 0
-progress = false
-"""
-
-
-def _frame(n: int, rng: np.random.Generator) -> pd.DataFrame:
-    frame = pd.DataFrame(
-        {
-            "f0": rng.normal(size=n),
-            "f1": rng.normal(size=n),
-            "c0": rng.integers(0, 5, n),
-            "c1": rng.choice(list("abcdef"), n),
-        }
-    )
-    frame["click"] = (frame.f0 + rng.normal(size=n) > 0).astype(int)
-    frame["watch"] = np.where(frame.click == 1, frame.f1 * 2, np.nan)  # only watched after a click
-    return frame
-
 
 @pytest.fixture
 def experiment(tmp_path):
-    rng = np.random.default_rng(0)
-    for name, rows in (("train", 101), ("valid", 33), ("test", 41)):  # odd sizes: uneven shards
-        _frame(rows, rng).to_parquet(tmp_path / f"{name}.parquet", row_group_size=17)
-    path = tmp_path / "exp.toml"
-    path.write_text(EXPERIMENT.format(root=tmp_path))
-    return path
+    return write_splits(tmp_path, 101)
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -247,15 +198,15 @@ def test_parquet_folder_with_disagreeing_schemas_is_an_error(tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    _frame(10, rng).to_parquet(folder / "a.parquet")
-    other = _frame(10, rng)
+    frame(10, rng).to_parquet(folder / "a.parquet")
+    other = frame(10, rng)
     other["c0"] = other["c0"].astype(str)
     other.to_parquet(folder / "b.parquet")
     with pytest.raises(
         ValueError, match=r"disagree on schema: .*b.parquet differs from .*a.parquet.*`c0` (large_)?string vs int64"
     ):
         row_groups(sorted(folder.glob("*.parquet")))
-    extra = _frame(10, rng).assign(extra=1.0)
+    extra = frame(10, rng).assign(extra=1.0)
     extra.to_parquet(folder / "b.parquet")
     with pytest.raises(ValueError, match=r"only in b.parquet: \['extra'\]"):
         row_groups(sorted(folder.glob("*.parquet")))

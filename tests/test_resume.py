@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
+from parquet_splits import write_splits
 
 import plerec.train as train_module
 from plerec.checkpoint import HEADER, read_checkpoint_file, write_checkpoint_file
@@ -19,59 +18,9 @@ from plerec.cli import main
 from plerec.config import load_experiment
 from plerec.train import NonFiniteError, fit, load_checkpoint
 
-EXPERIMENT = """
-seed = 3
-[data]
-train = "{root}/train.parquet"
-valid = "{root}/valid.parquet"
-test = "{root}/test.parquet"
-[features]
-numeric = ["f*"]
-categorical = ["c*"]
-[[tasks]]
-name = "click"
-kind = "binary"
-label = "click"
-[[tasks]]
-name = "watch"
-kind = "regression"
-label = "watch"
-space = "click == 1"
-[model]
-name = "ple"
-embedding_dim = 3
-expert_dims = [6]
-tower_dims = [4]
-[train]
-batch_size = 8
-epochs = 3
-patience = 0
-progress = false
-checkpoint_every = 5
-"""
-
-
-def _frame(n: int, rng: np.random.Generator) -> pd.DataFrame:
-    frame = pd.DataFrame(
-        {
-            "f0": rng.normal(size=n),
-            "f1": rng.normal(size=n),
-            "c0": rng.integers(0, 50, n),
-            "c1": rng.choice(list("abcdef"), n),
-        }
-    )
-    frame["click"] = (frame.f0 + rng.normal(size=n) > 0).astype(int)
-    frame["watch"] = np.where(frame.click == 1, frame.f1 * 2, np.nan)
-    return frame
-
 
 def _write(root: Path, train_rows: int) -> Path:
-    rng = np.random.default_rng(0)
-    for name, rows in (("train", train_rows), ("valid", 33), ("test", 41)):
-        _frame(rows, rng).to_parquet(root / f"{name}.parquet", row_group_size=17)
-    path = root / "exp.toml"
-    path.write_text(EXPERIMENT.format(root=root))
-    return path
+    return write_splits(root, train_rows, seed=3, epochs=3, ids=50, extra="checkpoint_every = 5")
 
 
 @pytest.fixture
