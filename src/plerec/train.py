@@ -138,7 +138,7 @@ def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[torch.optim.
     applies to the dense parameters only when embeddings are sparse."""
     embedding = model.input.embedding.weight
     dense = [p for p in model.parameters() if p is not embedding]
-    # The fused kernel updates every tensor in one pass (same arithmetic as the loop over tensors).
+    # The fused kernel (torch >= 2.4 on CPU) updates every tensor in one pass instead of a loop of small ops.
     fused = {"fused": True} if embedding.device.type in ("cpu", "cuda") else {}
     if not model.input.embedding.sparse:
         return [torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay, **fused)]
@@ -367,8 +367,8 @@ def fit(
             bar.update(1)
             if every and progress.step % every == 0 and progress.batch < steps:
                 progress.train_seconds += time.perf_counter() - epoch_start
-                epoch_start = time.perf_counter()
                 checkpoint(source_state)
+                epoch_start = time.perf_counter()  # writing the checkpoint is not training time
         bar.close()
         progress.train_seconds += time.perf_counter() - epoch_start
 
