@@ -34,7 +34,7 @@ class RowSparseAdam(torch.optim.Optimizer):
         if grad.is_coalesced():
             return grad.indices()[0], grad.values()
         if param not in self._scratch:
-            self._scratch[param] = (torch.zeros_like(param), torch.zeros(param.shape[0], dtype=torch.bool))
+            self._scratch[param] = (torch.zeros_like(param), param.new_zeros(len(param), dtype=torch.bool))
         total, seen = self._scratch[param]
         ids, values = grad._indices()[0], grad._values()
         total.index_add_(0, ids, values)  # duplicate ids add up, as in the dense gradient
@@ -59,7 +59,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
-                    state["moments"] = torch.zeros(param.shape[0], 2, *param.shape[1:], dtype=param.dtype)
+                    state["moments"] = param.new_zeros(param.shape[0], 2, *param.shape[1:])
                 state["step"] += 1
                 rows, values = self._touched(param, grad)
                 moments = state["moments"].index_select(0, rows)  # (U, 2, dim): exp_avg, exp_avg_sq
