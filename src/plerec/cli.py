@@ -193,7 +193,7 @@ def _toml_value(value) -> str:
 
 def _train(args) -> int:
     from plerec.config import load_experiment
-    from plerec.distributed import init_distributed, shutdown
+    from plerec.distributed import barrier, init_distributed, shutdown
     from plerec.train import fit, prepare_data
 
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
@@ -217,6 +217,7 @@ def _train(args) -> int:
         if ctx.is_main:
             print(_metrics_table({exp.model_name: result.metrics.get("test", result.metrics["valid"])}, exp))
             print(f"best epoch {result.best_epoch}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
+        barrier(ctx)  # every rank done before any tears the process group down (not on errors: it could hang)
     finally:
         shutdown(ctx)
     return 0
