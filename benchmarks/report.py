@@ -213,22 +213,17 @@ def targets(
         ok = value >= goal if higher else value <= goal
         out.append((name, measured, f"{value / goal:.2f}× of the goal", ok))
 
-    rechub = [v for v in (get("torch-rechub", train), get("torch-rechub+plerec-batching", train)) if v]
-    best = max(rechub) if rechub else None
-    add(
-        "train ≥ 1.8 × torch-rechub's PLE fed by the fastest loop",
-        ours / best if ours and best else None,
-        1.8,
-        f"{ours / best:.2f}×" if ours and best else "—",
-    )
-    own = [v for v in (get("torch-rechub", train), get("deepctr-torch", train)) if v]
-    best = max(own) if own else None
-    add(
-        "train ≥ 2.2 × the faster of the peers' own trainers",
-        ours / best if ours and best else None,
-        2.2,
-        f"{ours / best:.2f}×" if ours and best else "—",
-    )
+    for name, goal, rivals in (
+        (
+            "train ≥ 1.8 × torch-rechub's PLE fed by the fastest loop",
+            1.8,
+            ("torch-rechub", "torch-rechub+plerec-batching"),
+        ),
+        ("train ≥ 2.2 × the faster of the peers' own trainers", 2.2, ("torch-rechub", "deepctr-torch")),
+    ):
+        rates = [v for v in (get(lib, train) for lib in rivals) if v]
+        best = max(rates) if rates else None
+        add(name, ours / best if ours and best else None, goal, f"{ours / best:.2f}×" if ours and best else "—")
     c = ceiling.get("ceiling_samples_per_s")
     add(
         "train ≥ 75 % of the compute ceiling",

@@ -124,16 +124,14 @@ def run_plerec(spec: dict, meta: dict, data_dir: Path) -> dict:
     exp, data = plerec_data(spec, meta, data_dir)
     result = fit(exp, data)
     test = data.splits["test"]
-    start = time.perf_counter()
-    logits = predict(result.model, test, spec["batch_size"])
-    infer_seconds = time.perf_counter() - start
     return {
-        "train_rows": len(data.splits["train"]),
-        "train_seconds": result.train_seconds,
-        "infer_rows": len(test),
-        "infer_seconds": infer_seconds,
-        "test_labels": test.labels.numpy(),
-        "test_scores": torch.sigmoid(logits).numpy(),
+        **measured(
+            len(data.splits["train"]),
+            result.train_seconds,
+            test.labels.numpy(),
+            lambda: predict(result.model, test, spec["batch_size"]),
+            lambda logits: torch.sigmoid(logits).numpy(),
+        ),
         "plerec_test_auc": {t: m["auc"] for t, m in result.metrics["test"].items()},
         "vocab_ids": sum(data.encoder.vocab_sizes),
         "plerec_train_config": experiment_to_dict(exp)["train"],
@@ -229,16 +227,28 @@ def run_rechub(spec: dict, meta: dict, data_dir: Path) -> dict:
         trainer.fit(train_dl, valid_dl)
         train_seconds = sum(epochs)
     test_dl = DataLoader(PredictDataset(x_test), batch_size=bs, shuffle=False)
+    return measured(
+        len(y_train),
+        train_seconds,
+        y_test,
+        lambda: trainer.predict(trainer.model, test_dl),
+        lambda preds: np.asarray(preds, dtype=np.float64),
+    )
+
+
+def measured(train_rows: int, train_seconds: float, labels, predict, to_scores=lambda scores: scores) -> dict:
+    """What every runner returns; `predict()` over the test split is timed as the inference, turning its
+    output into probabilities (`to_scores`) is not."""
     start = time.perf_counter()
-    preds = trainer.predict(trainer.model, test_dl)
+    output = predict()
     infer_seconds = time.perf_counter() - start
     return {
-        "train_rows": len(y_train),
+        "train_rows": train_rows,
         "train_seconds": train_seconds,
-        "infer_rows": len(y_test),
+        "infer_rows": len(labels),
         "infer_seconds": infer_seconds,
-        "test_labels": y_test,
-        "test_scores": np.asarray(preds, dtype=np.float64),
+        "test_labels": labels,
+        "test_scores": to_scores(output),
     }
 
 
@@ -316,17 +326,7 @@ def run_deepctr(spec: dict, meta: dict, data_dir: Path) -> dict:
     start = time.perf_counter()
     model.fit(x_train, y_train, batch_size=bs, epochs=1, verbose=0, validation_data=(x_valid, y_valid))
     train_seconds = time.perf_counter() - start - sum(validations)
-    start = time.perf_counter()
-    preds = model.predict(x_test, batch_size=bs)
-    infer_seconds = time.perf_counter() - start
-    return {
-        "train_rows": len(y_train),
-        "train_seconds": train_seconds,
-        "infer_rows": len(y_test),
-        "infer_seconds": infer_seconds,
-        "test_labels": y_test,
-        "test_scores": preds,
-    }
+    return measured(len(y_train), train_seconds, y_test, lambda: model.predict(x_test, batch_size=bs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,19 +384,14 @@ def run_peer_on_plerec_batching(spec: dict, meta: dict, data_dir: Path) -> dict:
     train_seconds = time.perf_counter() - start
 
     model.eval()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        parts = [model(inputs(test.batch(slice(i, i + bs)))) for i in range(0, len(test), bs)]
-        probs = torch.cat(parts)
-    infer_seconds = time.perf_counter() - start
-    return {
-        "train_rows": len(train),
-        "train_seconds": train_seconds,
-        "infer_rows": len(test),
-        "infer_seconds": infer_seconds,
-        "test_labels": test.labels.numpy(),
-        "test_scores": probs.numpy().astype(np.float64),
-    }
+
+    @torch.inference_mode()
+    def predict():
+        return torch.cat([model(inputs(test.batch(slice(i, i + bs)))) for i in range(0, len(test), bs)])
+
+    return measured(
+        len(train), train_seconds, test.labels.numpy(), predict, lambda probs: probs.numpy().astype(np.float64)
+    )
 
 
 if __name__ == "__main__":

@@ -310,9 +310,8 @@ def fit(
 
     progress, best_state = Progress(), None
     running = torch.zeros(len(names), device=ctx.device)
-    source_state = source.state()
     if saved:
-        progress, best_state, running, source_state = _restore(saved, model, optimizers, source, ctx)
+        progress, best_state, running = _restore(saved, model, optimizers, source, ctx)
         say(f"resumed from {folder / LAST} at epoch {progress.epoch + 1}, batch {progress.batch}, step {progress.step}")
 
     def checkpoint(epoch_start_state: dict) -> None:
@@ -327,11 +326,9 @@ def fit(
         epoch = progress.epoch
         net.train()
         steps = len(source)
+        source_state = source.state()  # the epoch's shuffle: a checkpoint taken mid-epoch replays it
         if progress.batch == 0:
-            source_state = source.state()
             running.zero_()
-        else:
-            source.load_state(source_state)
         bar = tqdm(
             total=steps,
             initial=progress.batch,
@@ -470,7 +467,8 @@ def _save_state(
     )
 
 
-def _restore(saved: dict, model, optimizers, source, ctx: DistContext):
+def _restore(saved: dict, model, optimizers, source, ctx: DistContext) -> tuple[Progress, dict | None, torch.Tensor]:
+    """Load a training state into the model, optimisers, RNG and batch source; return the loop's state."""
     model.load_state_dict(saved["model"])
     if len(saved["optimizers"]) != len(optimizers):
         raise ValueError(
@@ -482,7 +480,7 @@ def _restore(saved: dict, model, optimizers, source, ctx: DistContext):
     torch.set_rng_state(saved["rng"])
     source.load_state(saved["source"])
     progress = Progress(**saved["progress"])
-    return progress, saved["best_state"], saved["running"].to(ctx.device), saved["source"]
+    return progress, saved["best_state"], saved["running"].to(ctx.device)
 
 
 def _all_finite(task_losses: torch.Tensor, model: MultiTaskModel) -> bool:

@@ -107,15 +107,14 @@ def read_group(group: RowGroup, columns: list[str] | None = None) -> pd.DataFram
 def check_stream(path: str | Path, encoder: Encoder) -> None:
     """Check a streamed split before training starts, from the Parquet metadata only: it has rows, its files
     agree on schema, and it holds every column the encoder reads (features, labels, conditions)."""
-    groups = row_groups(parquet_files(path))
-    for file in dict.fromkeys(g.file for g in groups):
-        names = set(pq.ParquetFile(file).schema_arrow.names)
-        missing = [c for c in _needed_columns(encoder) if c not in names]
-        if missing:
-            raise ValueError(
-                f"Expected {file} to have the column(s) {', '.join(map(repr, missing))} (features, labels and "
-                f"conditions of the experiment), but it has only {sorted(names)}"
-            )
+    file = row_groups(parquet_files(path))[0].file  # every file has this file's schema (row_groups checks)
+    names = set(pq.ParquetFile(file).schema_arrow.names)
+    missing = [c for c in _needed_columns(encoder) if c not in names]
+    if missing:
+        raise ValueError(
+            f"Expected {file} to have the column(s) {', '.join(map(repr, missing))} (features, labels and "
+            f"conditions of the experiment), but it has only {sorted(names)}"
+        )
 
 
 def save_encoder(encoder: Encoder, folder: str | Path) -> Path:
