@@ -149,6 +149,39 @@ def test_streaming_batches_read_each_row_once_and_ranks_are_disjoint(experiment)
         assert sorted(v for part in seen for v in part) == sorted(everything.tolist())
 
 
+def test_streaming_batches_are_each_group_shuffled_then_cut_whatever_the_read_slice(experiment, monkeypatch):
+    """An epoch's batches are: the row groups in the epoch's order, each group's rows permuted by its own
+    generator, all concatenated and cut into batches. Row groups are read and encoded a slice at a time
+    (here 5 rows of groups of 16–17) and batches are gathered across groups: neither may change a batch."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from plerec.data import stream
+
+    exp = load_experiment(experiment, ["data.streaming=true"])
+    encoder = fit_encoder_chunked(exp, exp.data.train)
+    monkeypatch.setattr(stream, "SLICE_ROWS", 5)
+    source = ParquetBatches(exp.data.train, encoder, 8, seed=3)
+    for epoch in range(2):
+        got = list(source.epoch())
+        parts = []
+        for position, group in source._assignment(epoch)[0]:
+            frame = pq.ParquetFile(group.file).read_row_group(group.index).to_pandas()
+            table = encoder.transform(frame)
+            order = np.random.default_rng([3, epoch, position]).permutation(len(table))
+            parts.append(table.batch(torch.from_numpy(order)))
+        expected = [torch.cat([getattr(p, f) for p in parts]) for f in ("sparse", "dense", "labels", "label_mask")]
+        assert sum(len(b) for b in got) == len(expected[0]) == 101
+        assert [len(b) for b in got] == [8] * 12 + [5]
+        for name, column in zip(("sparse", "dense", "labels", "label_mask"), expected, strict=True):
+            assert torch.equal(torch.cat([getattr(b, name) for b in got]), column), name
+    # evaluation chunks are the slices, every row once in file order
+    chunks = list(local_eval_chunks(exp.data.train, encoder))
+    assert max(len(c) for c in chunks) == 5
+    whole = encoder.transform(pq.read_table(exp.data.train).to_pandas())
+    assert torch.equal(torch.cat([c.dense for c in chunks]), whole.dense)
+
+
 def test_streaming_encoder_equals_in_memory_encoder(experiment):
     exp = load_experiment(experiment)
     in_memory = prepare_data(exp).encoder

@@ -178,6 +178,40 @@ def test_ids_do_not_depend_on_the_row_order_of_train():
     assert enc.transform(probe).sparse.tolist() == [[4, 5], [1, 1], [0, 0]]
 
 
+def test_integer_columns_take_the_array_path_with_the_same_vocabulary_and_ids():
+    """Plain integer columns are counted and looked up as arrays; the result must be that of the per-value
+    text keys the other columns use: same order (count, then the key's text: "10" < "9"), same ids, 7 in
+    the data matching a vocabulary entry 7, 7.0 or "7", the first such entry winning, and chunks."""
+    from plerec.data.encode import EncoderFitter
+
+    exp = make_exp({"categorical": ["n"]})
+    rng = np.random.default_rng(0)
+    values = rng.zipf(1.5, 3000) % 5000 - 40  # negatives, ties in count, keys whose text sorts apart
+    as_int = frame(n=values.astype(np.int32), click=[0] * 3000)
+    as_text = frame(n=[str(v) for v in values], click=[0] * 3000)
+    fast = Encoder.fit(exp, as_int)
+    assert list(map(str, fast.vocabs["n"])) == Encoder.fit(exp, as_text).vocabs["n"]
+    assert all(type(v) is int for v in fast.vocabs["n"])
+    chunked = EncoderFitter(exp, as_int.iloc[:700])
+    for start in range(0, 3000, 700):
+        chunked.update(as_int.iloc[start : start + 700])
+    assert chunked.finish().vocabs == fast.vocabs
+    # a chunk of text after chunks of integers counts 7 and "7" as one category
+    mixed = EncoderFitter(exp, as_int.iloc[:1500]).update(as_int.iloc[:1500]).update(as_text.iloc[1500:])
+    assert list(map(str, mixed.finish().vocabs["n"])) == list(map(str, fast.vocabs["n"]))
+    probe = np.array([values[0], values[5], 123456, -40, 0, np.iinfo(np.int32).max], dtype=np.int64)
+    expected = fast.transform(frame(n=[str(v) for v in probe], click=[0] * 6)).sparse[:, 0].tolist()
+    for dtype in (np.int8, np.int16, np.int32, np.int64, np.uint32):
+        kept = probe[(probe >= np.iinfo(dtype).min) & (probe <= np.iinfo(dtype).max)]
+        got = fast.transform(frame(n=kept.astype(dtype), click=[0] * len(kept))).sparse[:, 0].tolist()
+        assert got == [e for e, v in zip(expected, probe, strict=True) if v in kept]
+    assert expected[2] == 0 and expected[5] == 0  # never seen in training
+    # a vocabulary read from text or floats: 7 finds the first entry whose key is "7"
+    enc = Encoder(categorical=["n"], numeric=[], vocabs={"n": ["x", 7.0, "7", 3, "3.0", 1e20, True, "-2"]})
+    got = enc.transform(frame(n=np.array([7, 3, -2, 1, 0]), click=[0] * 5), labels=False).sparse[:, 0].tolist()
+    assert got == [2, 4, 8, 0, 0]
+
+
 def test_missing_categories_map_to_id_zero():
     exp = make_exp({"categorical": ["c"]})
     enc = Encoder.fit(exp, frame(c=["a", None, "a", "b"], click=[0, 1, 0, 1]))

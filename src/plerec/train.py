@@ -78,6 +78,7 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
         encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
         for path in files.values():  # valid and test too: a bad file fails now, not after an epoch
             check_stream(path, encoder)
+        _release_freed_memory()
         return PreparedData(encoder, {}, files)
     if exp.data.train:  # separate files: read and encoded a chunk at a time, never whole DataFrames
         encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +96,9 @@ class Encoder:
     inferred: dict[str, str] = field(default_factory=dict)
     hash_buckets: dict[str, int] = field(default_factory=dict)
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _int_lookup: dict[str, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def vocab_sizes(self) -> list[int]:
@@ -156,6 +160,8 @@ class Encoder:
 
         Values are looked up by their text (`category_key`), so 7, 7.0 and "7" are one category whichever
         type a file or a chunk of it was read with; the key is computed once per distinct value."""
+        if col not in self.hash_buckets and _plain_integers(column):
+            return self._integer_ids(col, column.to_numpy())
         missing = _missing(column)
         codes, uniques = pd.factorize(_hashable(column, col, source))
         keys = [category_key(v) for v in uniques]
@@ -172,6 +178,28 @@ class Encoder:
         present = (codes >= 0) & ~missing
         out[present] = ids[codes[present]]
         return out
+
+    def _integer_ids(self, col: str, values: np.ndarray) -> np.ndarray:
+        """`_category_ids` of a column of plain integers, vectorised: a binary search in the vocabulary's
+        integer keys instead of a text key per distinct value. Same ids: an integer's key is its decimal
+        text, and the vocabulary entries whose key is such a text (7, 7.0, "7") are the only ones it can
+        match; the first of them wins, as in the text lookup."""
+        if col not in self._int_lookup:
+            numbers, ids = [], []
+            for i, v in enumerate(self.vocabs[col]):
+                number = _integer_key(category_key(v))
+                if number is not None:
+                    numbers.append(number)
+                    ids.append(i + 1)
+            keys = np.array(numbers, dtype=np.int64)
+            first = np.unique(keys, return_index=True)[1]  # sorted keys; the first index of each
+            self._int_lookup[col] = (keys[first], np.array(ids, dtype=np.int64)[first])
+        keys, ids = self._int_lookup[col]
+        if not len(keys):
+            return np.zeros(len(values), dtype=np.int64)
+        values = values.astype(np.int64, copy=False)
+        at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+        return np.where(keys[at] == values, ids[at], 0)  # unseen: 0
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__ if not name.startswith("_")}
@@ -205,6 +233,8 @@ class EncoderFitter:
         self.max_vocab = exp.features.max_vocab
         # category key -> [a representative value, count]; hashed columns keep no counts
         self.counts: dict[str, dict[str, list]] = {c: {} for c in categorical if c not in self.encoder.hash_buckets}
+        # chunks of plain integers are counted apart, as arrays: (sorted distinct values, their counts)
+        self.int_counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.moments: dict[str, list[float]] = {col: [0, 0.0, 0.0] for col in numeric}  # n, mean, M2
         self.has_missing: set[str] = set()
         self.tasks = list(exp.tasks)
@@ -216,17 +246,22 @@ class EncoderFitter:
         _require_columns(frame, self.encoder.categorical + self.encoder.numeric, source, "a feature")
         for col, counts in self.counts.items():
             column = frame[col]
-            present = _hashable(column[~_missing(column)], col, source)
-            for value, count in present.value_counts(sort=False).items():
-                key = category_key(value)
-                if key in counts:
-                    counts[key][1] += int(count)
-                else:
-                    counts[key] = [_json_value(value, key), int(count)]
-            if len(counts) > self.max_vocab:
+            if _plain_integers(column) and not counts:
+                self._count_integers(col, column.to_numpy())
+            else:
+                self._fold_integers(col)
+                present = _hashable(column[~_missing(column)], col, source)
+                for value, count in present.value_counts(sort=False).items():
+                    key = category_key(value)
+                    if key in counts:
+                        counts[key][1] += int(count)
+                    else:
+                        counts[key] = [_json_value(value, key), int(count)]
+            distinct = len(counts) + len(self.int_counts[col][0]) if col in self.int_counts else len(counts)
+            if distinct > self.max_vocab:
                 raise ValueError(
                     f"Categorical column `{col}` of {source}: expected at most [features] max_vocab = "
-                    f"{self.max_vocab} distinct values, but got {len(counts)} in the training rows read so far. "
+                    f"{self.max_vocab} distinct values, but got {distinct} in the training rows read so far. "
                     f"Hash it into a fixed number of ids with [features] hash_buckets = {{ {_toml_key(col)} = "
                     f"{_suggest_buckets(self.max_vocab)} }}, or raise max_vocab if its embedding table fits in memory"
                 )
@@ -254,6 +289,35 @@ class EncoderFitter:
             self.moments[col] = [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
         return self
 
+    def _count_integers(self, col: str, values: np.ndarray) -> None:
+        values, counts = np.unique(values.astype(np.int64, copy=False), return_counts=True)
+        if col in self.int_counts:
+            seen, seen_counts = self.int_counts[col]
+            values, where = np.unique(np.concatenate([seen, values]), return_inverse=True)
+            counts = np.bincount(where, weights=np.concatenate([seen_counts, counts]), minlength=len(values))
+        self.int_counts[col] = (values, counts.astype(np.int64))
+
+    def _fold_integers(self, col: str) -> None:
+        """Move a column's integer counts into its general counts, once it has a chunk of other values:
+        from then on a value is counted by its key (7 and "7" are one category)."""
+        if col not in self.int_counts:
+            return
+        counts = self.counts[col]
+        for value, count in zip(*(a.tolist() for a in self.int_counts.pop(col)), strict=True):
+            key = str(value)
+            if key in counts:
+                counts[key][1] += count
+            else:
+                counts[key] = [value, count]
+
+    def _vocabulary(self, col: str) -> list:
+        """Values by count, most frequent first; ties by the key's text, so ids do not depend on row order."""
+        if col in self.int_counts:  # integers only: sorted as arrays, without a Python object per value
+            values, totals = self.int_counts[col]
+            return values[np.lexsort((values.astype(str), -totals))].tolist()
+        counts = self.counts[col]
+        return [v for k, (v, _) in sorted(counts.items(), key=lambda kv: (-kv[1][1], kv[0]))]
+
     def finish(self) -> Encoder:
         enc = self.encoder
         if self.rows == 0:
@@ -266,9 +330,8 @@ class EncoderFitter:
                     f"its {self.rows} rows to have a value in column `{task.source_column}`{space}, but none has. "
                     "Fill in the labels, or remove the task"
                 )
-        for col, counts in self.counts.items():
-            # Frequent values first; ties by the value's text, so ids do not depend on row order.
-            enc.vocabs[col] = [v for k, (v, _) in sorted(counts.items(), key=lambda kv: (-kv[1][1], kv[0]))]
+        for col in self.counts:
+            enc.vocabs[col] = self._vocabulary(col)
         for col, (n, mean, m2) in self.moments.items():
             enc.means[col] = float(mean) if n else 0.0
             std = float(np.sqrt(m2 / n)) if n else 0.0
@@ -499,6 +562,21 @@ def _hashable(column: pd.Series, col: str, source: str) -> pd.Series:
     return column
 
 
+def _plain_integers(column: pd.Series) -> bool:
+    """A column of numpy integers (no missing values possible) that fit in int64."""
+    dtype = column.dtype
+    return isinstance(dtype, np.dtype) and dtype.kind in "iu" and dtype.itemsize <= (8 if dtype.kind == "i" else 4)
+
+
+def _integer_key(key: str) -> int | None:
+    """The integer a category key stands for, when the key is an integer's decimal text."""
+    try:
+        number = int(key)
+    except ValueError:
+        return None
+    return number if str(number) == key and -(2**63) <= number < 2**63 else None
+
+
 def _show(value) -> str:
     if value is None or (isinstance(value, float | np.floating) and np.isnan(value)) or value is pd.NA:
         return "empty"
@@ -629,20 +707,31 @@ def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 131_072
         )
     if total == 0:
         raise ValueError(f"Expected {path} to have data rows, but it has none")
+    return fill_table(empty_table(encoder, total, str(path)), chunks)
+
+
+def empty_table(encoder: Encoder, rows: int, source: str) -> EncodedTable:
+    """Uninitialised tensors for `rows` encoded rows, to be filled in place (`fill_table`)."""
     num_tasks = len(encoder.tasks)
-    table = EncodedTable(
-        sparse=torch.empty(total, len(encoder.categorical), dtype=_torch_int(encoder.vocab_sizes)),
-        dense=torch.empty(total, len(encoder.dense_names)),
-        labels=torch.empty(total, num_tasks),
-        label_mask=torch.empty(total, num_tasks, dtype=torch.bool),
-        source=str(path),
+    return EncodedTable(
+        sparse=torch.empty(rows, len(encoder.categorical), dtype=_torch_int(encoder.vocab_sizes)),
+        dense=torch.empty(rows, len(encoder.dense_names)),
+        labels=torch.empty(rows, num_tasks),
+        label_mask=torch.empty(rows, num_tasks, dtype=torch.bool),
+        source=source,
     )
+
+
+def fill_table(table: EncodedTable, parts: Iterable[EncodedTable]) -> EncodedTable:
+    """Copy consecutive encoded chunks into the table, which they must fill exactly."""
     start = 0
-    for part in chunks:
+    for part in parts:
         stop = start + len(part)
         for name in ("sparse", "dense", "labels", "label_mask"):
             getattr(table, name)[start:stop] = getattr(part, name)
         start = stop
+    if start != len(table):  # the file changed while it was read
+        raise ValueError(f"Expected {len(table)} rows in {table.source}, but read {start}")
     return table
 
 

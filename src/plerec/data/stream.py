@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,12 @@ import pyarrow.parquet as pq
 import torch
 
 from plerec.config import Experiment
-from plerec.data.encode import Batch, EncodedTable, Encoder
+from plerec.data.encode import Batch, EncodedTable, Encoder, empty_table, fill_table
 from plerec.data.table import check_column_names
 from plerec.distributed import SINGLE_PROCESS, DistContext
 
 ENCODER_FILE = "encoder.json"
+SLICE_ROWS = 65_536  # rows read and encoded at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +95,28 @@ def row_groups(files: list[Path]) -> list[RowGroup]:
     return groups
 
 
-def read_group(group: RowGroup, columns: list[str] | None = None) -> pd.DataFrame:
-    """One row group as a DataFrame; of `columns`, those the file lacks are left out (the encoder names them)."""
-    reader = pq.ParquetFile(group.file)
+def read_slices(group: RowGroup, columns: list[str] | None = None, rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """One row group as DataFrames of at most `rows` rows, so that a large group is never held whole in
+    pandas; of `columns`, those the file lacks are left out (the encoder names them)."""
+    reader = pq.ParquetFile(group.file, pre_buffer=False)  # pre-buffering holds the group's pages at once
     if columns is not None:
         columns = [c for c in columns if c in reader.schema_arrow.names]
-    frame = reader.read_row_group(group.index, columns=columns).to_pandas()
-    frame.index = pd.RangeIndex(group.first_row, group.first_row + len(frame))  # file row numbers in errors
-    frame.attrs["source"] = f"{group.file} (row group {group.index})"
-    return frame
+    first = group.first_row
+    batches = reader.iter_batches(
+        batch_size=rows or SLICE_ROWS, row_groups=[group.index], columns=columns, use_threads=False
+    )
+    for batch in batches:
+        frame = batch.to_pandas()
+        frame.index = pd.RangeIndex(first, first + len(frame))  # file row numbers in errors
+        frame.attrs["source"] = f"{group.file} (row group {group.index})"
+        first += len(frame)
+        yield frame
+
+
+def encode_group(group: RowGroup, encoder: Encoder, columns: list[str]) -> EncodedTable:
+    """One row group as column tensors, encoded a slice at a time into tensors allocated once."""
+    slices = (encoder.transform(frame) for frame in read_slices(group, columns))
+    return fill_table(empty_table(encoder, group.num_rows, f"{group.file} (row group {group.index})"), slices)
 
 
 def check_stream(path: str | Path, encoder: Encoder) -> None:
@@ -199,27 +214,27 @@ class ParquetBatches:
         self.epoch_index += 1
         steps = self.steps(epoch)
         mine = self._assignment(epoch)[self.ctx.rank]
-        pending: EncodedTable | None = None
         done = min(skip, steps)
         to_drop = done * self.local_batch  # rows of this rank inside the skipped batches
+        pending: deque[tuple[EncodedTable, torch.Tensor]] = deque()  # groups read, with their rows not yet used
+        available = 0
         for position, group in mine:
             if to_drop >= group.num_rows:
                 to_drop -= group.num_rows
                 continue
-            chunk = self.encoder.transform(read_group(group, self.columns))
-            shuffle = np.random.default_rng([self.seed, epoch, position]).permutation(len(chunk))
-            chunk = _take(chunk, torch.from_numpy(shuffle))
-            if to_drop:
-                chunk, to_drop = chunk.batch_table(slice(to_drop, None)), 0
-            pending = chunk if pending is None else _concat(pending, chunk)
-            while len(pending) >= self.local_batch and done < steps:
-                yield pending.batch(slice(0, self.local_batch))
-                pending = pending.batch_table(slice(self.local_batch, None))
+            chunk = encode_group(group, self.encoder, self.columns)
+            order = np.random.default_rng([self.seed, epoch, position]).permutation(len(chunk))
+            pending.append((chunk, torch.from_numpy(order[to_drop:])))
+            available += len(chunk) - to_drop
+            to_drop = 0
+            while available >= self.local_batch and done < steps:
+                yield _next_rows(pending, self.local_batch)
+                available -= self.local_batch
                 done += 1
             if done == steps:
                 return
-        if pending is not None and len(pending) and done < steps:
-            yield pending.batch(slice(0, len(pending)))
+        if available and done < steps:
+            yield _next_rows(pending, available)
             done += 1
         for _ in range(steps - done):  # this rank ran out of rows first: empty steps keep DDP in step
             yield self._empty()
@@ -239,19 +254,23 @@ def local_eval_chunks(path: str | Path, encoder: Encoder, ctx: DistContext = SIN
     groups = row_groups(parquet_files(path))
     columns = _needed_columns(encoder)
     for group in groups[ctx.rank :: ctx.world_size]:
-        yield encoder.transform(read_group(group, columns))
+        for frame in read_slices(group, columns):
+            yield encoder.transform(frame)
 
 
-def _take(table: EncodedTable, index: torch.Tensor) -> EncodedTable:
-    b = table.batch(index)
-    return EncodedTable(b.sparse, b.dense, b.labels, b.label_mask, table.source)
-
-
-def _concat(a: EncodedTable, b: EncodedTable) -> EncodedTable:
-    return EncodedTable(
-        torch.cat([a.sparse, b.sparse]),
-        torch.cat([a.dense, b.dense]),
-        torch.cat([a.labels, b.labels]),
-        torch.cat([a.label_mask, b.label_mask]),
-        b.source,
-    )
+def _next_rows(pending: deque[tuple[EncodedTable, torch.Tensor]], count: int) -> Batch:
+    """The next `count` rows of the pending groups, in their shuffled order: one gather per group they
+    come from (never a copy of a whole group); a group is let go once its rows are used."""
+    parts = []
+    while count:
+        table, order = pending[0]
+        taken, rest = order[:count], order[count:]
+        parts.append(table.batch(taken))
+        count -= len(taken)
+        if len(rest):
+            pending[0] = (table, rest)
+        else:
+            pending.popleft()
+    if len(parts) == 1:
+        return parts[0]
+    return Batch(*(torch.cat(fields) for fields in zip(*(part._fields() for part in parts), strict=True)))
