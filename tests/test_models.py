@@ -375,6 +375,12 @@ def test_gate_mix_function_equals_plain_sums_with_exact_gradients():
     weights = torch.rand(3, 5, 3, generator=g, dtype=torch.float64).requires_grad_()
     outputs = torch.randn(5, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda w, o: _GateMix.apply(w, o, selection), (weights, outputs))
+    # an expert that no gate of the call reads (here 4) gets a zero gradient, not stale memory
+    unread = ((0, 1), (2, 3), (3, 0))
+    assert torch.autograd.gradcheck(lambda w, o: _GateMix.apply(w, o, unread), (weights[:, :, :2], outputs))
+    _GateMix.apply(weights[:, :, :2], outputs, unread).sum().backward()
+    assert outputs.grad[4].abs().max() == 0 and outputs.grad[:4].abs().min() > 0
+    outputs.grad = weights.grad = None
     with torch.no_grad():
         plain = gate_mix(weights, outputs, selection)
     expected = torch.stack(

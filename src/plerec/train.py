@@ -34,7 +34,7 @@ from plerec.distributed import (
 )
 from plerec.metrics import HIGHER_IS_BETTER, METRICS_BY_KIND, TaskMetricAccumulator
 from plerec.models import MultiTaskModel, build_model
-from plerec.optim import RowSparseAdam
+from plerec.optim import Adam, RowSparseAdam
 
 CHECKPOINT_FORMAT = "plerec-checkpoint-1"
 
@@ -133,18 +133,16 @@ def loss_weights(exp: Experiment, t: int | float) -> torch.Tensor:
     return torch.tensor([task.weight * task.gamma**t for task in exp.tasks], dtype=torch.float32)
 
 
-def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[Adam | RowSparseAdam]:
     """Adam for the dense parameters; with sparse embeddings, RowSparseAdam updates only the embedding rows
     a batch touches (a dense Adam step over every row dominates at large vocabularies). Weight decay
     applies to the dense parameters only when embeddings are sparse."""
     embedding = model.input.embedding.weight
-    dense = [p for p in model.parameters() if p is not embedding]
-    # The fused kernel (torch >= 2.4 on CPU) updates every tensor in one pass instead of a loop of small ops.
-    fused = {"fused": True} if embedding.device.type in ("cpu", "cuda") else {}
     if not model.input.embedding.sparse:
-        return [torch.optim.Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay, **fused)]
+        return [Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)]
+    dense = [p for p in model.parameters() if p is not embedding]
     return [
-        torch.optim.Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay, **fused),
+        Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay),
         RowSparseAdam([embedding], lr=exp.train.lr),
     ]
 
@@ -445,7 +443,7 @@ def _save_state(
     exp: Experiment,
     encoder: Encoder,
     model: MultiTaskModel,
-    optimizers: list[torch.optim.Optimizer],
+    optimizers: list[Adam | RowSparseAdam],
     best_state: dict | None,
     progress: Progress,
     running: torch.Tensor,

@@ -112,10 +112,13 @@ class _GateMix(torch.autograd.Function):
     def forward(ctx, weights: Tensor, outputs: Tensor, selection: tuple[tuple[int, ...], ...]) -> Tensor:
         columns = weights.permute(0, 2, 1).contiguous()  # (G, M, B): each weight column contiguous
         dtype = torch.promote_types(weights.dtype, outputs.dtype)
-        mixed = torch.zeros(len(selection), outputs.shape[1], outputs.shape[2], dtype=dtype, device=outputs.device)
+        mixed = torch.empty(len(selection), outputs.shape[1], outputs.shape[2], dtype=dtype, device=outputs.device)
         for g, experts in enumerate(selection):
             for j, e in enumerate(experts):
-                mixed[g].addcmul_(outputs[e], columns[g, j].unsqueeze(-1))
+                if j == 0:  # the first term is written, not added: no pass to zero the buffer
+                    torch.mul(outputs[e], columns[g, j].unsqueeze(-1), out=mixed[g])
+                else:
+                    mixed[g].addcmul_(outputs[e], columns[g, j].unsqueeze(-1))
         ctx.save_for_backward(columns, outputs)
         ctx.selection = selection
         return mixed
@@ -123,12 +126,19 @@ class _GateMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         columns, outputs = ctx.saved_tensors
-        grad_outputs = torch.zeros_like(outputs, dtype=torch.promote_types(grad.dtype, outputs.dtype))
+        grad_outputs = torch.empty_like(outputs, dtype=torch.promote_types(grad.dtype, outputs.dtype))
         grad_columns = torch.empty_like(columns)
+        written: set[int] = set()
         for g, experts in enumerate(ctx.selection):
             for j, e in enumerate(experts):
-                grad_outputs[e].addcmul_(grad[g], columns[g, j].unsqueeze(-1))
+                if e in written:
+                    grad_outputs[e].addcmul_(grad[g], columns[g, j].unsqueeze(-1))
+                else:  # an expert's first term is written, not added
+                    torch.mul(grad[g], columns[g, j].unsqueeze(-1), out=grad_outputs[e])
+                    written.add(e)
                 torch.sum(grad[g] * outputs[e], dim=-1, out=grad_columns[g, j])
+        for e in set(range(len(outputs))) - written:  # experts no gate of this call reads
+            grad_outputs[e].zero_()
         return grad_columns.permute(0, 2, 1), grad_outputs.to(outputs.dtype), None
 
 
