@@ -82,7 +82,10 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
         return PreparedData(encoder, {}, files)
     if exp.data.train:  # separate files: read and encoded a chunk at a time, never whole DataFrames
         encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
-        splits = {s: encode_file(path, encoder, exp.data.csv) for s, path in files.items()}
+        splits = {}
+        for split, path in files.items():
+            _release_freed_memory()  # the previous file's reading buffers: not under the next file's
+            splits[split] = encode_file(path, encoder, exp.data.csv)
     else:
         frames = load_splits(exp.data, exp.seed)
         encoder = encoder or Encoder.fit(exp, frames["train"])

@@ -674,7 +674,7 @@ def _is_glob(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[")
 
 
-def fit_encoder_chunked(exp: Experiment, path: str, csv=None, chunk_rows: int = 131_072) -> Encoder:
+def fit_encoder_chunked(exp: Experiment, path: str, csv=None, chunk_rows: int = 32_768) -> Encoder:
     """Fit the encoder in one pass over a training file read a chunk at a time."""
     from plerec.data.table import iter_frames
 
@@ -687,7 +687,7 @@ def fit_encoder_chunked(exp: Experiment, path: str, csv=None, chunk_rows: int = 
     return fitter.finish()
 
 
-def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 131_072) -> EncodedTable:
+def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 32_768) -> EncodedTable:
     """A whole file as column tensors, encoded a chunk at a time: the file is never held whole as a
     DataFrame. Parquet row counts are known up front, so its tensors are filled in place."""
     from plerec.data.table import count_rows, iter_frames

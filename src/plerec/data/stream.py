@@ -29,7 +29,7 @@ from plerec.data.table import check_column_names
 from plerec.distributed import SINGLE_PROCESS, DistContext
 
 ENCODER_FILE = "encoder.json"
-SLICE_ROWS = 65_536  # rows read and encoded at a time
+SLICE_ROWS = 32_768  # rows read and encoded at a time
 
 
 @dataclass(frozen=True, slots=True)

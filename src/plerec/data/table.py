@@ -32,7 +32,7 @@ def read_table(path: str | Path, csv: CsvOptions | None = None) -> pd.DataFrame:
 
 
 def iter_frames(
-    path: str | Path, csv: CsvOptions | None = None, chunk_rows: int = 131_072, columns: list[str] | None = None
+    path: str | Path, csv: CsvOptions | None = None, chunk_rows: int = 32_768, columns: list[str] | None = None
 ) -> Iterator[pd.DataFrame]:
     """A file (or a folder of Parquet files) in chunks of at most `chunk_rows` rows, so that reading
     never holds more than one chunk as a DataFrame. Each chunk's index is its rows' numbers in the file.
