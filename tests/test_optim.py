@@ -46,10 +46,8 @@ def test_state_dict_resumes_exactly_and_reads_torch_optim_states():
     opt = Adam(first, lr=0.02)
     _train(first, opt, 3)
     saved = opt.state_dict()
-    assert sorted(saved["state"][0]) == ["exp_avg", "exp_avg_sq", "step"] and saved["param_groups"][0]["params"] == [
-        0,
-        1,
-    ]
+    assert sorted(saved["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+    assert saved["param_groups"][0]["params"] == [0, 1]
     again = [p.detach().clone().requires_grad_() for p in first]
     resumed = Adam(again, lr=0.02)
     resumed.load_state_dict(saved)
@@ -94,6 +92,8 @@ def test_bad_settings_and_gradients_are_refused():
         Adam(_params(), lr=0.0)
     with pytest.raises(ValueError, match="weight_decay >= 0"):
         Adam(_params(), weight_decay=-1.0)
+    with pytest.raises(ValueError, match=r"betas in \[0, 1\), but got lr=0.001, betas=\(0.9, 1.0\)"):
+        RowSparseAdam(torch.nn.Embedding(3, 2, sparse=True).parameters(), betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="at least one parameter"):
         Adam([])
     table = torch.nn.Embedding(5, 2, sparse=True)

@@ -29,6 +29,11 @@ class _Optimizer:
     defaults: dict
 
     def __init__(self, params: Iterable[torch.Tensor], defaults: dict):
+        lr, (beta1, beta2), eps = defaults["lr"], defaults["betas"], defaults["eps"]
+        decay = defaults.get("weight_decay", 0.0)
+        if lr <= 0 or eps <= 0 or decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            shown = ", ".join(f"{k}={v}" for k, v in defaults.items())
+            raise ValueError(f"Expected lr > 0, eps > 0, weight_decay >= 0 and betas in [0, 1), but got {shown}")
         self.defaults = defaults
         params = list(params)
         if not params:
@@ -86,11 +91,6 @@ class Adam(_Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ):
-        if lr <= 0 or eps <= 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(
-                f"Expected lr > 0, eps > 0, weight_decay >= 0 and betas in [0, 1), but got lr={lr}, betas={betas}, "
-                f"eps={eps}, weight_decay={weight_decay}"
-            )
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -142,13 +142,10 @@ class Adam(_Optimizer):
     def _single(self, group: dict, p: torch.Tensor) -> None:
         state = self.state[p]
         state["step"] += 1
-        t = float(state["step"])
-        beta1, beta2 = group["betas"]
         grad = p.grad if not group["weight_decay"] else p.grad.add(p, alpha=group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
+        _update_moments(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"])
+        denom, step_size = _denominator_and_step(state["exp_avg_sq"], group, float(state["step"]))
+        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
 
 class RowSparseAdam(_Optimizer):
@@ -161,8 +158,6 @@ class RowSparseAdam(_Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Expected lr > 0, eps > 0 and betas in [0, 1), but got lr={lr}, betas={betas}, eps={eps}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
         self._scratch: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # not state: never saved
 
@@ -185,7 +180,6 @@ class RowSparseAdam(_Optimizer):
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -200,10 +194,20 @@ class RowSparseAdam(_Optimizer):
                 rows, values = self._touched(param, grad)
                 moments = state["moments"].index_select(0, rows)  # (U, 2, dim): exp_avg, exp_avg_sq
                 exp_avg, exp_avg_sq = moments[:, 0], moments[:, 1]
-                exp_avg.lerp_(values, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                _update_moments(exp_avg, exp_avg_sq, values, group["betas"])
                 state["moments"].index_copy_(0, rows, moments)
-                t = state["step"]
-                step_size = group["lr"] / (1 - beta1**t)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+                denom, step_size = _denominator_and_step(exp_avg_sq, group, state["step"])
                 param.index_add_(0, rows, exp_avg.div_(denom).mul_(-step_size))
+
+
+def _update_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, betas) -> None:
+    """Adam's moment updates, in place (torch.optim.Adam's single-tensor arithmetic)."""
+    exp_avg.lerp_(grad, 1 - betas[0])
+    exp_avg_sq.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+
+
+def _denominator_and_step(exp_avg_sq: torch.Tensor, group: dict, t: float) -> tuple[torch.Tensor, float]:
+    """Adam's bias-corrected denominator √v̂ + ε and step size lr / (1 − β₁ᵗ) at step t."""
+    beta1, beta2 = group["betas"]
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+    return denom, group["lr"] / (1 - beta1**t)
