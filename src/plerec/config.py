@@ -232,7 +232,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 1024
-    eval_batch_size: int = 4096
+    eval_batch_size: int = 1024  # scoring holds one batch's temporaries: ~4x more at 4096 for ~5 % speed
     epochs: int = 10
     weight_schedule: str = "epoch"
     monitor: str = "mean"

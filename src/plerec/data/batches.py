@@ -45,8 +45,7 @@ class InMemoryBatches:
             yield self.table.batch(index)
 
 
-def local_eval_batches(table: EncodedTable, batch_size: int, ctx: DistContext = SINGLE_PROCESS) -> Iterator[Batch]:
-    """This rank's disjoint, contiguous share of a split, in row order, as slices."""
+def local_rows(table: EncodedTable, ctx: DistContext = SINGLE_PROCESS) -> EncodedTable:
+    """This rank's disjoint, contiguous share of a split for evaluation, in row order, as views."""
     start, stop = shard_bounds(len(table), ctx)[ctx.rank]
-    for begin in range(start, stop, batch_size):
-        yield table.batch(slice(begin, min(begin + batch_size, stop)))
+    return table.batch_table(slice(start, stop))
