@@ -306,6 +306,22 @@ def test_predict_on_an_empty_table_has_one_column_per_task(table_path):
     assert evaluate(model, empty, exp) == {"click": {"n": 0}, "watch": {"n": 0}}
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 299, 300, 1000])
+def test_predict_fills_every_row_in_order_whatever_the_batch_size(table_path, batch_size):
+    """Batches are written into one output tensor: each row's logits land in its own row, the last
+    (partial) batch included, in float32."""
+    exp = _experiment(table_path)
+    data = prepare_data(exp)
+    model = _initial_model(exp, data).eval()
+    table = data.splits["train"]
+    with torch.inference_mode():
+        whole = model(table.sparse, table.dense)
+    got = predict(model, table, batch_size)
+    assert got.dtype == torch.float32 and got.shape == whole.shape
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(got).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # The validation monitor
 
