@@ -15,7 +15,8 @@ from parquet_splits import frame, write_splits
 from plerec.checkpoint import read_checkpoint_file
 from plerec.cli import main
 from plerec.config import experiment_from_dict, load_experiment
-from plerec.data.encode import fit_encoder_chunked
+from plerec.data.batches import InMemoryBatches
+from plerec.data.encode import EncodedTable, fit_encoder_chunked
 from plerec.data.stream import ParquetBatches, local_eval_chunks, row_groups
 from plerec.distributed import DistContext, check_batch_size, init_distributed, shard_bounds
 from plerec.train import evaluate_split, fit, load_checkpoint, prepare_data
@@ -119,6 +120,21 @@ def test_shards_are_disjoint_and_cover_every_row():
         bounds = shard_bounds(n, DistContext(rank=0, world_size=3))
         covered = [i for start, stop in bounds for i in range(start, stop)]
         assert covered == list(range(n))
+
+
+def test_in_memory_batches_follow_the_seeded_permutation_and_ranks_split_each_batch():
+    """An epoch is the generator's int64 permutation cut into global batches (the order checkpoints written
+    by earlier versions replay), each cut into one contiguous slice per rank."""
+    n, batch_size = 23, 6
+    ids = torch.arange(n, dtype=torch.int32).unsqueeze(1)
+    table = EncodedTable(ids, torch.zeros(n, 1), torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool))
+    expected = torch.randperm(n, generator=torch.Generator().manual_seed(5))  # int64, as before
+    one = [b.sparse[:, 0] for b in InMemoryBatches(table, batch_size, seed=5).epoch()]
+    assert torch.equal(torch.cat(one).long(), expected)
+    assert [len(b) for b in one] == [6, 6, 6, 5]
+    ranks = [list(InMemoryBatches(table, batch_size, 5, DistContext(rank=r, world_size=2)).epoch()) for r in (0, 1)]
+    for step, whole in enumerate(one):
+        assert torch.equal(torch.cat([ranks[0][step].sparse[:, 0], ranks[1][step].sparse[:, 0]]), whole)
 
 
 def test_streaming_batches_read_each_row_once_and_ranks_are_disjoint(experiment):

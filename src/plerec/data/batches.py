@@ -37,7 +37,9 @@ class InMemoryBatches:
 
     def epoch(self, skip: int = 0) -> Iterator[Batch]:
         """The epoch's batches; `skip` leaves out the first ones (a resumed run has done them)."""
-        order = torch.randperm(len(self.table), generator=self.generator)  # same on every rank
+        n = len(self.table)
+        # Same on every rank. int32 where it fits: half the memory, the same permutation as int64.
+        order = torch.randperm(n, generator=self.generator, dtype=torch.int32 if n < 2**31 else torch.int64)
         for i in range(skip, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             if self.ctx.enabled:
