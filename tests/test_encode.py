@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from plerec.config import Condition, CsvOptions, DataConfig, TaskConfig, experiment_from_dict
-from plerec.data.encode import Encoder, encode_labels, evaluate_condition, select_features
+from plerec.data.encode import (
+    EncodedTable,
+    Encoder,
+    encode_labels,
+    evaluate_condition,
+    pack_ids,
+    select_features,
+    wide_fields,
+)
 from plerec.data.table import load_splits, read_table
 
 CSV = "age,city,click,buy\n31,paris,1,0\n45,rome,0,\n,paris,1,1\n22,oslo,0,0\n"
@@ -493,14 +501,57 @@ def test_no_feature_left_errors():
         select_features(exp, list(data.columns), data, "t.csv")
 
 
-@pytest.mark.parametrize("size, dtype", [(10, torch.int16), (32766, torch.int16), (40000, torch.int32)])
-def test_sparse_ids_use_the_narrowest_integer_type(size, dtype):
+@pytest.mark.parametrize("size, columns", [(10, 1), (32766, 1), (40000, 2)])
+def test_sparse_ids_are_int16_and_packed_where_a_vocabulary_is_wider(size, columns):
+    """Up to 32,767 ids a field is one int16 column; a wider one takes a second int16 column (its high
+    bits) instead of widening the whole table to int32. The ids come back whole."""
     exp = make_exp({"categorical": ["c"]})
     data = frame(c=np.arange(size), click=np.zeros(size, dtype=int))
     out = Encoder.fit(exp, data).transform(data)
-    assert out.sparse.dtype == dtype
-    ids = out.sparse[:, 0].long()
+    assert out.sparse.dtype == torch.int16 and out.sparse.shape == (size, columns)
+    ids = out.ids()[:, 0].long()
     assert ids.min() == 1 and ids.max() == size and len(ids.unique()) == size
+
+
+def test_packed_ids_round_trip_at_the_bit_boundaries_in_every_access():
+    sizes = [5, 100_001, 7, 40_000]
+    ids = np.array(
+        [[0, 0, 0, 0], [4, 32767, 6, 32768], [1, 32768, 2, 39999], [2, 100_000, 3, 32767], [3, 65536, 1, 12345]]
+    )
+    assert wide_fields(sizes) == (1, 3)
+    packed = pack_ids(ids, sizes)
+    assert packed.dtype == np.int16 and packed.shape == (5, 6) and (packed >= 0).all()
+    n = len(ids)
+    table = EncodedTable(
+        torch.from_numpy(packed), torch.zeros(n, 1), torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool), wide=(1, 3)
+    )
+    assert table.ids().tolist() == ids.tolist()
+    assert table.batch(torch.tensor([3, 0, 4])).sparse.tolist() == ids[[3, 0, 4]].tolist()
+    assert table.batch(slice(1, 3)).sparse.tolist() == ids[1:3].tolist()
+    assert table.batch_table(slice(2, 5)).ids().tolist() == ids[2:5].tolist()
+    # Narrow tables are stored as they are; a vocabulary beyond two int16 columns widens instead.
+    assert wide_fields([5, 32767]) == () and pack_ids(ids[:, [0, 2]], [5, 7]).dtype == np.int16
+    assert wide_fields([5, 2**31]) == () and pack_ids(ids, [5, 2**31, 7, 40_000]).dtype == np.int64
+
+
+def test_packed_ids_are_the_same_read_whole_in_chunks_from_csv_or_parquet_and_streamed(tmp_path):
+    from plerec.data.encode import encode_file
+    from plerec.data.stream import ParquetBatches
+
+    rng = np.random.default_rng(0)
+    n = 40_000
+    data = frame(wide=rng.permutation(n), narrow=rng.integers(0, 50, n), click=rng.integers(0, 2, n))
+    exp = make_exp({"categorical": ["narrow", "wide"]})
+    encoder = Encoder.fit(exp, data)
+    whole = encoder.transform(data)
+    assert whole.wide == (1,) and whole.sparse.shape == (n, 3)
+    data.to_csv(tmp_path / "t.csv", index=False)
+    data.to_parquet(tmp_path / "t.parquet", row_group_size=15_000)
+    for path in (tmp_path / "t.csv", tmp_path / "t.parquet"):
+        chunked = encode_file(str(path), encoder, chunk_rows=7_000)
+        assert chunked.wide == (1,) and torch.equal(chunked.sparse, whole.sparse)
+    streamed = torch.cat([b.sparse for b in ParquetBatches(str(tmp_path / "t.parquet"), encoder, 4096, seed=0).epoch()])
+    assert sorted(map(tuple, streamed.tolist())) == sorted(map(tuple, whole.ids().tolist()))
 
 
 @pytest.mark.parametrize(
