@@ -110,7 +110,7 @@ def pack_ids(ids: np.ndarray, vocab_sizes: list[int]) -> np.ndarray:
     """(N, S) int64 ids as the table stores them (see EncodedTable)."""
     wide = wide_fields(vocab_sizes)
     if not wide:
-        return ids.astype(_narrowest_int(vocab_sizes))
+        return ids.astype(stored_dtype(vocab_sizes))
     packed = np.empty((len(ids), ids.shape[1] + len(wide)), dtype=np.int16)
     packed[:, : ids.shape[1]] = ids & ((1 << LOW_BITS) - 1)
     packed[:, ids.shape[1] :] = ids[:, list(wide)] >> LOW_BITS
@@ -189,17 +189,18 @@ class Encoder:
                 )
             if col in self.indicators:
                 dense[:, len(self.numeric) + self.indicators.index(col)] = missing
+        sizes = self.vocab_sizes
         if labels:
             values, mask = encode_labels([TaskConfig(**t) for t in self.tasks], frame, source)
         else:
             values, mask = np.zeros((n, len(self.tasks)), np.float32), np.zeros((n, len(self.tasks)), bool)
         return EncodedTable(
-            sparse=torch.from_numpy(pack_ids(sparse, self.vocab_sizes)),
+            sparse=torch.from_numpy(pack_ids(sparse, sizes)),
             dense=torch.from_numpy(dense),
             labels=torch.from_numpy(values),
             label_mask=torch.from_numpy(mask),
             source=source,
-            wide=wide_fields(self.vocab_sizes),
+            wide=wide_fields(sizes),
         )
 
     def _category_ids(self, col: str, column: pd.Series, source: str) -> np.ndarray:
@@ -704,8 +705,12 @@ def _infer_kind(column: pd.Series, max_int_categories: int) -> str:
     return "categorical"
 
 
-def _narrowest_int(vocab_sizes: list[int]) -> np.dtype:
+def stored_dtype(vocab_sizes: list[int]) -> np.dtype:
+    """The dtype of a table's `sparse` (see EncodedTable): int16 when packed, else the narrowest that
+    holds every id."""
     biggest = max(vocab_sizes, default=1)
+    if wide_fields(vocab_sizes):
+        return np.dtype(np.int16)
     for dtype in (np.int16, np.int32):
         if biggest <= np.iinfo(dtype).max:
             return np.dtype(dtype)
@@ -761,9 +766,10 @@ def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 32_768)
 def empty_table(encoder: Encoder, rows: int, source: str) -> EncodedTable:
     """Uninitialised tensors for `rows` encoded rows, to be filled in place (`fill_table`)."""
     num_tasks = len(encoder.tasks)
-    wide = wide_fields(encoder.vocab_sizes)
+    sizes = encoder.vocab_sizes
+    wide = wide_fields(sizes)
     return EncodedTable(
-        sparse=torch.empty(rows, len(encoder.categorical) + len(wide), dtype=_torch_int(encoder.vocab_sizes)),
+        sparse=torch.empty(rows, len(sizes) + len(wide), dtype=getattr(torch, stored_dtype(sizes).name)),
         dense=torch.empty(rows, len(encoder.dense_names)),
         labels=torch.empty(rows, num_tasks),
         label_mask=torch.empty(rows, num_tasks, dtype=torch.bool),
@@ -792,12 +798,3 @@ def _task_columns(encoder: Encoder) -> list[str]:
         if task.space_condition is not None:
             columns.append(task.space_condition.column)
     return columns
-
-
-def _torch_int(vocab_sizes: list[int]) -> torch.dtype:
-    """The dtype of a table's `sparse` (see EncodedTable)."""
-    if wide_fields(vocab_sizes):
-        return torch.int16
-    return {np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}.get(
-        _narrowest_int(vocab_sizes), torch.int64
-    )
