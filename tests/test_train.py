@@ -238,6 +238,36 @@ def test_early_stopping_respects_patience_and_restores_best_epoch(table_path, mo
     assert all(torch.equal(payload["state_dict"][k], best_state[k]) for k in best_state)
 
 
+def test_best_weights_are_copied_only_when_a_later_epoch_changes_them(table_path, monkeypatch, tmp_path):
+    # Best at epoch 2 of 3; the run dies at the start of epoch 3 and resumes from the end of epoch 2.
+    exp = _experiment(table_path, epochs=3, patience=0, monitor="click")
+    steps_per_epoch = -(-len(prepare_data(exp).splits["train"]) // 64)
+    snapshots = _script_monitor(monkeypatch, [0.5, 0.7, 0.6])
+    calls, real_weights = {"n": 0}, train_module.loss_weights
+
+    def dying(exp_, t):
+        calls["n"] += 1
+        if calls["n"] == 2 * steps_per_epoch + 1:
+            raise RuntimeError("killed at the first step of epoch 3")
+        return real_weights(exp_, t)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "loss_weights", dying)
+        with pytest.raises(RuntimeError, match="killed"):
+            fit(exp, out_dir=tmp_path)
+    saved = read_checkpoint_file(tmp_path / "last.pt")
+    assert saved["progress"]["epoch"] == 2
+    # The best epoch is the one just trained: its weights are the model's, saved once, not copied.
+    assert saved["best_state"] is None
+    assert all(torch.equal(saved["model"][k], snapshots[1][k]) for k in snapshots[1])
+
+    result = fit(exp, out_dir=tmp_path, resume=True)
+    assert result.best_epoch == 2 and len(result.history) == 3
+    restored = result.model.state_dict()
+    assert all(torch.equal(restored[k], snapshots[1][k]) for k in snapshots[1])  # epoch 3 was worse
+    assert not all(torch.equal(restored[k], snapshots[2][k]) for k in snapshots[2])
+
+
 def test_no_early_stop_with_patience_zero(table_path, monkeypatch):
     exp = _experiment(table_path, epochs=4, patience=0, monitor="click")
     _script_monitor(monkeypatch, [0.9, 0.1, 0.1, 0.1])

@@ -151,10 +151,11 @@ class Adam(_Optimizer):
 class RowSparseAdam(_Optimizer):
     """Lazy Adam for parameters with sparse gradients (nn.Embedding(sparse=True)).
 
-    Duplicate ids of a batch are summed by scattering into a persistent zeroed buffer and the touched
-    rows are read off a persistent bitmap, instead of coalescing (sorting) the gradient: both scratch
-    buffers are cleared again on the touched rows only. Both moments of a row live side by side in one
-    (rows, 2, dim) tensor, so a step reads and writes them with one gather and one scatter.
+    The touched rows are read off a persistent bitmap instead of coalescing (sorting) the gradient, and
+    duplicate ids of a batch are summed into one row each through a persistent map from table row to
+    position among the touched rows: the scratch is one byte and one int64 per table row, not a copy of
+    the table, and the bitmap is cleared again on the touched rows only. Both moments of a row live side
+    by side in one (rows, 2, dim) tensor, so a step reads and writes them with one gather and one scatter.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -166,15 +167,18 @@ class RowSparseAdam(_Optimizer):
         if grad.is_coalesced():
             return grad.indices()[0], grad.values()
         if param not in self._scratch:
-            self._scratch[param] = (torch.zeros_like(param), param.new_zeros(len(param), dtype=torch.bool))
-        total, seen = self._scratch[param]
+            self._scratch[param] = (
+                param.new_zeros(len(param), dtype=torch.bool),
+                param.new_zeros(len(param), dtype=torch.int64),
+            )
+        seen, position = self._scratch[param]
         ids, values = grad._indices()[0], grad._values()
-        total.index_add_(0, ids, values)  # duplicate ids add up, as in the dense gradient
         seen[ids] = True
         rows = seen.nonzero().squeeze(1)
-        summed = total.index_select(0, rows)
-        total.index_fill_(0, rows, 0.0)
         seen[rows] = False
+        position[rows] = torch.arange(len(rows), device=rows.device)
+        summed = values.new_zeros(len(rows), *values.shape[1:])
+        summed.index_add_(0, position[ids], values)  # duplicate ids add up, as in the dense gradient
         return rows, summed
 
     @torch.no_grad()

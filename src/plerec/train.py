@@ -323,6 +323,8 @@ def fit(
     every = exp.train.checkpoint_every
     while progress.epoch < exp.train.epochs and not progress.stopped:
         epoch = progress.epoch
+        if best_state is None and progress.best_epoch:  # the weights about to change are the best so far
+            best_state = copy.deepcopy(model.state_dict())
         net.train()
         steps = len(source)
         source_state = source.state()  # the epoch's shuffle: a checkpoint taken mid-epoch replays it
@@ -385,7 +387,7 @@ def fit(
         progress.epoch, progress.batch = epoch + 1, 0
         if improved:
             progress.best_value, progress.best_epoch, progress.stale = value, epoch + 1, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = None  # the model as it is now: copied only if another epoch is to change it
             if out is not None:
                 save_checkpoint(out / "best.pt", model, data.encoder, exp, progress.best_epoch)
         else:
@@ -395,7 +397,8 @@ def fit(
                 progress.stopped = True
         checkpoint(source.state())
 
-    model.load_state_dict(best_state)  # type: ignore[arg-type]
+    if best_state is not None:  # a later epoch was worse: back to the best one
+        model.load_state_dict(best_state)
     # The held-out splits only: scoring the whole training split again would cost about an epoch.
     metrics = {split: evaluate_split(model, data, split, exp, ctx)[0] for split in data.split_names if split != "train"}
     result = FitResult(model, data.encoder, metrics, progress.history, progress.best_epoch, progress.train_seconds)
