@@ -565,3 +565,152 @@ def test_packed_ids_are_the_same_read_whole_in_chunks_from_csv_or_parquet_and_st
 )
 def test_evaluate_condition_treats_missing_values_as_false(cond, column, expected):
     assert evaluate_condition(cond, pd.Series(column), "t.csv").tolist() == expected
+
+
+# --- Parquet chunks without pandas -------------------------------------------------------------
+
+
+def _typed_table(rows: int, seed: int = 0) -> pd.DataFrame:
+    """Columns of every plain number type the encoder reads without pandas, with missing floats, plus a
+    float category and a hashed one, which go through pandas."""
+    rng = np.random.default_rng(seed)
+    nan_at = rng.random(rows) < 0.1
+    return pd.DataFrame(
+        {
+            "c_i8": rng.integers(-5, 5, rows).astype(np.int8),
+            "c_i64": rng.choice([-(2**62), 7, 2**40, 3], rows),
+            "c_u16": rng.integers(0, 900, rows).astype(np.uint16),
+            "c_f": np.where(nan_at, np.nan, rng.integers(0, 4, rows).astype(float)),
+            "c_hash": rng.integers(0, 10_000, rows),
+            "n_f32": np.where(rng.random(rows) < 0.2, np.nan, rng.normal(3, 2, rows)).astype(np.float32),
+            "n_f64": rng.normal(-1, 10, rows),
+            "n_i32": rng.integers(-1000, 1000, rows).astype(np.int32),
+            "click": rng.integers(0, 2, rows).astype(np.int8),
+            "buy": np.where(nan_at, np.nan, rng.integers(0, 2, rows)),
+            "watch": np.where(rng.random(rows) < 0.3, np.nan, rng.normal(size=rows)).astype(np.float32),
+            "age": rng.integers(10, 80, rows).astype(np.int16),
+            "score": np.where(nan_at, np.nan, rng.normal(size=rows)),
+        }
+    )
+
+
+def _typed_exp(path):
+    return experiment_from_dict(
+        {
+            "data": {"train": str(path), "valid": str(path), "missing_numeric": "impute"},
+            "features": {
+                "categorical": ["c_i8", "c_i64", "c_u16", "c_f", "c_hash"],
+                "numeric": ["n_f32", "n_f64", "n_i32"],
+                "hash_buckets": {"c_hash": 64},
+            },
+            "tasks": [
+                {"name": "ctr", "kind": "binary", "label": "click"},
+                {"name": "cvr", "kind": "binary", "label": "buy", "space": "click == 1"},
+                {"name": "watch", "kind": "regression", "label": "watch", "space": "score > -0.5"},
+                {"name": "adult", "kind": "binary", "condition": "age >= 18"},
+            ],
+        }
+    )
+
+
+def test_parquet_chunks_read_without_pandas_encode_exactly_as_through_pandas(tmp_path, monkeypatch):
+    import plerec.data.encode as encode_module
+    from plerec.data.encode import encode_file, fit_encoder_chunked
+    from plerec.data.stream import ParquetBatches
+
+    path = tmp_path / "typed.parquet"
+    _typed_table(3_000).to_parquet(path, row_group_size=1_100)
+    exp = _typed_exp(path)
+
+    def run():
+        encoder = fit_encoder_chunked(exp, str(path), chunk_rows=700)
+        table = encode_file(str(path), encoder, chunk_rows=700)
+        streamed = next(iter(ParquetBatches(str(path), encoder, 3_000, seed=0).epoch()))
+        return encoder.state_dict(), table, streamed
+
+    fast = run()
+    with monkeypatch.context() as patch:  # every column through pandas, as before the plain-number path
+        patch.setattr(encode_module, "plain_column", lambda frame, col: None)
+        reference = run()
+    assert fast[0] == reference[0]
+    for name in ("sparse", "dense", "labels", "label_mask"):
+        assert torch.equal(getattr(fast[1], name), getattr(reference[1], name)), name
+        assert torch.equal(getattr(fast[2], name), getattr(reference[2], name)), name
+    assert fast[1].label_mask.float().mean(0).tolist() != [1.0] * 4  # missing labels and spaces were exercised
+
+
+def test_arrow_frame_reads_plain_columns_like_pandas_and_leaves_the_rest_to_it():
+    import pyarrow as pa
+
+    from plerec.data.frames import ArrowFrame
+
+    table = pa.table(
+        {
+            "f": pa.array([1.5, None, 3.0, None, 5.0, 6.5, None], pa.float32()),
+            "i": pa.array([1, 2, 3, 4, 5, 6, 7], pa.int16()),
+            "gap": pa.array([1, 2, 3, None, 5, 6, 7], pa.int64()),
+            "u64": pa.array([1, 2, 3, 4, 5, 6, 7], pa.uint64()),
+            "b": pa.array([True, False] * 3 + [True]),
+            "s": pa.array(list("abcdefg")),
+        }
+    )
+    batch = table.to_batches()[0].slice(2, 4)  # an offset into the buffers, and into the validity bits
+    frame = ArrowFrame(batch, first_row=100, source="x.parquet")
+    assert frame.plain("f").dtype == np.float32 and frame.plain("i").dtype == np.int16
+    as_pandas = batch.to_pandas()
+    np.testing.assert_array_equal(frame.plain("f"), as_pandas["f"].to_numpy())
+    np.testing.assert_array_equal(frame.plain("i"), as_pandas["i"].to_numpy())
+    assert all(frame.plain(c) is None for c in ("gap", "u64", "b", "s"))
+    assert list(frame["s"].index) == [100, 101, 102, 103] and frame["s"].tolist() == list("cdef")
+    assert frame.attrs["source"] == "x.parquet" and len(frame) == 4
+    # A file written from pandas' nullable integers is read as pandas reads it.
+    nullable = pd.DataFrame({"n": pd.array([1, 2, 3], dtype="Int64")})
+    written = pa.Table.from_pandas(nullable, preserve_index=False).to_batches()[0]
+    assert ArrowFrame(written, 0, "y.parquet").plain("n") is None
+
+
+def test_a_run_on_parquet_files_of_plain_numbers_never_imports_pandas(tmp_path):
+    import subprocess
+    import sys
+
+    table = _typed_table(600).drop(columns=["c_f", "c_hash"])
+    for split, rows in (("train", slice(0, 400)), ("valid", slice(400, 500)), ("test", slice(500, 600))):
+        table.iloc[rows].to_parquet(tmp_path / f"{split}.parquet")
+    script = f"""
+import sys
+from plerec.config import experiment_from_dict
+from plerec.train import fit, predict
+exp = experiment_from_dict({{
+    "data": {{s: "{tmp_path}/" + s + ".parquet" for s in ("train", "valid", "test")}},
+    "features": {{"categorical": ["c_i8", "c_i64", "c_u16"], "numeric": ["n_f32", "n_f64", "n_i32"]}},
+    "tasks": [{{"name": "ctr", "kind": "binary", "label": "click"}},
+              {{"name": "cvr", "kind": "binary", "label": "buy", "space": "click == 1"}}],
+    "model": {{"name": "ple", "expert_dims": [4], "tower_dims": [4], "embedding_dim": 2}},
+    "train": {{"epochs": 1, "batch_size": 64, "progress": False}},
+}})
+result = fit(exp)
+assert set(result.metrics) == {{"valid", "test"}}, result.metrics
+print("pandas imported:", "pandas" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "pandas imported: False" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("n_f64", np.inf, r"Numeric column `n_f64` of .*typed\.parquet, row 1234: expected a finite number, .* inf"),
+        ("click", 2, r"Label column `click` of task `ctr` in .*typed\.parquet, row 1234: expected 0 or 1.*got 2"),
+        ("watch", -np.inf, r"Label column `watch` of task `watch` in .*typed\.parquet, row 1234: expected a finite"),
+    ],
+)
+def test_bad_values_in_plain_parquet_columns_name_the_file_row(tmp_path, column, value, message):
+    from plerec.data.encode import fit_encoder_chunked
+
+    table = _typed_table(3_000)
+    table.loc[1234, column] = value
+    path = tmp_path / "typed.parquet"
+    table.to_parquet(path, row_group_size=1_100)
+    with pytest.raises(ValueError, match=message):
+        fit_encoder_chunked(_typed_exp(path), str(path), chunk_rows=700)

@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import torch
 
 from plerec.config import Condition, Experiment, TaskConfig
+from plerec.data.frames import pd, plain_column
 from plerec.errors import did_you_mean
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -168,7 +168,7 @@ class Encoder:
         n = len(frame)
         sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for j, col in enumerate(self.categorical):
-            sparse[:, j] = self._category_ids(col, frame[col], source)
+            sparse[:, j] = self._category_ids(col, frame, source)
         dense = np.zeros((n, len(self.dense_names)), dtype=np.float32)
         for j, col in enumerate(self.numeric):
             values = _numeric_column(frame, col, source)
@@ -203,13 +203,15 @@ class Encoder:
             wide=wide_fields(sizes),
         )
 
-    def _category_ids(self, col: str, column: pd.Series, source: str) -> np.ndarray:
+    def _category_ids(self, col: str, frame: pd.DataFrame, source: str) -> np.ndarray:
         """Ids of one categorical column: 1 + the vocabulary index (0: unseen or missing), or 1 + a bucket.
 
         Values are looked up by their text (`category_key`), so 7, 7.0 and "7" are one category whichever
         type a file or a chunk of it was read with; the key is computed once per distinct value."""
-        if col not in self.hash_buckets and _plain_integers(column):
-            return self._integer_ids(col, column.to_numpy())
+        integers = _plain_integers(frame, col)
+        if col not in self.hash_buckets and integers is not None:
+            return self._integer_ids(col, integers)
+        column = frame[col]
         missing = _missing(column)
         codes, uniques = pd.factorize(_hashable(column, col, source))
         keys = [category_key(v) for v in uniques]
@@ -293,11 +295,12 @@ class EncoderFitter:
         source = frame.attrs.get("source", self.source)
         _require_columns(frame, self.encoder.categorical + self.encoder.numeric, source, "a feature")
         for col, counts in self.counts.items():
-            column = frame[col]
-            if _plain_integers(column) and not counts:
-                self._count_integers(col, column.to_numpy())
+            integers = _plain_integers(frame, col)
+            if integers is not None and not counts:
+                self._count_integers(col, integers)
             else:
                 self._fold_integers(col)
+                column = frame[col]
                 present = _hashable(column[~_missing(column)], col, source)
                 for value, count in present.value_counts(sort=False).items():
                     key = category_key(value)
@@ -471,20 +474,77 @@ def encode_labels(tasks: list[TaskConfig], frame: pd.DataFrame, source: str) -> 
         space = task.space_condition
         _require_columns(frame, [task.source_column] + ([space.column] if space else []), source, f"task `{task.name}`")
     for k, task in enumerate(tasks):
-        column = frame[task.source_column]
-        present = ~_missing(column)
-        cond = task.label_condition
-        if cond is not None:
-            values = evaluate_condition(cond, column, source).astype(np.float32)
+        plain = _plain_labels(task, frame)
+        if plain is not None:
+            values, in_space = plain
         else:
-            values = _label_values(task, column, present, source)
-        in_space = present
-        if task.space_condition is not None:
-            space_col = frame[task.space_condition.column]
-            in_space = in_space & evaluate_condition(task.space_condition, space_col, source)
+            column = frame[task.source_column]
+            present = ~_missing(column)
+            cond = task.label_condition
+            if cond is not None:
+                values = evaluate_condition(cond, column, source).astype(np.float32)
+            else:
+                values = _label_values(task, column, present, source)
+            in_space = present
+            if task.space_condition is not None:
+                space_col = frame[task.space_condition.column]
+                in_space = in_space & evaluate_condition(task.space_condition, space_col, source)
         labels[:, k] = np.where(in_space, values, 0.0)
         mask[:, k] = in_space
     return labels, mask
+
+
+def _plain_labels(task: TaskConfig, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """A task's labels and sample space as `encode_labels` computes them, from columns of plain numbers
+    without pandas; None where a column is not plain numbers, a condition compares text, or a value is
+    bad (then `encode_labels` takes the general path, which names the bad rows)."""
+    numbers = plain_column(frame, task.source_column)
+    if numbers is None:
+        return None
+    numbers = numbers.astype(np.float64)
+    present = ~np.isnan(numbers)
+    if task.label_condition is not None:
+        values = _plain_condition(task.label_condition, numbers, present)
+        if values is None:
+            return None
+        values = values.astype(np.float32)
+    else:
+        bad = present & ~np.isfinite(numbers)
+        if task.kind == "binary":
+            bad |= present & (numbers != 0) & (numbers != 1)
+        else:
+            bad |= present & (np.abs(numbers) > FLOAT32_MAX)
+        if bad.any():
+            return None
+        values = np.where(present, numbers, 0.0)
+    in_space = present
+    if task.space_condition is not None:
+        space = plain_column(frame, task.space_condition.column)
+        if space is None:
+            return None
+        space = space.astype(np.float64)
+        in_space = _plain_condition(task.space_condition, space, ~np.isnan(space))
+        if in_space is None:
+            return None
+        in_space &= present
+    return values, in_space
+
+
+def _plain_condition(cond: Condition, numbers: np.ndarray, present: np.ndarray) -> np.ndarray | None:
+    """`evaluate_condition` on a column of plain numbers (NaN: missing); None for a text comparison."""
+    if isinstance(cond.value, str):
+        return None
+    return np.asarray(_COMPARE[cond.op](numbers, float(cond.value)), dtype=bool) & present
+
+
+_COMPARE = {
+    "==": np.equal,
+    "!=": np.not_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+    "<": np.less,
+    "<=": np.less_equal,
+}
 
 
 def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.ndarray:
@@ -504,15 +564,7 @@ def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.nd
             )
         values = numeric.to_numpy(dtype=np.float64)
         target = float(cond.value)
-    ops = {
-        "==": np.equal,
-        "!=": np.not_equal,
-        ">": np.greater,
-        ">=": np.greater_equal,
-        "<": np.less,
-        "<=": np.less_equal,
-    }
-    return np.asarray(ops[cond.op](values, target), dtype=bool) & ~missing
+    return np.asarray(_COMPARE[cond.op](values, target), dtype=bool) & ~missing
 
 
 def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, source: str) -> np.ndarray:
@@ -538,6 +590,12 @@ def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, sour
 
 
 def _numeric_column(frame: pd.DataFrame, col: str, source: str) -> np.ndarray:
+    """The column as float64, NaN where missing; an error names the rows that are not finite numbers."""
+    plain = plain_column(frame, col)
+    if plain is not None:  # as below, without pandas: the same values, and any bad one goes below
+        values = plain.astype(np.float64)
+        if np.isfinite(values[~np.isnan(values)]).all():
+            return values
     column = frame[col]
     if pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype=np.float64)
@@ -610,10 +668,10 @@ def _hashable(column: pd.Series, col: str, source: str) -> pd.Series:
     return column
 
 
-def _plain_integers(column: pd.Series) -> bool:
-    """A column of numpy integers (no missing values possible) that fit in int64."""
-    dtype = column.dtype
-    return isinstance(dtype, np.dtype) and dtype.kind in "iu" and dtype.itemsize <= (8 if dtype.kind == "i" else 4)
+def _plain_integers(frame: pd.DataFrame, col: str) -> np.ndarray | None:
+    """The column as numpy integers that fit in int64 (no missing values possible), if it is one."""
+    values = plain_column(frame, col)
+    return values if values is not None and values.dtype.kind in "iu" else None
 
 
 def _integer_key(key: str) -> int | None:

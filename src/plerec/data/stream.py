@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
 from plerec.config import Experiment
 from plerec.data.encode import Batch, EncodedTable, Encoder, empty_table, fill_table
+from plerec.data.frames import ArrowFrame
 from plerec.data.table import check_column_names
 from plerec.distributed import SINGLE_PROCESS, DistContext
 
@@ -95,9 +95,10 @@ def row_groups(files: list[Path]) -> list[RowGroup]:
     return groups
 
 
-def read_slices(group: RowGroup, columns: list[str] | None = None, rows: int | None = None) -> Iterator[pd.DataFrame]:
-    """One row group as DataFrames of at most `rows` rows, so that a large group is never held whole in
-    pandas; of `columns`, those the file lacks are left out (the encoder names them)."""
+def read_slices(group: RowGroup, columns: list[str] | None = None, rows: int | None = None) -> Iterator[ArrowFrame]:
+    """One row group in slices of at most `rows` rows, so that a large group is never held whole (in
+    Arrow, or in pandas where a column needs it); of `columns`, those the file lacks are left out (the
+    encoder names them)."""
     reader = pq.ParquetFile(group.file, pre_buffer=False)  # pre-buffering holds the group's pages at once
     if columns is not None:
         columns = [c for c in columns if c in reader.schema_arrow.names]
@@ -106,11 +107,8 @@ def read_slices(group: RowGroup, columns: list[str] | None = None, rows: int | N
         batch_size=rows or SLICE_ROWS, row_groups=[group.index], columns=columns, use_threads=False
     )
     for batch in batches:
-        frame = batch.to_pandas()
-        frame.index = pd.RangeIndex(first, first + len(frame))  # file row numbers in errors
-        frame.attrs["source"] = f"{group.file} (row group {group.index})"
-        first += len(frame)
-        yield frame
+        yield ArrowFrame(batch, first, f"{group.file} (row group {group.index})")  # file row numbers in errors
+        first += batch.num_rows
 
 
 def encode_group(group: RowGroup, encoder: Encoder, columns: list[str]) -> EncodedTable:
