@@ -417,7 +417,8 @@ def _describe_data(exp, data) -> None:
     for k, task in enumerate(exp.tasks):
         mask = train.label_mask[:, k]
         n = int(mask.sum())
-        rate = f", positive rate {float(train.labels[mask, k].mean()):.4f}" if task.kind == "binary" and n else ""
+        positives = float(train.labels[mask, k].float().mean()) if n else 0.0
+        rate = f", positive rate {positives:.4f}" if task.kind == "binary" and n else ""
         print(f"task {task.name} ({task.kind}): {n} training rows in its space{rate}", file=sys.stderr)
 
 

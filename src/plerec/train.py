@@ -191,7 +191,11 @@ def evaluate_split(
             for chunk in local_eval_chunks(data.streams[split], data.encoder, ctx)
         ]
         num_tasks = len(exp.tasks)
-        empty = (torch.empty(0, num_tasks), torch.empty(0, num_tasks), torch.empty(0, num_tasks, dtype=torch.bool))
+        empty = (
+            torch.empty(0, num_tasks),
+            torch.empty(0, num_tasks, dtype=data.encoder.label_dtype),  # as the other ranks' labels
+            torch.empty(0, num_tasks, dtype=torch.bool),
+        )
         local = tuple(torch.cat(parts) for parts in zip(*chunks, strict=True)) if chunks else empty
     sizes = [local[0].shape[0]]
     if ctx.enabled:

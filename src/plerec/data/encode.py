@@ -64,7 +64,7 @@ class EncodedTable:
 
     sparse: torch.Tensor  # (N, S) ids, or (N, S + len(wide)) int16 packed ids
     dense: torch.Tensor  # (N, D) float32
-    labels: torch.Tensor  # (N, T) float32, 0 where masked
+    labels: torch.Tensor  # (N, T) 0 where masked; uint8 if every task is binary, else float32
     label_mask: torch.Tensor  # (N, T) bool
     source: str = ""
     wide: tuple[int, ...] = ()  # fields whose ids are split over two int16 columns
@@ -84,12 +84,14 @@ class EncodedTable:
         )
 
     def batch(self, index: torch.Tensor | slice) -> Batch:
+        """Rows as a batch: ids unpacked, labels as float32 whatever their stored type."""
         if isinstance(index, slice):
-            return Batch(self.ids(index), self.dense[index], self.labels[index], self.label_mask[index])
+            labels = self.labels[index].to(torch.float32)
+            return Batch(self.ids(index), self.dense[index], labels, self.label_mask[index])
         return Batch(
             self.ids(index),
             self.dense.index_select(0, index),
-            self.labels.index_select(0, index),
+            self.labels.index_select(0, index).to(torch.float32),
             self.label_mask.index_select(0, index),
         )
 
@@ -155,6 +157,11 @@ class Encoder:
     def dense_names(self) -> list[str]:
         return self.numeric + [f"{c}__missing" for c in self.indicators]
 
+    @property
+    def label_dtype(self) -> torch.dtype:
+        """How a table stores its labels: uint8 when every task is binary (0 or 1), else float32."""
+        return torch.uint8 if all(t["kind"] == "binary" for t in self.tasks) else torch.float32
+
     @classmethod
     def fit(cls, exp: Experiment, train: pd.DataFrame) -> Encoder:
         """Vocabularies and statistics of a training table held in memory."""
@@ -197,7 +204,7 @@ class Encoder:
         return EncodedTable(
             sparse=torch.from_numpy(pack_ids(sparse, sizes)),
             dense=torch.from_numpy(dense),
-            labels=torch.from_numpy(values),
+            labels=torch.from_numpy(values).to(self.label_dtype),
             label_mask=torch.from_numpy(mask),
             source=source,
             wide=wide_fields(sizes),
@@ -829,7 +836,7 @@ def empty_table(encoder: Encoder, rows: int, source: str) -> EncodedTable:
     return EncodedTable(
         sparse=torch.empty(rows, len(sizes) + len(wide), dtype=getattr(torch, stored_dtype(sizes).name)),
         dense=torch.empty(rows, len(encoder.dense_names)),
-        labels=torch.empty(rows, num_tasks),
+        labels=torch.empty(rows, num_tasks, dtype=encoder.label_dtype),
         label_mask=torch.empty(rows, num_tasks, dtype=torch.bool),
         source=source,
         wide=wide,
