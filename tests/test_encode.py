@@ -714,3 +714,21 @@ def test_bad_values_in_plain_parquet_columns_name_the_file_row(tmp_path, column,
     table.to_parquet(path, row_group_size=1_100)
     with pytest.raises(ValueError, match=message):
         fit_encoder_chunked(_typed_exp(path), str(path), chunk_rows=700)
+
+
+def test_labels_are_stored_as_uint8_when_every_task_is_binary_and_batches_carry_float32():
+    data = frame(x=[1.0, 2.0, 3.0, 4.0], click=[1, 0, None, 1], watch=[0.5, None, 2.0, -1.0])
+    binary = Encoder.fit(make_exp(), data)
+    table = binary.transform(data)
+    assert table.labels.dtype == torch.uint8 and table.labels[:, 0].tolist() == [1, 0, 0, 1]
+    batch = table.batch(torch.tensor([3, 0, 2]))
+    assert batch.labels.dtype == torch.float32 and batch.labels[:, 0].tolist() == [1.0, 1.0, 0.0]
+    assert table.batch(slice(0, 2)).labels.dtype == torch.float32
+    mixed = make_exp(
+        tasks=[
+            {"name": "ctr", "kind": "binary", "label": "click"},
+            {"name": "w", "kind": "regression", "label": "watch"},
+        ]
+    )
+    table = Encoder.fit(mixed, data).transform(data)
+    assert table.labels.dtype == torch.float32 and table.labels[:, 1].tolist() == [0.5, 0.0, 2.0, -1.0]
