@@ -91,6 +91,7 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
         encoder = encoder or Encoder.fit(exp, frames["train"])
         splits = {name: encoder.transform(frame) for name, frame in frames.items()}
         del frames
+    encoder.drop_lookups()  # every split is encoded: the value -> id tables are not needed in training
     _release_freed_memory()
     return PreparedData(encoder, splits)
 
