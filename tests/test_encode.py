@@ -220,6 +220,16 @@ def test_integer_columns_take_the_array_path_with_the_same_vocabulary_and_ids():
     assert got == [2, 4, 8, 0, 0]
 
 
+def test_ids_are_the_same_after_the_lookup_tables_are_dropped():
+    data = frame(n=np.array([5, 9, 5, 2, 9, 9]), t=["a", "b", "a", "c", "b", "d"], click=[0, 1, 0, 1, 0, 1])
+    enc = Encoder.fit(make_exp({"categorical": ["n", "t"]}), data)
+    before = enc.transform(data).sparse
+    assert enc._int_lookup and enc._lookup  # built by the transform
+    enc.drop_lookups()
+    assert not enc._int_lookup and not enc._lookup
+    assert torch.equal(enc.transform(data).sparse, before)
+
+
 def test_missing_categories_map_to_id_zero():
     exp = make_exp({"categorical": ["c"]})
     enc = Encoder.fit(exp, frame(c=["a", None, "a", "b"], click=[0, 1, 0, 1]))
@@ -732,3 +742,29 @@ def test_labels_are_stored_as_uint8_when_every_task_is_binary_and_batches_carry_
     )
     table = Encoder.fit(mixed, data).transform(data)
     assert table.labels.dtype == torch.float32 and table.labels[:, 1].tolist() == [0.5, 0.0, 2.0, -1.0]
+
+
+def test_integer_vocabularies_are_arrays_that_read_and_serialise_as_lists():
+    import json
+
+    from plerec.data.encode import IntegerVocabulary
+
+    values = np.array([5, 9, 5, 2, 9, 9, -3, 2**40])
+    data = frame(n=values, click=[0, 1] * 4)
+    enc = Encoder.fit(make_exp({"categorical": ["n"]}), data)
+    vocab = enc.vocabs["n"]
+    assert isinstance(vocab, IntegerVocabulary) and vocab.values.dtype == np.int64
+    as_list = [9, 5, -3, 2**40, 2]  # by count, then by the key's text ("-3" < "1099511627776" < "2")
+    assert vocab == as_list and as_list == vocab and list(vocab) == as_list and len(vocab) == 5
+    assert vocab[0] == 9 and type(vocab[0]) is int and vocab[1:3] == [5, -3] and vocab.index(5) == 1 and 7 not in vocab
+    state = json.loads(json.dumps(enc.state_dict()))
+    assert state["vocabs"]["n"] == as_list
+    back = Encoder.from_state_dict(state)
+    assert isinstance(back.vocabs["n"], IntegerVocabulary) and back == enc
+    # the same ids as a plain-list vocabulary, seen and unseen values alike
+    probe = frame(n=np.array([2**40, 9, 7, -3, 5]), click=[0] * 5)
+    listed = Encoder(categorical=["n"], numeric=[], vocabs={"n": as_list}, tasks=enc.tasks)
+    assert torch.equal(back.transform(probe).sparse, listed.transform(probe).sparse)
+    assert back.transform(probe).sparse[:, 0].tolist() == [4, 1, 0, 3, 2]
+    # a vocabulary that is not all plain ints stays a list
+    assert Encoder.from_state_dict({**state, "vocabs": {"n": [1, "a", True]}}).vocabs["n"] == [1, "a", True]

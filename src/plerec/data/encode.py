@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +27,47 @@ from plerec.errors import did_you_mean
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 BAD_ROWS_SHOWN = 5
+
+
+def _compact(vocabulary: list) -> Sequence:
+    """A vocabulary read back from a state dict: an IntegerVocabulary when it is all plain ints that fit
+    int64 (as the encoder fits them), else the list as it is."""
+    if not vocabulary or not all(type(v) is int for v in vocabulary):
+        return vocabulary
+    try:
+        return IntegerVocabulary(vocabulary)
+    except OverflowError:
+        return vocabulary
+
+
+class IntegerVocabulary(Sequence):
+    """A vocabulary of distinct integers, read like the list of Python ints it stands for, held as one
+    int64 array: 8 bytes an entry instead of ~40 for a Python int and its list slot (8.6 MB → 2 MB for
+    the speed benchmark's 251,465 ids). `Encoder.state_dict` writes it as a list."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):
+        return self.values[index].tolist()  # a Python int, or a list for a slice
+
+    def __iter__(self):
+        return iter(self.values.tolist())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, IntegerVocabulary):
+            return np.array_equal(self.values, other.values)
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # like a list
+
+    def __repr__(self) -> str:
+        return f"IntegerVocabulary({self.values.tolist()!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +176,7 @@ class Encoder:
 
     categorical: list[str]
     numeric: list[str]
-    vocabs: dict[str, list] = field(default_factory=dict)
+    vocabs: dict[str, Sequence] = field(default_factory=dict)  # lists, or IntegerVocabulary
     means: dict[str, float] = field(default_factory=dict)
     stds: dict[str, float] = field(default_factory=dict)
     indicators: list[str] = field(default_factory=list)
@@ -241,6 +282,10 @@ class Encoder:
         integer keys instead of a text key per distinct value. Same ids: an integer's key is its decimal
         text, and the vocabulary entries whose key is such a text (7, 7.0, "7") are the only ones it can
         match; the first of them wins, as in the text lookup."""
+        if col not in self._int_lookup and isinstance(self.vocabs[col], IntegerVocabulary):
+            keys = self.vocabs[col].values  # distinct integers: each its own key
+            order = np.argsort(keys)
+            self._int_lookup[col] = (keys[order], order + 1)
         if col not in self._int_lookup:
             numbers, ids = [], []
             for i, v in enumerate(self.vocabs[col]):
@@ -265,11 +310,15 @@ class Encoder:
         self._int_lookup.clear()
 
     def state_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__ if not name.startswith("_")}
+        """Plain values (lists, dicts, numbers, text): for JSON and checkpoints."""
+        state = {name: getattr(self, name) for name in self.__slots__ if not name.startswith("_")}
+        state["vocabs"] = {c: list(v) if isinstance(v, IntegerVocabulary) else v for c, v in self.vocabs.items()}
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Encoder:
-        return cls(**state)
+        vocabs = {c: _compact(v) for c, v in state.get("vocabs", {}).items()}
+        return cls(**{**state, "vocabs": vocabs})
 
 
 class EncoderFitter:
@@ -374,11 +423,11 @@ class EncoderFitter:
             else:
                 counts[key] = [value, count]
 
-    def _vocabulary(self, col: str) -> list:
+    def _vocabulary(self, col: str) -> Sequence:
         """Values by count, most frequent first; ties by the key's text, so ids do not depend on row order."""
         if col in self.int_counts:  # integers only: sorted as arrays, without a Python object per value
             values, totals = self.int_counts[col]
-            return values[np.lexsort((values.astype(str), -totals))].tolist()
+            return IntegerVocabulary(values[np.lexsort((values.astype(str), -totals))])
         counts = self.counts[col]
         return [v for k, (v, _) in sorted(counts.items(), key=lambda kv: (-kv[1][1], kv[0]))]
 
