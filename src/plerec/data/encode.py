@@ -571,12 +571,7 @@ def _plain_labels(task: TaskConfig, frame: pd.DataFrame) -> tuple[np.ndarray, np
             return None
         values = values.astype(np.float32)
     else:
-        bad = present & ~np.isfinite(numbers)
-        if task.kind == "binary":
-            bad |= present & (numbers != 0) & (numbers != 1)
-        else:
-            bad |= present & (np.abs(numbers) > FLOAT32_MAX)
-        if bad.any():
+        if _bad_labels(task, numbers, present).any():
             return None
         values = np.where(present, numbers, 0.0)
     in_space = present
@@ -631,11 +626,7 @@ def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.nd
 
 def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, source: str) -> np.ndarray:
     numeric = _to_float(column, present)
-    bad = present & ~np.isfinite(numeric)
-    if task.kind == "binary":
-        bad |= present & np.isfinite(numeric) & (numeric != 0) & (numeric != 1)
-    else:
-        bad |= present & (np.abs(numeric) > FLOAT32_MAX)  # labels are float32: it would become inf
+    bad = _bad_labels(task, numeric, present)
     if bad.any():
         row = column.index[bad.argmax()]
         expected = "0 or 1 (or empty for rows outside the task)" if task.kind == "binary" else "a finite number"
@@ -649,6 +640,16 @@ def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, sour
             f"expected {expected}, but got {_plain(column.loc[row])!r}.{hint}" + bad_rows(column, bad)
         )
     return np.where(present, numeric, 0.0)
+
+
+def _bad_labels(task: TaskConfig, numbers: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Rows whose label value the task cannot take: not finite; not 0 or 1 (binary); beyond float32."""
+    bad = present & ~np.isfinite(numbers)
+    if task.kind == "binary":
+        bad |= present & np.isfinite(numbers) & (numbers != 0) & (numbers != 1)
+    else:
+        bad |= present & (np.abs(numbers) > FLOAT32_MAX)  # labels are float32: it would become inf
+    return bad
 
 
 def _numeric_column(frame: pd.DataFrame, col: str, source: str) -> np.ndarray:
