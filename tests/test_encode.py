@@ -766,5 +766,11 @@ def test_integer_vocabularies_are_arrays_that_read_and_serialise_as_lists():
     listed = Encoder(categorical=["n"], numeric=[], vocabs={"n": as_list}, tasks=enc.tasks)
     assert torch.equal(back.transform(probe).sparse, listed.transform(probe).sparse)
     assert back.transform(probe).sparse[:, 0].tolist() == [4, 1, 0, 3, 2]
+    # a hand-written vocabulary that repeats an integer: the first entry wins, as with a list
+    entries = (np.random.default_rng(1).permutation(600) % 50).tolist()  # each value 12 times
+    repeated = Encoder.from_state_dict({**state, "vocabs": {"n": entries}})
+    assert isinstance(repeated.vocabs["n"], IntegerVocabulary)
+    got = repeated.transform(frame(n=np.arange(51), click=[0] * 51)).sparse[:, 0].tolist()
+    assert got == [entries.index(v) + 1 for v in range(50)] + [0]
     # a vocabulary that is not all plain ints stays a list
     assert Encoder.from_state_dict({**state, "vocabs": {"n": [1, "a", True]}}).vocabs["n"] == [1, "a", True]

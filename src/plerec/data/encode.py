@@ -283,8 +283,8 @@ class Encoder:
         text, and the vocabulary entries whose key is such a text (7, 7.0, "7") are the only ones it can
         match; the first of them wins, as in the text lookup."""
         if col not in self._int_lookup and isinstance(self.vocabs[col], IntegerVocabulary):
-            keys = self.vocabs[col].values  # distinct integers: each its own key
-            order = np.argsort(keys)
+            keys = self.vocabs[col].values  # integers: each its own key; the first of equal ones wins
+            order = np.argsort(keys, kind="stable")
             self._int_lookup[col] = (keys[order], order + 1)
         if col not in self._int_lookup:
             numbers, ids = [], []
@@ -657,7 +657,7 @@ def _numeric_column(frame: pd.DataFrame, col: str, source: str) -> np.ndarray:
     plain = plain_column(frame, col)
     if plain is not None:  # as below, without pandas: the same values, and any bad one goes below
         values = plain.astype(np.float64)
-        if np.isfinite(values[~np.isnan(values)]).all():
+        if not np.isinf(values).any():  # NaN is a missing value; ±inf goes below, to be reported
             return values
     column = frame[col]
     if pd.api.types.is_bool_dtype(column):

@@ -11,6 +11,7 @@ DataFrame read whole would.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,7 +69,7 @@ class ArrowFrame:
 
     def plain(self, col: str) -> np.ndarray | None:
         """The column as numpy when its values are plain numbers (missing floats as NaN), else None."""
-        column = self.batch.column(self.columns.index(col))
+        column = self.batch.column(col)
         try:
             dtype = np.dtype(column.type.to_pandas_dtype())
         except (NotImplementedError, TypeError):  # dictionary, nested, extension types
@@ -85,6 +86,14 @@ class ArrowFrame:
             meta = self.batch.schema.pandas_metadata or {}
             self._pandas_types = {e.get("name"): e.get("numpy_type") for e in meta.get("columns", [])}
         return self._pandas_types.get(col)
+
+
+def arrow_frames(batches: Iterable[pyarrow.RecordBatch], source: str, first: int = 0) -> Iterator[ArrowFrame]:
+    """Consecutive record batches of a file, the first of them at row `first` (a row group's first row),
+    as ArrowFrames whose index counts the rows in the file."""
+    for batch in batches:
+        yield ArrowFrame(batch, first, source)
+        first += batch.num_rows
 
 
 def _numpy_values(column: pyarrow.Array, dtype: np.dtype) -> np.ndarray:

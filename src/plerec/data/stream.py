@@ -24,7 +24,7 @@ import torch
 
 from plerec.config import Experiment
 from plerec.data.encode import Batch, EncodedTable, Encoder, empty_table, fill_table
-from plerec.data.frames import ArrowFrame
+from plerec.data.frames import ArrowFrame, arrow_frames
 from plerec.data.table import check_column_names
 from plerec.distributed import SINGLE_PROCESS, DistContext
 
@@ -102,13 +102,10 @@ def read_slices(group: RowGroup, columns: list[str] | None = None, rows: int | N
     reader = pq.ParquetFile(group.file, pre_buffer=False)  # pre-buffering holds the group's pages at once
     if columns is not None:
         columns = [c for c in columns if c in reader.schema_arrow.names]
-    first = group.first_row
     batches = reader.iter_batches(
         batch_size=rows or SLICE_ROWS, row_groups=[group.index], columns=columns, use_threads=False
     )
-    for batch in batches:
-        yield ArrowFrame(batch, first, f"{group.file} (row group {group.index})")  # file row numbers in errors
-        first += batch.num_rows
+    yield from arrow_frames(batches, f"{group.file} (row group {group.index})", group.first_row)  # file row numbers
 
 
 def encode_group(group: RowGroup, encoder: Encoder, columns: list[str]) -> EncodedTable:
