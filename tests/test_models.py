@@ -1,17 +1,22 @@
 """The model family: golden routing fixtures, structure of PLE/CGC/MMoE, gradients for every parameter."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reference_fixtures import CONFIGS, build_fixture, expected_outputs
 
 from plerec.models import MODELS, build_model, model_config
 from plerec.models.family import PLE, LevelConfig
 from plerec.models.layers import ExtractionLayer, ParallelMLP
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# The shared golden fixtures; PLEREC_REFERENCE_DIR points elsewhere (a missing folder leaves the built ones).
+REFERENCE = Path(os.environ.get("PLEREC_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+FIXTURE_SEED = 20200922
+SOURCES = ["shared", "built"]
 VOCABS, NUM_DENSE = [5, 7, 3], 4
 
 
@@ -21,30 +26,45 @@ def _inputs(batch: int, seed: int = 0):
     return sparse, torch.randn(batch, NUM_DENSE, generator=g)
 
 
-def _load_fixture(name: str):
+def _load_fixture(name: str, source: str = "shared"):
+    """The golden fixture `name`: the shared .npz (skips when absent) or built here from the equations."""
+    if source == "built":  # never skips: tests/reference_fixtures.py, the same configs as the shared files
+        return json.loads(json.dumps(CONFIGS[name])), build_fixture(CONFIGS[name], FIXTURE_SEED)
     path = REFERENCE / f"{name}.npz"
     if not path.exists():
-        pytest.skip(f"golden fixtures need ../shared/reference ({path} is absent)")
+        pytest.skip(f"shared golden fixtures absent ({path}); the 'built' variant checks the same config")
     npz = np.load(path)
     return json.loads(str(npz["config"])), {k: npz[k] for k in npz.files if k != "config"}
 
 
 def _set_weights(body: PLE, cfg: dict, arrays: dict) -> None:
-    """Copy the fixture's per-expert (in, out) weights into the batched banks (E, in, out)."""
+    """Copy the fixture's per-expert (in, out) weights into the batched banks (E, in, out).
+
+    Every parameter of the extraction layers must be set from the fixture: one that is not is a parameter
+    the equations lack. Gate biases are such a one (Eq. 3 has none), so the fixture's zero gate biases are
+    not loaded: a constant bias would even hide from the outputs, since a softmax ignores a constant shift.
+    """
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     num_tasks = cfg["num_tasks"]
+    loaded: set[int] = set()
+
+    def load(param: torch.Tensor, value: torch.Tensor) -> None:
+        param.copy_(value)
+        loaded.add(id(param))
+
     for j, (layer, lv) in enumerate(zip(body.levels, cfg["levels"], strict=True)):
         names = [f"L{j}.task{k}.expert{i}" for k in range(num_tasks) for i in range(lv["num_task_experts"])]
         names += [f"L{j}.shared.expert{i}" for i in range(lv["num_shared_experts"])]
         with torch.no_grad():
             for l_ in range(len(lv["expert_dims"])):
-                layer.experts.weights[l_].copy_(torch.stack([t(arrays[f"{n}.W{l_}"]) for n in names]))
-                layer.experts.biases[l_].copy_(torch.stack([t(arrays[f"{n}.b{l_}"]) for n in names]))
-            layer.task_gates.weights[0].copy_(
-                torch.stack([t(arrays[f"L{j}.task{k}.gate.W"]) for k in range(num_tasks)])
-            )
+                load(layer.experts.weights[l_], torch.stack([t(arrays[f"{n}.W{l_}"]) for n in names]))
+                load(layer.experts.biases[l_], torch.stack([t(arrays[f"{n}.b{l_}"]) for n in names]))
+            gates = torch.stack([t(arrays[f"L{j}.task{k}.gate.W"]) for k in range(num_tasks)])  # (K, in, m_k+m_s)
+            load(layer.task_gates.weights[0], gates)
             if layer.shared_gate is not None:
-                layer.shared_gate.weights[0].copy_(t(arrays[f"L{j}.shared.gate.W"])[None])
+                load(layer.shared_gate.weights[0], t(arrays[f"L{j}.shared.gate.W"])[None])
+    unset = [f"levels.{n}" for n, p in body.levels.named_parameters() if id(p) not in loaded]
+    assert not unset, f"parameters the papers' equations do not have (no fixture value sets them): {unset}"
 
 
 def _body_for(cfg: dict) -> PLE:
@@ -59,9 +79,10 @@ def _body_for(cfg: dict) -> PLE:
     return PLE(levels, (4,), cfg["input_dim"], cfg["num_tasks"])
 
 
-@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple"])
-def test_golden_fixture_tower_inputs_and_gates(name):
-    cfg, arrays = _load_fixture(name)
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_golden_fixture_tower_inputs_and_gates(name, source):
+    cfg, arrays = _load_fixture(name, source)
     body = _body_for(cfg)
     _set_weights(body, cfg, arrays)
     tower_inputs, gates = body.extract(torch.tensor(arrays["x"], dtype=torch.float32))
@@ -73,9 +94,10 @@ def test_golden_fixture_tower_inputs_and_gates(name):
         np.testing.assert_allclose(gates[key].detach().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_mmoe_registry_model_matches_fixture_routing():
+@pytest.mark.parametrize("source", SOURCES)
+def test_mmoe_registry_model_matches_fixture_routing(source):
     """The registry's `mmoe` is built from the same layer and loads the MMoE fixture."""
-    cfg, arrays = _load_fixture("mmoe")
+    cfg, arrays = _load_fixture("mmoe", source)
     lv = cfg["levels"][0]
     config = model_config("mmoe", {"num_experts": lv["num_shared_experts"], "expert_dims": lv["expert_dims"]})
     model = build_model("mmoe", config, [], cfg["input_dim"], cfg["num_tasks"])
@@ -85,6 +107,16 @@ def test_mmoe_registry_model_matches_fixture_routing():
     np.testing.assert_allclose(tower_inputs[1].detach().numpy(), arrays["out.task1"], rtol=1e-5, atol=1e-5)
     # The model's input for dense-only data is the data itself.
     assert torch.equal(model.input(torch.empty(7, 0, dtype=torch.long), x), x)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_built_fixtures_agree_with_shared_ones(name):
+    """The in-test reference covers the shared files' configs and keys, and recomputes their outputs."""
+    cfg, shared = _load_fixture(name, "shared")
+    assert cfg == CONFIGS[name]
+    assert set(build_fixture(cfg, FIXTURE_SEED)) == set(shared)
+    for key, value in expected_outputs(cfg, shared).items():
+        np.testing.assert_allclose(value, shared[key], rtol=1e-12, atol=1e-12, err_msg=key)
 
 
 def test_ple_with_one_level_equals_cgc():

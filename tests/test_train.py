@@ -1,5 +1,7 @@
 """The training loop: masked losses (Eq. 9), loss weights (Eq. 10), determinism, early stopping, checkpoints."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -213,8 +215,8 @@ def _script_monitor(monkeypatch, values: list[float]) -> list[dict]:
             evaluated.add(id(metrics))
         return metrics, rows
 
-    def scripted_monitor(metrics, exp_):
-        return (next(scripted), True) if id(metrics) in evaluated else real_monitor(metrics, exp_)
+    def scripted_monitor(metrics, exp_, *stats):
+        return (next(scripted), True) if id(metrics) in evaluated else real_monitor(metrics, exp_, *stats)
 
     monkeypatch.setattr(train_module, "evaluate_split", snapshot_evaluate)
     monkeypatch.setattr(train_module, "monitor_value", scripted_monitor)
@@ -283,12 +285,12 @@ def test_restored_model_is_the_best_epoch_and_best_pt_round_trips(table_path, tm
     result = fit(exp, data, out_dir=tmp_path)
 
     monitors = [r["monitor"] for r in result.history]
-    _, higher = monitor_value(result.history[0]["valid"], exp)
-    assert higher is False  # mixed binary/regression tasks: mean of log-loss and MSE
-    assert result.best_epoch == int(np.argmin(monitors)) + 1
+    _, higher = monitor_value(result.history[0]["valid"], exp, data.encoder.label_stats)
+    assert higher is True  # mixed binary/regression tasks: the mean of scale-free skills (AUC, R²)
+    assert result.best_epoch == int(np.argmax(monitors)) + 1
     assert result.best_epoch < len(result.history), "the test needs a best epoch before the last"
-    restored_value, _ = monitor_value(evaluate(result.model, data.splits["valid"], exp), exp)
-    assert restored_value == pytest.approx(min(monitors), rel=1e-12)
+    restored_value, _ = monitor_value(evaluate(result.model, data.splits["valid"], exp), exp, data.encoder.label_stats)
+    assert restored_value == pytest.approx(max(monitors), rel=1e-12)
     assert result.metrics["valid"] == result.history[result.best_epoch - 1]["valid"]
 
     model, encoder, trained = load_checkpoint(tmp_path / "best.pt")
@@ -366,6 +368,13 @@ METRICS = {
     "like": {"auc": 0.6, "logloss": 0.6, "n": 10},
     "watch": {"mse": 2.0, "n": 8},
 }
+# training positive rate 0.3 for both binary tasks; the regression labels' std 2 (variance 4)
+LABEL_STATS = {
+    "click": {"mean": 0.3, "std": 0.46},
+    "like": {"mean": 0.3, "std": 0.46},
+    "watch": {"mean": 5, "std": 2.0},
+}
+ENTROPY_30 = -(0.3 * math.log(0.3) + 0.7 * math.log(0.7))
 
 
 @pytest.mark.parametrize(
@@ -374,15 +383,16 @@ METRICS = {
         ("click", "auto", (0.8, True)),
         ("like", "auto", (0.6, True)),
         ("watch", "auto", (2.0, False)),
-        ("mean", "auto", ((0.4 + 0.6 + 2.0) / 3, False)),  # mixed kinds: each task's own loss
+        # several tasks: the mean of scale-free skills, AUC, 1 - logloss / H(p), 1 - MSE / var (higher is better)
+        ("mean", "auto", ((0.8 + 0.6 + (1 - 2.0 / 4.0)) / 3, True)),
         ("click", "logloss", (0.4, False)),
-        ("mean", "loss", ((0.4 + 0.6 + 2.0) / 3, False)),
+        ("mean", "loss", (((1 - 0.4 / ENTROPY_30) + (1 - 0.6 / ENTROPY_30) + (1 - 2.0 / 4.0)) / 3, True)),
         ("watch", "mse", (2.0, False)),
     ],
 )
 def test_monitor_value(table_path, monitor, metric, expected):
     exp = _experiment(table_path, tasks=THREE_TASKS, monitor=monitor, monitor_metric=metric)
-    value, higher = monitor_value(METRICS, exp)
+    value, higher = monitor_value(METRICS, exp, LABEL_STATS)
     assert value == pytest.approx(expected[0])
     assert higher is expected[1]
 

@@ -188,6 +188,7 @@ class TaskConfig:
     gamma: float = 1.0
     space: str = "present"
     rank_weight: float = 1.0  # w_k of Eq. 1: the exponent of this task's prediction in the fused ranking score
+    standardize: bool = True  # regression: the loss sees (y − mean) / std of the training labels
 
     def __post_init__(self) -> None:
         where = f"[[tasks]] `{self.name}`"

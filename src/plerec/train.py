@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,15 @@ class PreparedData:
     def split_names(self) -> list[str]:
         return [s for s in ("train", "valid", "test") if self.has(s)]
 
+    def for_task(self, k: int) -> PreparedData:
+        """Task k alone: the same rows, features and encoder, task k's labels only (views, no copy)."""
+        encoder = replace(self.encoder, tasks=[self.encoder.tasks[k]])
+        splits = {
+            name: replace(table, labels=table.labels[:, k : k + 1], label_mask=table.label_mask[:, k : k + 1])
+            for name, table in self.splits.items()
+        }
+        return PreparedData(encoder, splits, dict(self.streams))
+
 
 @dataclass(slots=True)
 class FitResult:
@@ -64,6 +73,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one record per epoch
     best_epoch: int = 0
     train_seconds: float = 0.0  # the training steps only, without evaluation
+    best_epochs: dict[str, int] = field(default_factory=dict)  # the single-task baseline: each task's own
 
 
 def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedData:
@@ -114,22 +124,45 @@ def masked_task_losses(
     mask: torch.Tensor,
     is_binary: torch.Tensor,
     counts: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 9: each task's loss is the mean over its own sample space only. Returns (T,).
 
     `counts` (T,) replaces the per-task row counts of this batch as denominators; DDP passes the counts
     of the whole global batch so that the ranks' gradients add up to the one-process gradient.
-    A task with no labelled row in the batch contributes exactly 0 (and a zero gradient), never NaN.
+    `scale` (T,) divides each regression residual: with the training labels' std (the model's
+    output_scale) the MSE is that of standardised labels, so a task in the thousands does not swamp the
+    others. A task with no labelled row in the batch contributes exactly 0 (and a zero gradient), never NaN.
     """
     # Labels outside a task's space may be anything (NaN included); zero them before the loss and
     # select rather than multiply by the mask, since NaN * 0 is NaN (and so would be its gradient).
     mask = mask.bool()
     labels = labels.masked_fill(~mask, 0.0)
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, T)
-    squared = (logits - labels).square()  # (B, T)
+    residual = logits - labels if scale is None else (logits - labels) / scale  # (B, T)
+    squared = residual.square()  # (B, T)
     per_row = torch.where(mask, torch.where(is_binary, bce, squared), 0.0)  # (B, T)
     denominators = mask.sum(0) if counts is None else counts
     return per_row.sum(0) / denominators.clamp_min(1)  # (T,)
+
+
+def set_output_scale(model: MultiTaskModel, exp: Experiment, encoder: Encoder) -> None:
+    """Regression tasks with `standardize` (the default) predict σ·out + μ, σ and μ the training labels' std
+    and mean: the network learns standardised labels and every output stays in the label's units."""
+    scale, shift = torch.ones(len(exp.tasks)), torch.zeros(len(exp.tasks))
+    for k, task in enumerate(exp.tasks):
+        if task.kind != "regression" or not task.standardize:
+            continue
+        stats = encoder.label_stats.get(task.name)
+        if stats is None:
+            raise ValueError(
+                f"The encoder has no statistics of the labels of regression task `{task.name}` (a [data] prepared "
+                "folder written by an older plerec): run `plerec prepare` again, or set standardize = false"
+            )
+        scale[k], shift[k] = (stats["std"] if stats["std"] > 0 else 1.0), stats["mean"]
+    with torch.no_grad():
+        model.output_scale.copy_(scale)
+        model.output_shift.copy_(shift)
 
 
 def loss_weights(exp: Experiment, t: int | float) -> torch.Tensor:
@@ -209,24 +242,67 @@ def evaluate_split(
     return metric.compute(), int(sum(sizes))
 
 
-def monitor_value(metrics: dict[str, dict[str, float]], exp: Experiment) -> tuple[float, bool]:
-    """The validation number that selects the best epoch, and whether higher is better."""
+def monitor_keys(exp: Experiment) -> dict[str, str]:
+    """The validation metric that selects the best epoch for each monitored task: [train] monitor_metric,
+    where `auto` is AUC for a binary task and MSE for a regression task, and `loss` each task's own loss."""
     names = [t.name for t in exp.tasks] if exp.train.monitor == "mean" else [exp.train.monitor]
-    kinds = {exp.task_kinds[n] for n in names}
     metric = exp.train.monitor_metric
-    if metric == "auto":
-        metric = "auc" if kinds == {"binary"} else "mse" if kinds == {"regression"} else "loss"
-    values = []
+    keys = {}
     for name in names:
-        key = metric if metric != "loss" else ("logloss" if exp.task_kinds[name] == "binary" else "mse")
-        if key not in metrics[name] and key in ("auc", "logloss") and exp.task_kinds[name] != "binary":
-            raise ValueError(f"[train] monitor_metric {metric!r} does not apply to regression task `{name}`")
-        if key == "mse" and exp.task_kinds[name] != "regression":
-            raise ValueError(f"[train] monitor_metric 'mse' does not apply to binary task `{name}`")
-        if key in metrics[name]:
-            values.append(metrics[name][key])
-    higher = HIGHER_IS_BETTER["auc"] if metric == "auc" else False
-    return (sum(values) / len(values) if values else math.nan), higher
+        kind = exp.task_kinds[name]
+        if metric == "auto":
+            keys[name] = "auc" if kind == "binary" else "mse"
+        elif metric == "loss":
+            keys[name] = "logloss" if kind == "binary" else "mse"
+        elif metric not in METRICS_BY_KIND[kind]:
+            raise ValueError(f"[train] monitor_metric {metric!r} does not apply to {kind} task `{name}`")
+        else:
+            keys[name] = metric
+    return keys
+
+
+def monitor_value(
+    metrics: dict[str, dict[str, float]], exp: Experiment, label_stats: dict[str, dict] | None = None
+) -> tuple[float, bool]:
+    """The validation number that selects the best epoch, and whether higher is better.
+
+    One monitored task: its metric as it is. Several (monitor = "mean"): tasks of different kinds and
+    units cannot be averaged as they are (an MSE of 465 would outweigh every log-loss), so each task's
+    metric becomes a scale-free skill, higher is better, and the monitor is their mean:
+    AUC as it is; log-loss as 1 − logloss / H(p), H(p) the entropy of the training positive rate (the
+    log-loss of predicting p on every row); MSE as 1 − MSE / σ², σ² the training labels' variance (R²
+    against the training mean). The skills are fixed affine maps of the metrics, so each task's own
+    ordering of epochs is unchanged. A missing or non-finite metric is an error, not a silent NaN.
+    """
+    keys = monitor_keys(exp)
+    values = {}
+    for name, key in keys.items():
+        value = metrics.get(name, {}).get(key)
+        if value is None or not math.isfinite(value):
+            n = metrics.get(name, {}).get("n", 0)
+            raise ValueError(
+                f"Task `{name}` has {'no' if value is None else value} validation {key} (valid split, {n} rows in "
+                f"its space): model selection needs it. Check that the valid split holds rows of the task "
+                f"(and both classes of a binary task), or monitor another task with [train] monitor"
+            )
+        values[name] = value
+    if len(values) == 1:
+        [(name, value)] = values.items()
+        return value, HIGHER_IS_BETTER[keys[name]]
+    stats = label_stats or {}
+    skills = []
+    for name, value in values.items():
+        key, task = keys[name], stats.get(name, {})
+        if key == "auc":
+            skills.append(value)
+        elif key == "logloss":
+            p = task.get("mean", 0.5)
+            entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0 < p < 1 else 1.0
+            skills.append(1.0 - value / entropy)
+        else:
+            variance = task.get("std", 1.0) ** 2
+            skills.append(1.0 - value / (variance if variance > 0 else 1.0))
+    return sum(skills) / len(skills), True
 
 
 class NonFiniteError(ValueError):
@@ -277,8 +353,11 @@ def fit(
     holds a last.pt is refused rather than overwritten. Under torchrun (WORLD_SIZE > 1) it trains with
     DistributedDataParallel; only rank 0 logs and writes.
     """
-    # A monitor that does not apply to its task would otherwise only fail after the first epoch.
-    monitor_value({t.name: dict.fromkeys(METRICS_BY_KIND[t.kind], 0.0) for t in exp.tasks}, exp)
+    if exp.model_name == "single" and len(exp.tasks) > 1:  # K independent networks: K one-task fits
+        from plerec.single_task import fit_each_task
+
+        return fit_each_task(exp, data, out_dir, log, ctx, resume)
+    monitor_keys(exp)  # a monitor that does not apply to its task would otherwise only fail after an epoch
     ctx = ctx or init_distributed(exp.train.device)
     check_batch_size(exp.train.batch_size, ctx)  # before any work
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
@@ -298,6 +377,7 @@ def fit(
     model = build_model(
         exp.model_name, exp.model, data.encoder.vocab_sizes, len(data.encoder.dense_names), len(exp.tasks)
     )
+    set_output_scale(model, exp, data.encoder)
     # NCCL has no sparse all-reduce: on GPUs under DDP the embedding gradients stay dense.
     model.input.embedding.sparse = exp.train.sparse_embeddings and not (ctx.enabled and ctx.device.type == "cuda")
     model.to(ctx.device)
@@ -351,7 +431,9 @@ def fit(
             counts = None
             if ctx.enabled:  # each task's mean is over its rows in the whole global batch
                 counts = all_reduce_sum(batch.label_mask.sum(0).float(), ctx)
-            task_losses = masked_task_losses(logits, batch.labels, batch.label_mask, is_binary, counts)  # (T,)
+            task_losses = masked_task_losses(
+                logits, batch.labels, batch.label_mask, is_binary, counts, model.output_scale
+            )  # (T,)
             weights = loss_weights(exp, epoch if weights_per_epoch else progress.step).to(ctx.device)
             loss = (weights * task_losses).sum() * ctx.world_size  # DDP averages gradients over ranks
             for optimizer in optimizers:
@@ -376,7 +458,7 @@ def fit(
         progress.train_seconds += time.perf_counter() - epoch_start
 
         valid_metrics, valid_rows = evaluate_split(model, data, "valid", exp, ctx)
-        value, higher = monitor_value(valid_metrics, exp)
+        value, higher = monitor_value(valid_metrics, exp, data.encoder.label_stats)
         best = progress.best_value
         improved = best is None or (value > best if higher else value < best)
         record = {
@@ -564,8 +646,11 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, Encoder, Experime
     exp = experiment_from_dict(payload["experiment"])
     encoder = Encoder.from_state_dict(payload["encoder"])
     model = build_model(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
+    weights = dict(payload["state_dict"])
+    for key in ("output_scale", "output_shift"):  # a checkpoint from before standardised regression labels
+        weights.setdefault(key, model.state_dict()[key])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in payload["state_dict"].items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != found:
         problems = [f"missing {k}" for k in expected if k not in found]
         problems += [f"unexpected {k}" for k in found if k not in expected]
@@ -576,7 +661,7 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, Encoder, Experime
             f"The weights in {path} do not fit the model its experiment describes ({exp.model_name}): "
             + "; ".join(problems[:8])
         )
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(weights)
     model.eval()
     return model, encoder, exp
 

@@ -184,6 +184,8 @@ class Encoder:
     missing_numeric: str = "impute"
     inferred: dict[str, str] = field(default_factory=dict)
     hash_buckets: dict[str, int] = field(default_factory=dict)
+    # task -> {"rows", "mean", "std"} of its training labels (for binary tasks the mean is the positive rate)
+    label_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _int_lookup: dict[str, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -352,6 +354,7 @@ class EncoderFitter:
         self.tasks = list(exp.tasks)
         self.rows = 0
         self.labelled = np.zeros(len(self.tasks), dtype=np.int64)  # training rows in each task's space
+        self.label_moments = [[0, 0.0, 0.0] for _ in self.tasks]  # n, mean, M2 of each task's training labels
 
     def update(self, frame: pd.DataFrame) -> EncoderFitter:
         source = frame.attrs.get("source", self.source)
@@ -378,28 +381,19 @@ class EncoderFitter:
                     f"Hash it into a fixed number of ids with [features] hash_buckets = {{ {_toml_key(col)} = "
                     f"{_suggest_buckets(self.max_vocab)} }}, or raise max_vocab if its embedding table fits in memory"
                 )
-        _, mask = encode_labels(self.tasks, frame, source)  # also checks the training labels early
+        labels, mask = encode_labels(self.tasks, frame, source)  # also checks the training labels early
         self.labelled += mask.sum(axis=0)
+        for k in range(len(self.tasks)):
+            self.label_moments[k] = _merge_moments(self.label_moments[k], labels[mask[:, k], k].astype(np.float64))
         self.rows += len(frame)
-        for col, (n_a, mean_a, m2_a) in self.moments.items():
+        for col, moments in self.moments.items():
             values = _numeric_column(frame, col, source)
             missing = np.isnan(values)
             if missing.any():
                 if self.encoder.missing_numeric == "error":
                     _raise_missing(frame, col, missing, source)
                 self.has_missing.add(col)
-            present = values[~missing]
-            n_b = present.size
-            if n_b == 0:
-                continue
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by finish()
-                mean_b = float(present.mean())
-                if not np.isfinite(mean_b):  # the sum overflowed, not the mean
-                    mean_b = float((present / n_b).sum())
-                m2_b = float(np.square(present - mean_b).sum())
-            n = n_a + n_b
-            delta = mean_b - mean_a
-            self.moments[col] = [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
+            self.moments[col] = _merge_moments(moments, values[~missing])
         return self
 
     def _count_integers(self, col: str, values: np.ndarray) -> None:
@@ -455,7 +449,25 @@ class EncoderFitter:
                 )
             enc.stds[col] = std if std > 0 else 1.0
         enc.indicators = [col for col in enc.numeric if col in self.has_missing]
+        for task, (n, mean, m2) in zip(self.tasks, self.label_moments, strict=True):
+            enc.label_stats[task.name] = {"rows": int(n), "mean": float(mean), "std": float(np.sqrt(m2 / n))}
         return enc
+
+
+def _merge_moments(moments: list, present: np.ndarray) -> list:
+    """[n, mean, M2] of the values seen so far and `present` together, by the pairwise (Chan et al.) update."""
+    n_a, mean_a, m2_a = moments
+    n_b = present.size
+    if n_b == 0:
+        return moments
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by finish()
+        mean_b = float(present.mean())
+        if not np.isfinite(mean_b):  # the sum overflowed, not the mean
+            mean_b = float((present / n_b).sum())
+        m2_b = float(np.square(present - mean_b).sum())
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
 
 
 def select_features(

@@ -45,8 +45,17 @@ class SharedBottomConfig(ModelConfig):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SingleTaskConfig(SharedBottomConfig):
-    """One network per task: its own bottom of `bottom_dims`, then its tower."""
+class SingleTaskConfig(ModelConfig):
+    """One network per task: its own embeddings, its own bottom of `bottom_dims`, then its tower.
+
+    `bottom_dims = []` leaves the tower alone on the input (the PLE paper's synthetic single-task model).
+    """
+
+    bottom_dims: tuple[int, ...] = (128,)
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        _check_positive("bottom_dims", self.bottom_dims)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -181,13 +190,16 @@ class Towers(nn.Module):
 
 
 class SingleTask(nn.Module):
-    """One independent network per task (bottom + tower): the baseline of the MTL gain (Eq. 11)."""
+    """One independent network per task (bottom + tower) on the task's own embeddings: the baseline of the
+    MTL gain (PLE Eq. 11). Nothing is shared, so no task's loss has a gradient on another task's weights;
+    `fit` trains it as one one-task fit per task (each selected on its own validation metric)."""
 
     def __init__(self, config: SingleTaskConfig, in_dim: int, num_tasks: int):
         super().__init__()
         self.nets = ParallelMLP(num_tasks, in_dim, [*config.bottom_dims, *config.tower_dims, 1], final_activation=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (T, B, d), task t's input from its own embeddings (FeatureInput with one copy per task)."""
         return self.nets(x).squeeze(-1).transpose(0, 1)  # (T, B, 1) -> (B, T)
 
 
@@ -477,10 +489,13 @@ class ModelSpec:
     build: object
     config: type
     summary: str
+    per_task_input: bool = False  # every task gets embeddings of its own (FeatureInput copies)
 
 
 MODELS: dict[str, ModelSpec] = {
-    "single": ModelSpec(SingleTask, SingleTaskConfig, "one independent bottom + tower per task"),
+    "single": ModelSpec(
+        SingleTask, SingleTaskConfig, "one independent network per task: own embeddings, bottom, tower", True
+    ),
     "shared_bottom": ModelSpec(SharedBottom, SharedBottomConfig, "hard sharing: a shared bottom, task towers"),
     "omoe": ModelSpec(OMoE, MoEConfig, "shared experts mixed by one gate for all tasks"),
     "mmoe": ModelSpec(_mmoe, MoEConfig, "shared experts, one gate per task (Ma et al. 2018)"),
@@ -501,11 +516,16 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.name = name
         self.config = config
-        self.input = FeatureInput(vocab_sizes, num_dense, config.embedding_dim, config.embedding_init_std)
+        copies = num_tasks if MODELS[name].per_task_input else 1
+        self.input = FeatureInput(vocab_sizes, num_dense, config.embedding_dim, config.embedding_init_std, copies)
         self.body = MODELS[name].build(config, self.input.out_dim, num_tasks)
+        # A regression task trained on standardised labels predicts σ·out + μ, in the label's units; (1, 0) for
+        # the others. Set by training from the training labels (train.set_output_scale), saved with the weights.
+        self.register_buffer("output_scale", torch.ones(num_tasks))
+        self.register_buffer("output_shift", torch.zeros(num_tasks))
 
     def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
-        return self.body(self.input(sparse, dense))
+        return torch.addcmul(self.output_shift, self.body(self.input(sparse, dense)), self.output_scale)  # (B, T)
 
     def has_gates(self) -> bool:
         return hasattr(self.body, "extract")
@@ -575,3 +595,15 @@ def build_model(name: str, config: ModelConfig | dict | None, vocab_sizes, num_d
     if num_tasks < 1:
         raise ValueError(f"Expected at least one task, but got {num_tasks}")
     return MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks)
+
+
+def stack_single_task(models, vocab_sizes, num_dense: int) -> MultiTaskModel:
+    """The K-task `single` model assembled from K one-task `single` models (task order): every parameter of
+    the K-task model is the one-task models' parameters stacked along its first axis (the embedding copies,
+    the banks of task networks), so it computes exactly what each one-task model computes."""
+    if not models or any(m.name != "single" or m.config != models[0].config for m in models):
+        raise ValueError("Expected one-task `single` models with one config to stack, but got others")
+    stacked = MultiTaskModel("single", models[0].config, vocab_sizes, num_dense, len(models))
+    states = [m.state_dict() for m in models]
+    stacked.load_state_dict({key: torch.cat([s[key] for s in states]) for key in stacked.state_dict()})
+    return stacked.to(next(models[0].parameters()).device)

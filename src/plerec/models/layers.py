@@ -17,14 +17,29 @@ class FeatureInput(nn.Module):
 
     All sparse fields share one embedding table; field f's ids live at rows offsets[f] + id, so one
     lookup serves every field. Id 0 of every field is the reserved "unseen or missing" id.
+
+    With `copies` = C > 1 the table holds C independent sets of embeddings (copy c at rows c·V + …, V the
+    rows of one set) and the output is (C, B, d), one input representation per copy: the single-task
+    baseline gives every task embeddings of its own, so no task's gradient reaches another's.
     """
 
-    def __init__(self, vocab_sizes: Sequence[int], num_dense: int, embedding_dim: int, init_std: float = 1e-4):
+    def __init__(
+        self,
+        vocab_sizes: Sequence[int],
+        num_dense: int,
+        embedding_dim: int,
+        init_std: float = 1e-4,
+        copies: int = 1,
+    ):
         super().__init__()
+        if copies < 1:
+            raise ValueError(f"Expected `copies` >= 1, but got {copies}")
         self.num_sparse = len(vocab_sizes)
         self.num_dense = num_dense
         self.embedding_dim = embedding_dim
-        self.embedding = nn.Embedding(max(sum(vocab_sizes), 1), embedding_dim)
+        self.copies = copies
+        self.rows_per_copy = max(sum(vocab_sizes), 1)
+        self.embedding = nn.Embedding(copies * self.rows_per_copy, embedding_dim)
         # Small: with Adam each row moves by about lr per update, so a rarely seen id keeps mostly its
         # initial value; a small one keeps rare ids near neutral instead of random.
         nn.init.normal_(self.embedding.weight, std=init_std)
@@ -33,6 +48,9 @@ class FeatureInput(nn.Module):
         self.out_dim = self.num_sparse * embedding_dim + num_dense
 
     def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        """(B, d), or (C, B, d) with C copies."""
+        if self.copies > 1:
+            return self._forward_copies(sparse, dense)
         parts = []
         if self.num_sparse:
             emb = self.embedding(sparse.long() + self.offsets)  # (B, S, dim)
@@ -40,6 +58,17 @@ class FeatureInput(nn.Module):
         if self.num_dense:
             parts.append(dense)
         return torch.cat(parts, dim=1)  # (B, d)
+
+    def _forward_copies(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        c, b = self.copies, dense.shape[0]
+        parts = []
+        if self.num_sparse:
+            starts = torch.arange(c, device=sparse.device).mul_(self.rows_per_copy).view(c, 1, 1)  # (C, 1, 1)
+            emb = self.embedding((sparse.long() + self.offsets).unsqueeze(0) + starts)  # (C, B, S, dim)
+            parts.append(emb.flatten(2))  # (C, B, S*dim)
+        if self.num_dense:
+            parts.append(dense.unsqueeze(0).expand(c, b, self.num_dense))  # (C, B, D)
+        return torch.cat(parts, dim=2)  # (C, B, d)
 
 
 class ParallelMLP(nn.Module):

@@ -81,16 +81,24 @@ def curves_plot(runs, path: str | Path) -> None:
     colors = {}
     for run in runs:
         color = colors.setdefault(run.model, f"C{len(colors) % 10}")
+        first_seed = run.seed == min(r.seed for r in runs if r.model == run.model)
+        monitors = [h["monitor"] for h in run.history]
+        if monitors and isinstance(monitors[0], dict):  # the single-task baseline: one monitor per task
+            for i, task in enumerate(monitors[0]):
+                points = [(h["epoch"], h["monitor"][task]) for h in run.history if task in h["monitor"]]
+                epochs, values = zip(*points, strict=True)
+                ax.plot(
+                    epochs,
+                    values,
+                    color=color,
+                    alpha=0.8,
+                    marker=".",
+                    linestyle=("-", "--", ":", "-.")[i % 4],
+                    label=f"{run.model} ({task})" if first_seed else None,
+                )
+            continue
         epochs = [h["epoch"] for h in run.history]
-        values = [h["monitor"] for h in run.history]
-        ax.plot(
-            epochs,
-            values,
-            color=color,
-            alpha=0.8,
-            marker=".",
-            label=run.model if run.seed == min(r.seed for r in runs if r.model == run.model) else None,
-        )
+        ax.plot(epochs, monitors, color=color, alpha=0.8, marker=".", label=run.model if first_seed else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation monitor")
     ax.set_title("Training curves (validation metric used for model selection)")
