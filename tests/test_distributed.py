@@ -58,6 +58,12 @@ def test_ddp_parameters_equal_one_process_on_the_same_global_batches(experiment,
     assert moved > 1e-3
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["tasks"]["click"]["n"] == 41  # every test row once
+    # The logged training loss is the global one, not rank 0's share of it.
+    ddp_history = json.loads((tmp_path / "ddp" / "history.json").read_text())["epochs"]
+    assert len(ddp_history) == len(single.history)
+    for ddp_epoch, one_epoch in zip(ddp_history, single.history, strict=True):
+        for task, value in one_epoch["train_loss"].items():
+            assert ddp_epoch["train_loss"][task] == pytest.approx(value, rel=1e-5), task
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import json
 import math
-import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -17,11 +16,20 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from plerec import jsonio
 from plerec.checkpoint import differences, read_checkpoint_file, write_checkpoint_file
 from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, write_experiment
 from plerec.data.batches import InMemoryBatches, local_rows
+from plerec.data.coverage import LabelCounts, check_label_counts
 from plerec.data.encode import EncodedTable, Encoder, encode_file, fit_encoder_chunked
-from plerec.data.stream import ParquetBatches, check_stream, load_encoder, local_eval_chunks, save_encoder
+from plerec.data.stream import (
+    ParquetBatches,
+    check_stream,
+    count_labels,
+    load_encoder,
+    local_eval_chunks,
+    save_encoder,
+)
 from plerec.data.table import load_splits
 from plerec.distributed import (
     SINGLE_PROCESS,
@@ -88,6 +96,8 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
         encoder = encoder or fit_encoder_chunked(exp, exp.data.train, exp.data.csv)
         for path in files.values():  # valid and test too: a bad file fails now, not after an epoch
             check_stream(path, encoder)
+        for split, path in files.items():  # one pass over the label columns only
+            check_label_counts(exp.tasks, count_labels(path, encoder), split, path)
         _release_freed_memory()
         return PreparedData(encoder, {}, files)
     if exp.data.train:  # separate files: read and encoded a chunk at a time, never whole DataFrames
@@ -101,6 +111,10 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
         encoder = encoder or Encoder.fit(exp, frames["train"])
         splits = {name: encoder.transform(frame) for name, frame in frames.items()}
         del frames
+    for split, table in splits.items():  # an AUC or a loss that cannot be computed is an error now
+        source = files[split] if exp.data.train else exp.data.path
+        counts = LabelCounts.of(table.labels, table.label_mask)
+        check_label_counts(exp.tasks, counts, split, source, one_file=not exp.data.train)
     encoder.drop_lookups()  # every split is encoded: the value -> id tables are not needed in training
     _release_freed_memory()
     return PreparedData(encoder, splits)
@@ -399,9 +413,11 @@ def fit(
         say(f"resumed from {folder / LAST} at epoch {progress.epoch + 1}, batch {progress.batch}, step {progress.step}")
 
     def checkpoint(epoch_start_state: dict) -> None:
+        # Every rank holds its share of the epoch's losses: rank 0 saves their sum, and resumes with it.
+        total = all_reduce_sum(running.clone(), ctx)
         if out is not None:
             _save_state(
-                out / LAST, exp, data.encoder, model, optimizers, best_state, progress, running, epoch_start_state
+                out / LAST, exp, data.encoder, model, optimizers, best_state, progress, total, epoch_start_state
             )
 
     started = time.perf_counter() - (progress.history[-1]["seconds"] if progress.history else 0.0)
@@ -419,7 +435,7 @@ def fit(
             total=steps,
             initial=progress.batch,
             desc=f"{exp.model_name} epoch {epoch + 1}/{exp.train.epochs}",
-            disable=not (exp.train.progress and ctx.is_main),
+            disable=not (exp.train.progress and ctx.is_main and _on_terminal()),
             leave=False,
             dynamic_ncols=True,
         )
@@ -463,7 +479,10 @@ def fit(
         improved = best is None or (value > best if higher else value < best)
         record = {
             "epoch": epoch + 1,
-            "train_loss": dict(zip(names, (running / max(steps, 1)).tolist(), strict=True)),
+            # each rank's task losses are its share of the global batch's: their sum is the global loss
+            "train_loss": dict(
+                zip(names, (all_reduce_sum(running.clone(), ctx) / max(steps, 1)).tolist(), strict=True)
+            ),
             "valid": valid_metrics,
             "valid_rows": valid_rows,
             "monitor": value,
@@ -569,7 +588,8 @@ def _restore(saved: dict, model, optimizers, source, ctx: DistContext) -> tuple[
     torch.set_rng_state(saved["rng"])
     source.load_state(saved["source"])
     progress = Progress(**saved["progress"])
-    return progress, saved["best_state"], saved["running"].to(ctx.device)
+    running = saved["running"].to(ctx.device)  # the sum over ranks: kept by rank 0 only, so it adds up once
+    return progress, saved["best_state"], running if ctx.is_main else torch.zeros_like(running)
 
 
 def _all_finite(task_losses: torch.Tensor, model: MultiTaskModel) -> bool:
@@ -607,13 +627,15 @@ def _grad_finite(grad: torch.Tensor) -> bool:
 
 
 def metrics_record(exp: Experiment, metrics: dict, train_seconds: float) -> dict:
-    """The metrics.json shape other tools read."""
+    """The metrics.json shape other tools read: `split` and `tasks` are the test split (the validation split
+    where there is none); `splits` holds every held-out split that was evaluated."""
     split = "test" if "test" in metrics else "valid"
     return {
         "model": exp.model_name,
         "seed": exp.seed,
         "split": split,
         "tasks": metrics[split],
+        "splits": {s: metrics[s] for s in ("valid", "test") if s in metrics},
         "train_seconds": round(train_seconds, 3),
     }
 
@@ -667,9 +689,14 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, Encoder, Experime
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Standard JSON, NaN and ±inf as null, written atomically (plerec.jsonio)."""
+    jsonio.write_json(path, value)
+
+
+def _on_terminal() -> bool:
+    """A progress bar redraws its line with carriage returns: in a log file or a pipe every redraw would be
+    kept, so the bar is shown only on a terminal (the per-epoch lines are written either way)."""
+    return sys.stderr is not None and sys.stderr.isatty()
 
 
 def _epoch_line(record: dict, names: list[str], improved: bool) -> str:
