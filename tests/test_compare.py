@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import t as scipy_t
 
 from plerec import compare as compare_module
 from plerec.cli import main
@@ -67,11 +68,32 @@ def test_compare_writes_every_file_with_documented_columns(tiny, tmp_path):
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == ["model", "seed", "task", "metric", "split", "value"]
     assert set(results["split"]) == {"test", "valid"}
-    assert set(results.loc[results.task == "click", "metric"]) == {"auc", "logloss"}
-    assert set(results.loc[results.task == "watch", "metric"]) == {"mse"}
+    measured = results[~results.metric.str.startswith(("gain_", "p_"))]
+    assert set(measured.loc[measured.task == "click", "metric"]) == {"auc", "logloss"}
+    assert set(measured.loc[measured.task == "watch", "metric"]) == {"mse"}
     # one row per (model, seed, task, metric, split)
     assert not results.duplicated(["model", "seed", "task", "metric", "split"]).any()
-    assert len(results) == 4 * 2 * 3 * 2
+    assert len(measured) == 4 * 2 * 3 * 2
+    # MTL gains on the primary metric: per seed, then seed "all" with mean, sd and the interval
+    per_seed = results[results.seed != "all"]
+    assert set(per_seed.loc[per_seed.metric.str.startswith("gain_"), "metric"]) == {"gain_auc", "gain_mse"}
+    assert (per_seed.metric.str.startswith("gain_")).sum() == 3 * 2 * 2
+    tested = all(
+        (out / "runs" / m / f"seed{s}" / "test_predictions.npz").exists() for m, s in ((r.model, r.seed) for r in runs)
+    )
+    assert set(per_seed.loc[per_seed.metric.str.startswith("p_"), "metric"]) == (
+        {"p_delong", "p_bootstrap"} if tested else set()
+    )
+    aggregate = results[results.seed == "all"]
+    assert len(aggregate) == 3 * 2 * 4 and set(aggregate.model) == {"mmoe", "ple", "cross_stitch"}
+    row = aggregate[(aggregate.model == "ple") & (aggregate.task == "click")].set_index("metric")["value"]
+    gains = per_seed[(per_seed.model == "ple") & (per_seed.task == "click") & (per_seed.metric == "gain_auc")]
+    assert row["gain_auc_mean"] == pytest.approx(gains.value.mean())
+    assert row["gain_auc_sd"] == pytest.approx(gains.value.std(ddof=1))
+    half = scipy_t.ppf(0.975, 1) * row["gain_auc_sd"] / np.sqrt(2)  # two seeds: one degree of freedom
+    assert (row["gain_auc_ci_low"], row["gain_auc_ci_high"]) == pytest.approx(
+        (row["gain_auc_mean"] - half, row["gain_auc_mean"] + half)
+    )
     experts = pd.read_csv(out / "experts.csv")
     assert list(experts.columns) == ["model", "seed", "gate", "expert", "mean", "std"]
     assert set(experts["model"]) == {"mmoe", "ple"}  # the gated models only
@@ -80,7 +102,7 @@ def test_compare_writes_every_file_with_documented_columns(tiny, tmp_path):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     summary = (out / "summary.md").read_text()
-    assert "MTL gain" in summary and "Seesaw" in summary
+    assert "MTL gain" in summary and "Verdict rule" in summary and "Verdicts (seesaw check)" in summary
     # Runs of every model share one split: identical test row counts.
     n = {(r.model, r.seed): r.metrics["test"]["click"]["n"] for r in runs}
     assert len(set(n.values())) == 1
@@ -134,7 +156,7 @@ def _run(model, seed, click_auc, watch_mse):
     )
 
 
-def test_gain_signs_for_auc_and_mse_and_seesaw_flag():
+def test_gain_signs_for_auc_and_mse_and_untested_verdicts():
     kinds = {"click": "binary", "watch": "regression"}
     runs = [
         _run("single", 0, 0.70, 1.00),
@@ -150,8 +172,15 @@ def test_gain_signs_for_auc_and_mse_and_seesaw_flag():
     assert summary.gains["ple", "watch"].mean == pytest.approx(0.15)
     assert summary.gains["mmoe", "click"].n == 2
     assert summary.metrics["single", "click", "auc"].std == pytest.approx(np.std([0.70, 0.72], ddof=1))
-    assert summary.seesaw("mmoe") == "seesaw: loses on watch"
-    assert summary.seesaw("ple") == ""
+    # The intervals over seeds (paired by seed); the per-seed tests need the test predictions, and a
+    # comparison without them claims nothing: a mean below zero is not yet a seesaw.
+    click = summary.tests["mmoe", "click"]
+    assert click.gains == pytest.approx((0.05, 0.05)) and click.interval.half_width == pytest.approx(0.0)
+    assert click.p_values == (None, None) and click.test == "delong"
+    assert summary.tests["mmoe", "watch"].test == "bootstrap"
+    assert {t.verdict for t in summary.tests.values()} == {"untested"}
+    assert summary.verdict("mmoe") == "untested: no per-seed test (test predictions missing)"
+    assert summary.verdict("single") == ""
 
 
 def test_unknown_model_lists_the_valid_ones():
@@ -229,6 +258,22 @@ def test_sweep_on_synthetic_data(tmp_path):
     }
     for name in ("sweep.csv", "sweep.png", "sweep.md", "corr0/summary.md", "corr1/report.html"):
         assert (tmp_path / "sw" / name).exists(), name
+    table = pd.read_csv(tmp_path / "sw" / "sweep.csv")
+    assert list(table.columns) == [
+        "correlation",
+        "model",
+        "task",
+        "gain_mean",
+        "gain_std",
+        "gain_ci_low",
+        "gain_ci_high",
+        "seeds",
+        "verdict",
+        "model_verdict",
+    ]
+    assert table.gain_ci_low.isna().all()  # one seed: no interval over seeds; the per-seed test decides
+    assert set(table.verdict) <= {"gain", "loss", "n.s."}
+    assert "(1 seed, no interval)" in (tmp_path / "sw" / "sweep.md").read_text()
     meta = pq_metadata(tmp_path / "sw" / "data" / "corr1.parquet")
     assert meta["correlation"] == 1.0 and meta["dim"] == 6 and meta["rows"] == 300
 

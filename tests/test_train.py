@@ -482,3 +482,62 @@ def test_sparse_embedding_update_equals_dense_adam_on_touched_rows():
     assert not torch.allclose(w_sparse[touched], initial.input.embedding.weight[touched])
     for (name, p_dense), p_sparse in zip(dense_model.named_parameters(), sparse_model.parameters(), strict=True):
         torch.testing.assert_close(p_sparse, p_dense, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks of mixed kinds
+
+
+def _mixed_table(path, rows=4000, seed=0):
+    """A purchase task beside a spend task in the thousands (MSE ~1e6 unstandardised against BCE ~0.5)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 6))
+    frame = pd.DataFrame({f"f{i}": x[:, i] for i in range(6)})
+    frame["cat"] = rng.choice(list("abcdefghij"), size=rows)
+    frame["buy"] = (x[:, 0] - x[:, 1] + 0.5 * x[:, 2] * x[:, 3] + rng.normal(size=rows) > 0.8).astype(int)
+    frame["spend"] = 2000 + 800 * x[:, 4] + 300 * x[:, 5] ** 2 + rng.normal(scale=100, size=rows)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _mixed_experiment(path, model, tasks, **task_keys):
+    return experiment_from_dict(
+        {
+            "seed": 0,
+            "data": {"path": str(path), "split": [0.6, 0.2, 0.2]},
+            "features": {"numeric": ["f*"], "categorical": ["cat"]},
+            "tasks": [
+                {"name": "buy", "kind": "binary", "label": "buy"},
+                {"name": "spend", "kind": "regression", "label": "spend", **task_keys},
+            ][:tasks],
+            "model": {"name": model, "embedding_dim": 4, "bottom_dims": [32], "tower_dims": [16]},
+            "train": {"epochs": 12, "batch_size": 64, "patience": 3, "progress": False},
+        }
+    )
+
+
+def test_a_regression_task_in_the_thousands_does_not_drag_a_binary_task_below_its_one_task_run(tmp_path):
+    from plerec.stats import delong
+
+    path = _mixed_table(tmp_path / "mixed.csv")
+    alone_exp = _mixed_experiment(path, "single", 1)
+    alone = fit(alone_exp)
+    test = prepare_data(alone_exp).splits["test"]
+    labels = test.labels[:, 0].double().numpy()
+    alone_scores = predict(alone.model, test)[:, 0].double().numpy()
+    outcomes = {}
+    spend = {}
+    for standardize in (True, False):
+        exp = _mixed_experiment(path, "shared_bottom", 2, standardize=standardize)
+        data = prepare_data(exp)
+        assert torch.equal(data.splits["test"].labels[:, 0].double(), test.labels[:, 0].double())  # the same rows
+        joint = fit(exp, data)
+        predictions = predict(joint.model, data.splits["test"]).double()
+        outcomes[standardize] = delong(labels, predictions[:, 0].numpy(), alone_scores)
+        spend[standardize] = float(predictions[:, 1].mean())
+    # Standardised (the default): within noise of the one-task run (DeLong z > -2) ...
+    assert outcomes[True].z > -2, outcomes[True]
+    # ... while the raw MSE swamps the binary loss and costs it significantly: the test can fail.
+    assert outcomes[False].z < -2, outcomes[False]
+    # Standardised, the network starts at the training mean and predicts in the label's units (spend ~ 2,300).
+    assert 1500 < spend[True] < 3000, spend

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from plerec.config import Experiment
 from plerec.errors import did_you_mean
 from plerec.models import MODELS, MultiTaskModel
-from plerec.train import PreparedData, fit, prepare_data, write_json
+from plerec.train import PreparedData, fit, predict, prepare_data, write_json
 
 BASELINE = "single"
 RESULT_COLUMNS = ("model", "seed", "task", "metric", "split", "value")
@@ -142,13 +144,45 @@ def compare(
                     else []
                 ),
             )
+            if data.has("test"):  # for the per-seed significance tests against the single-task model
+                write_predictions(run_dir / PREDICTIONS, result.model, data, "test", exp.train.eval_batch_size)
             write_json(record, asdict(run))
             runs.append(run)
     return runs
 
 
-def write_results_csv(runs: Sequence[Run], path: str | Path) -> None:
-    """One row per measurement: model, seed, task, metric, split, value (test and validation splits)."""
+PREDICTIONS = "test_predictions.npz"
+
+
+def write_predictions(path: Path, model: MultiTaskModel, data: PreparedData, split: str, batch_size: int) -> None:
+    """The split's `predictions` (N, T) float64 (logits of binary tasks, values of regression tasks), `labels`
+    (N, T) float64 and `mask` (N, T) bool, in row order: the same rows for every model and seed."""
+    if split in data.splits:
+        tables = [data.splits[split]]
+    else:
+        from plerec.data.stream import local_eval_chunks
+
+        tables = list(local_eval_chunks(data.streams[split], data.encoder))
+    arrays = {
+        "predictions": torch.cat([predict(model, t, batch_size) for t in tables]).double().numpy(),
+        "labels": torch.cat([t.labels for t in tables]).double().numpy(),
+        "mask": torch.cat([t.label_mask for t in tables]).numpy(),
+    }
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def write_results_csv(runs: Sequence[Run], path: str | Path, summary=None) -> None:
+    """One row per measurement: model, seed, task, metric, split, value (test and validation splits).
+
+    With a `summary` (report.summary.Summary), its split's MTL gains follow, on each task's primary
+    metric M (auc or mse), for every model but the baseline:
+      - per (model, seed, task): `gain_M` (Eq. 11 against the single-task model of that seed) and, where
+        the per-seed test ran, `p_delong` (AUC) or `p_bootstrap` (MSE), its two-sided p-value;
+      - per (model, task) with seed = "all": `gain_M_mean`, and with two or more seeds `gain_M_sd`,
+        `gain_M_ci_low` and `gain_M_ci_high` (the confidence interval over seeds, 1 − alpha).
+    """
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(RESULT_COLUMNS)
@@ -158,6 +192,20 @@ def write_results_csv(runs: Sequence[Run], path: str | Path) -> None:
                     for metric, value in values.items():
                         if metric != "n":
                             writer.writerow([run.model, run.seed, task, metric, split, repr(float(value))])
+        if summary is None:
+            return
+        split = summary.split
+        for (model, task), test in summary.tests.items():
+            gain = f"gain_{test.metric}"
+            for seed, value, p in zip(test.seeds, test.gains, test.p_values, strict=True):
+                writer.writerow([model, seed, task, gain, split, repr(float(value))])
+                if p is not None:
+                    writer.writerow([model, seed, task, f"p_{test.test}", split, repr(float(p))])
+            ci = test.interval
+            aggregate = [("mean", ci.mean), ("sd", ci.sd), ("ci_low", ci.low), ("ci_high", ci.high)]
+            for name, value in aggregate:
+                if value is not None:
+                    writer.writerow([model, "all", task, f"{gain}_{name}", split, repr(float(value))])
 
 
 def write_experts_csv(runs: Sequence[Run], path: str | Path) -> None:
@@ -185,17 +233,21 @@ def check_seesaw_tasks(exp: Experiment, tasks: Sequence[str] | None) -> list[str
 
 
 def write_comparison(runs: Sequence[Run], exp: Experiment, out: str | Path, seesaw_tasks: Sequence[str] | None = None):
-    """Write results.csv, experts.csv, summary.md, seesaw.png, experts.png, curves.png and report.html."""
+    """Write results.csv, experts.csv, summary.md, seesaw.png, experts.png, curves.png and report.html.
+
+    Per-seed significance tests read each run's out/runs/MODEL/seedS/test_predictions.npz; runs
+    without one keep their gains and intervals, and their verdicts say they are untested.
+    """
     from plerec.report.html import write_report
     from plerec.report.plots import curves_plot, experts_plot, seesaw_plot
-    from plerec.report.summary import summarize, summary_markdown
+    from plerec.report.summary import predictions_loader, summarize, summary_markdown
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = check_seesaw_tasks(exp, seesaw_tasks)
-    write_results_csv(runs, out / "results.csv")
+    summary = summarize(runs, exp.task_kinds, predictions=predictions_loader(out))
+    write_results_csv(runs, out / "results.csv", summary)
     write_experts_csv(runs, out / "experts.csv")
-    summary = summarize(runs, exp.task_kinds)
     markdown = summary_markdown(summary, title=f"Comparison: {Path(exp.source).name or 'experiment'}")
     (out / "summary.md").write_text(markdown)
     images = []
@@ -229,7 +281,7 @@ def sweep(
     """
     from plerec.data.synth import read_synth_metadata, write_parquet
     from plerec.report.plots import sweep_plot
-    from plerec.report.summary import summarize
+    from plerec.report.summary import format_gain
 
     say = log or (lambda _msg: None)
     source = exp.data.path
@@ -244,6 +296,7 @@ def sweep(
     models = parse_models(models)
     out = Path(out)
     rows = []
+    cells: dict[tuple, str] = {}  # (correlation, model, task) -> sweep.md cell; (correlation, model) -> verdict
     for p in correlations:
         config = replace(synth, correlation=float(p))
         folder = out / f"corr{float(p):g}"
@@ -253,34 +306,41 @@ def sweep(
         say(f"correlation {p:g}: {data_path}")
         exp_p = replace(exp, data=replace(exp.data, path=str(data_path)))
         runs = compare(exp_p, models, seeds, folder, model_overrides=model_overrides, log=say)
-        write_comparison(runs, exp_p, folder)
-        summary = summarize(runs, exp.task_kinds)
-        for (model, task), stat in summary.gains.items():
+        summary = write_comparison(runs, exp_p, folder)  # tested on the runs' folder-local test predictions
+        for (model, task), test in summary.tests.items():
             rows.append(
                 {
                     "correlation": float(p),
                     "model": model,
                     "task": task,
-                    "gain_mean": stat.mean,
-                    "gain_std": stat.std,
-                    "seeds": stat.n,
+                    "gain_mean": test.interval.mean,
+                    "gain_std": summary.gains[model, task].std,
+                    "gain_ci_low": test.interval.low,
+                    "gain_ci_high": test.interval.high,
+                    "seeds": test.interval.n,
+                    "verdict": test.verdict,
+                    "model_verdict": summary.verdict(model),
                 }
             )
+            cells[float(p), model, task] = f"{format_gain(test.interval)} {test.verdict}"
+            cells[float(p), model] = summary.verdict(model)
     with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["correlation", "model", "task", "gain_mean", "gain_std", "seeds"])
+        columns = ["correlation", "model", "task", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high", "seeds"]
+        writer = csv.DictWriter(f, fieldnames=[*columns, "verdict", "model_verdict"])  # ci empty with one seed
         writer.writeheader()
         writer.writerows(rows)
     sweep_plot(rows, list(exp.task_kinds), out / "sweep.png")
     lines = [
-        "| correlation | model | " + " | ".join(f"gain {t}" for t in exp.task_kinds) + " |",
-        "|" + "---|" * (len(exp.task_kinds) + 2),
+        "MTL gain per task: mean [95 % confidence interval over seeds] and the task's verdict; "
+        "the rule is stated in each correlation folder's summary.md.",
+        "",
+        "| correlation | model | " + " | ".join(f"gain {t}" for t in exp.task_kinds) + " | verdict |",
+        "|" + "---|" * (len(exp.task_kinds) + 3),
     ]
     for p in correlations:
         for model in models[1:]:
-            cells = []
-            for task in exp.task_kinds:
-                hit = [r for r in rows if r["correlation"] == float(p) and r["model"] == model and r["task"] == task]
-                cells.append(f"{hit[0]['gain_mean']:+.4f} ± {hit[0]['gain_std']:.4f}" if hit else "—")
-            lines.append(f"| {float(p):g} | {model} | " + " | ".join(cells) + " |")
+            shown = [cells.get((float(p), model, task), "—") for task in exp.task_kinds]
+            verdict = cells.get((float(p), model), "—")
+            lines.append(f"| {float(p):g} | {model} | " + " | ".join(shown) + f" | {verdict} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     return rows
