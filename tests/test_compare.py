@@ -282,3 +282,27 @@ def pq_metadata(path):
     import pyarrow.parquet as pq
 
     return json.loads(pq.read_schema(path).metadata[b"plerec.synth"])
+
+
+def test_the_single_task_structure_follows_the_experts_or_the_baseline_section(tmp_path):
+    from plerec.compare import model_params
+
+    path = _table(tmp_path / "log.csv")
+    exp = _experiment(path)
+    assert model_params(exp, "single") == {
+        "embedding_dim": 2,
+        "embedding_init_std": 1e-4,
+        "tower_dims": (3,),
+        "bottom_dims": (4,),
+    }
+    raw = {
+        "data": {"path": str(path), "split": [0.6, 0.2, 0.2]},
+        "features": {"numeric": ["f0", "f1"]},
+        "tasks": [{"name": "click", "kind": "binary", "label": "click"}],
+        "model": {"name": "ple", "expert_dims": [4], "tower_dims": [3]},
+        "baseline": {"bottom_dims": [], "tower_dims": [8, 5]},
+    }
+    params = model_params(experiment_from_dict(raw), "single")
+    assert params["bottom_dims"] == () and params["tower_dims"] == (8, 5)
+    with pytest.raises(ValueError, match=r"Unknown key `bottom` in \[baseline\]"):
+        experiment_from_dict({**raw, "baseline": {"bottom": [3]}})

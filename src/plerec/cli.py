@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from plerec import __version__
+from plerec import __version__, jsonio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +135,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: synthetic data, five models, per-task metrics and MTL gains")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--correlation", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--rows", type=int, default=40_000)
+    p.add_argument("--correlation", type=float, default=0.2, help="task correlation p of the synthetic data")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_demo)
@@ -187,7 +187,7 @@ def _toml_value(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):
-        return json.dumps(value)
+        return jsonio.dumps(value)
     return str(value)
 
 
@@ -281,7 +281,14 @@ def _evaluate(args) -> int:
     if not data.has(args.split):
         raise ValueError(f"The experiment {args.experiment} has no {args.split} split")
     metrics, _rows = evaluate_split(model, data, args.split, exp)
-    record = {"model": trained.model_name, "seed": trained.seed, "split": args.split, "tasks": metrics}
+    # The shape of metrics.json: `splits` as there, so that one reader reads both files.
+    record = {
+        "model": trained.model_name,
+        "seed": trained.seed,
+        "split": args.split,
+        "tasks": metrics,
+        "splits": {args.split: metrics},
+    }
     out = args.out or args.checkpoint.with_name(f"metrics-{args.split}.json")
     write_json(out, record)
     print(_metrics_table({trained.model_name: metrics}, exp))
@@ -387,6 +394,7 @@ def _demo(args) -> int:
         rows=args.rows,
         correlation=args.correlation,
         epochs=args.epochs,
+        seeds=args.seeds,
         seed=args.seed,
         log=log,
         progress=not args.quiet,

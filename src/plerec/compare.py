@@ -63,6 +63,8 @@ def model_params(exp: Experiment, name: str, overrides: dict[str, dict] | None =
         widths = source["levels"][0]["expert_dims"]
     if "bottom_dims" in valid and "bottom_dims" not in source and widths:
         params["bottom_dims"] = tuple(widths) * (2 if name in ("cross_stitch", "sluice") else 1)
+    if name == BASELINE:  # [baseline] sets the single-task structure where it says so
+        params.update({k: v for k, v in asdict(exp.baseline).items() if v is not None})
     params.update((overrides or {}).get(name, {}))
     return params
 

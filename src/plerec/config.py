@@ -318,6 +318,23 @@ class RankConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BaselineConfig:
+    """The structure of the single-task baseline that `plerec compare` and `sweep` measure gains against
+    ("the same network structures and training samples", PLE Eq. 11). Unset keys follow the compared
+    models: `bottom_dims` the experts' widths (a bottom as deep as an expert), `tower_dims` [model]'s;
+    `bottom_dims = []` leaves the tower MLP alone on the input (the PLE paper's synthetic baseline)."""
+
+    bottom_dims: tuple[int, ...] | None = None
+    tower_dims: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("bottom_dims", "tower_dims"):
+            values = getattr(self, name)
+            if values is not None and any(v < 1 for v in values):
+                raise ValueError(f"Expected [baseline] `{name}` to hold positive integers, but got {list(values)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Experiment:
     seed: int = 0
     data: DataConfig
@@ -327,6 +344,7 @@ class Experiment:
     model: ModelConfig = field(default_factory=lambda: model_config("ple"))
     train: TrainConfig = field(default_factory=TrainConfig)
     rank: RankConfig = field(default_factory=RankConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     source: str = ""  # the file it was read from, for error messages
 
     def __post_init__(self) -> None:
@@ -408,6 +426,7 @@ def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
         model=model_config(model_name, model_table),
         train=_build(TrainConfig, raw.get("train", {}), "[train]"),
         rank=_build(RankConfig, raw.get("rank", {}), "[rank]"),
+        baseline=_build(BaselineConfig, raw.get("baseline", {}), "[baseline]"),
         source=source,
     )
 

@@ -299,10 +299,15 @@ def summary_markdown(summary: Summary, title: str = "Comparison") -> str:
                 cells += [format_gain(test.interval), format_p(test.p_values), test.verdict]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [
-        "## Verdicts (seesaw check)",
-        "",
-        "| model | " + " | ".join(f"gain {t}" for t in summary.task_kinds) + " | verdict |",
+    lines += ["## Verdicts (seesaw check)", "", verdict_table(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_table(summary: Summary) -> str:
+    """One row per model: each task's gain with its interval and verdict, and the model's verdict."""
+    metric = {t: PRIMARY[k] for t, k in summary.task_kinds.items()}
+    lines = [
+        "| model | " + " | ".join(f"gain {t} ({metric[t]})" for t in summary.task_kinds) + " | verdict |",
         "|" + "---|" * (len(summary.task_kinds) + 2),
     ]
     for model in summary.models:
@@ -315,4 +320,4 @@ def summary_markdown(summary: Summary, title: str = "Comparison") -> str:
             for t in summary.task_kinds
         ]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {summary.verdicts[model]} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
