@@ -1,6 +1,7 @@
 """The `plerec` command: train / evaluate outputs, errors as one line and exit 2, synth, models."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +83,11 @@ def trained(tmp_path_factory) -> Path:
 def test_train_writes_metrics_json_checkpoint_and_experiment(trained, capsys):
     out = trained / "run"
     record = json.loads((out / "metrics.json").read_text())
-    assert set(record) == {"model", "seed", "split", "tasks", "train_seconds"}
+    assert set(record) == {"model", "seed", "split", "tasks", "splits", "train_seconds"}
     assert (record["model"], record["seed"], record["split"]) == ("ple", 7, "test")
+    # No split disappears: `tasks` is the test split, `splits` every held-out split.
+    assert list(record["splits"]) == ["valid", "test"] and record["splits"]["test"] == record["tasks"]
+    assert record["splits"]["valid"]["click"]["n"] == 60 and record["splits"]["valid"] != record["tasks"]
     assert isinstance(record["train_seconds"], float) and record["train_seconds"] > 0
     assert set(record["tasks"]) == {"click", "watch"}
     click, watch = record["tasks"]["click"], record["tasks"]["watch"]
@@ -114,6 +118,31 @@ def test_train_prints_the_metrics_table(project, capsys):
     assert captured.err == ""  # --quiet: no progress or per-epoch lines
 
 
+def test_off_a_terminal_there_is_no_progress_bar_and_one_line_per_epoch(project, capsys):
+    """`progress = true` as in a user's experiment; stderr is captured, as in a log file or a pipe."""
+    text = EXPERIMENT.replace("progress = false", "progress = true").replace("epochs = 2", "epochs = 3")
+    (project / "exp.toml").write_text(text)
+    assert main(["train", str(project / "exp.toml"), "--out", str(project / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no bar redraws
+    lines = err.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert [line.split()[0] for line in lines[:4]] == ["rows:", "features:", "task", "task"] and len(lines) == 4 + 3
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE"), ("", "")])
+def test_openmp_threads_sleep_while_they_wait_unless_the_user_says_otherwise(setting, expected):
+    """Spinning OpenMP threads made a short training several times slower next to busy processes
+    (benchmarks/contention.py). libgomp reads the setting once, when torch loads it: so it is made when plerec
+    is imported, and importing plerec's CLI does not import torch."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # this process imported plerec
+    if setting is not None:
+        env["OMP_WAIT_POLICY"] = setting
+    code = "import os, sys, plerec.cli; print(repr(os.environ.get('OMP_WAIT_POLICY')), 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == [repr(expected), "False"], done.stderr
+
+
 def test_set_model_name_changes_the_model(project):
     out = project / "run"
     assert main(["train", str(project / "exp.toml"), "--out", str(out), "--quiet", "--set", "model.name=mmoe"]) == 0
@@ -129,7 +158,7 @@ def test_evaluate_reproduces_the_test_metrics(trained, capsys, tmp_path):
     assert main(args) == 0
     printed = capsys.readouterr().out
     written = json.loads((out / "metrics-test.json").read_text())
-    assert written == {"model": "ple", "seed": 7, "split": "test", "tasks": expected}
+    assert written == {"model": "ple", "seed": 7, "split": "test", "tasks": expected, "splits": {"test": expected}}
     assert f"{expected['click']['auc']:.4f}" in printed and f"{expected['watch']['mse']:.4f}" in printed
 
     assert main([*args[:-1], "valid", "--out", str(tmp_path / "valid.json")]) == 0

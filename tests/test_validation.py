@@ -19,9 +19,10 @@ import torch
 
 from plerec.cli import main
 from plerec.config import experiment_from_dict
+from plerec.data.coverage import LabelCounts
 from plerec.data.encode import Encoder, category_key, encode_file, fit_encoder_chunked, stable_bucket
-from plerec.data.stream import ParquetBatches, load_encoder, local_eval_chunks, save_encoder
-from plerec.data.table import iter_frames, read_table
+from plerec.data.stream import ParquetBatches, count_labels, load_encoder, local_eval_chunks, save_encoder
+from plerec.data.table import iter_frames, load_splits, read_table
 from plerec.train import prepare_data
 
 
@@ -213,6 +214,124 @@ def test_a_sample_space_that_selects_no_training_row_is_an_error(tmp_path):
         prepare_data(make_exp(data, tasks=tasks))
 
 
+# --- every task can be trained and evaluated on every split --------------------------------------
+
+
+def set_in_split(data: dict, split: str, column: str, value) -> dict:
+    """`column` = `value` (a value, or one per row) on every row of `split`: its own file, or the rows that
+    the split of one file by fractions puts there (found with the library's own split)."""
+    path = Path(data.get("path") or data[split])
+    frame = read_table(path)
+    if "path" in data:
+        exp = make_exp(data)
+        frame.loc[load_splits(exp.data, exp.seed)[split].index, column] = value
+    else:
+        frame[column] = value
+    write(frame, path)
+    return data
+
+
+def split_file(data: dict, split: str) -> str:
+    return r"all\.csv" if "path" in data else rf"{split}\.(csv|parquet)"
+
+
+@pytest.mark.parametrize("layout", ALL_PATHS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("label", [0, 1])
+def test_a_binary_task_with_one_class_in_the_valid_split_is_an_error(tmp_path, layout, label):
+    data = set_in_split(layout(tmp_path, table()), "valid", "y", label)
+    rows = 2 if "path" in data else 10
+    counts = f"0 positive and {rows} negative" if label == 0 else f"{rows} positive and 0 negative"
+    with pytest.raises(
+        ValueError,
+        match=rf"Task `ctr` has {counts} rows in the valid split \(.*{split_file(data, 'valid')}\): expected both "
+        r"classes to compute AUC; check the values of label column `y` in that file",
+    ):
+        prepare_data(make_exp(data))
+
+
+@pytest.mark.parametrize("layout", ALL_PATHS, ids=lambda f: f.__name__)
+def test_a_binary_task_with_one_class_in_the_train_split_is_an_error(tmp_path, layout):
+    data = layout(tmp_path, table().assign(y=1))
+    rows = 18 if "path" in data else 20
+    with pytest.raises(
+        ValueError,
+        match=rf"Task `ctr` has {rows} positive and 0 negative rows in the train split "
+        rf"\(.*{split_file(data, 'train')}\): expected both classes to learn to tell them apart",
+    ):
+        prepare_data(make_exp(data))
+
+
+@pytest.mark.parametrize("suffix, stream", [(".csv", False), (".parquet", False), (".parquet", True)])
+def test_a_condition_that_no_test_row_meets_names_the_condition(tmp_path, suffix, stream):
+    """The UCI census test file spells its labels `>50K.`, the training file `>50K`."""
+
+    def census(rows: int, seed: int, dot: str = "") -> pd.DataFrame:
+        frame = table(rows, seed)
+        return frame.assign(income=np.where(frame.y == 1, ">50K", "<=50K")).assign(income=lambda f: f.income + dot)
+
+    data = {**paths(tmp_path, census(20, 0), census(10, 1), suffix), "streaming": stream}
+    data["test"] = write(census(12, 2, dot="."), tmp_path / f"test{suffix}")
+    tasks = [{"name": "income", "kind": "binary", "condition": 'income == ">50K"'}]
+    with pytest.raises(
+        ValueError,
+        match=r"Task `income` has 0 positive and 12 negative rows in the test split \(.*test\.(csv|parquet)\): "
+        r"expected both classes to compute AUC; check `condition` \(income == \">50K\"\) .* `>50K\.`",
+    ):
+        prepare_data(make_exp(data, tasks=tasks))
+
+
+@pytest.mark.parametrize("layout", ALL_PATHS, ids=lambda f: f.__name__)
+def test_a_task_with_no_row_in_the_valid_split_is_an_error(tmp_path, layout):
+    data = layout(tmp_path, table().assign(w=np.arange(20.0)))
+    if "valid" in data:
+        write(table(10, seed=1).assign(w=1.0), Path(data["valid"]))
+    data = set_in_split(data, "valid", "w", np.nan)
+    rows = 2 if "path" in data else 10
+    tasks = [{"name": "watch", "kind": "regression", "label": "w"}]
+    with pytest.raises(
+        ValueError,
+        match=rf"Task `watch` has 0 rows in its sample space in the valid split \(.*{split_file(data, 'valid')}\): "
+        rf"expected some of its {rows} rows to have a value in column `w`, to evaluate the task on",
+    ):
+        prepare_data(make_exp(data, tasks=tasks))
+
+
+def test_a_sample_space_that_selects_no_valid_row_is_an_error(tmp_path):
+    tasks = [{"name": "cvr", "kind": "binary", "label": "y", "space": "z > 100"}]
+    data = paths(tmp_path, table().assign(z=np.arange(20.0) * 10), table(10, seed=1).assign(z=1.0))
+    with pytest.raises(
+        ValueError,
+        match=r"Task `cvr` has 0 rows in its sample space in the valid split \(.*valid\.csv\): expected some of its "
+        r"10 rows to have a value in column `y` and to meet `space` \(z > 100\)",
+    ):
+        prepare_data(make_exp(data, tasks=tasks))
+
+
+def test_streamed_label_counts_are_those_training_sees(tmp_path):
+    """One pass over the label columns of a folder of Parquet files counts what the encoded rows hold."""
+    folder = tmp_path / "valid"
+    folder.mkdir()
+    for i in range(2):
+        frame = table(23, seed=i).assign(z=np.where(np.arange(23) % 3 == 0, np.nan, np.arange(23.0)))
+        frame = with_value(frame, "y", [4], None)  # a missing label: outside the task
+        pq.write_table(
+            pa.Table.from_pandas(parquet_ready(frame), preserve_index=False), folder / f"{i}.parquet", row_group_size=5
+        )
+    tasks = [
+        {"name": "ctr", "kind": "binary", "label": "y"},
+        {"name": "cvr", "kind": "binary", "label": "y", "space": "z > 5"},
+    ]
+    exp = make_exp({"train": str(folder / "0.parquet"), "valid": str(folder), "streaming": True}, tasks=tasks)
+    encoder = prepare_data(exp).encoder
+    chunks = list(local_eval_chunks(folder, encoder))
+    expected = LabelCounts.of(torch.cat([c.labels for c in chunks]), torch.cat([c.label_mask for c in chunks]))
+    counted = count_labels(folder, encoder)
+    assert counted.rows == expected.rows == 46
+    assert counted.labelled.tolist() == expected.labelled.tolist() and counted.labelled[0] == 44
+    assert counted.positives.tolist() == expected.positives.tolist()
+    assert 0 < counted.labelled[1] < counted.labelled[0]
+
+
 # --- numeric features --------------------------------------------------------------------------
 
 
@@ -239,6 +358,8 @@ def test_infinite_or_text_numeric_values_are_errors_even_with_imputation(tmp_pat
 @pytest.mark.parametrize("layout", ALL_PATHS, ids=lambda f: f.__name__)
 def test_missing_numeric_values_are_an_error_when_configured(tmp_path, layout):
     data = layout(tmp_path, with_value(table(), "x", [1, 4], None))
+    if "path" in data:  # the 2 validation rows of the one file: both classes, or the split is an error
+        set_in_split(data, "valid", "y", [0, 1])
     with pytest.raises(ValueError, match=r"Numeric column `x` of .*: value is missing .*missing_numeric = 'error'"):
         prepare_data(make_exp({**data, "missing_numeric": "error"}))
     imputed = prepare_data(make_exp({**data, "missing_numeric": "impute"}))
@@ -595,6 +716,11 @@ CLI_ERRORS = [
     ("inf feature", lambda r: write(with_value(table(), "x", [1], np.inf), r / "train.csv"), ["`x`", "row 1", "inf"]),
     ("empty valid", lambda r: write(table(0), r / "valid.csv"), ["valid.csv", "to have data rows"]),
     ("unlabelled task", lambda r: write(table().assign(y=None), r / "train.csv"), ["Task `ctr`", "column `y`"]),
+    (
+        "one class in valid",
+        lambda r: write(table(10, seed=1).assign(y=0), r / "valid.csv"),
+        ["Task `ctr`", "has 0 positive and 10 negative rows in the valid split", "valid.csv", "compute AUC"],
+    ),
 ]
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from plerec.config import Experiment, experiment_to_dict
 from plerec.data.encode import Encoder
+from plerec.jsonio import write_json
 from plerec.models import MultiTaskModel
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -91,7 +92,7 @@ def export_model(
         traced.save(str(tmp))
     os.replace(tmp, out)
     sidecar = Path(str(out) + ".json")
-    sidecar.write_text(json.dumps(sidecar_dict(encoder, exp, fmt, out.name), indent=2) + "\n")
+    write_json(sidecar, sidecar_dict(encoder, exp, fmt, out.name))
     return out, sidecar
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from plerec import jsonio
 from plerec.config import Condition, Experiment, TaskConfig
 from plerec.data.frames import pd, plain_column
 from plerec.errors import did_you_mean
@@ -804,8 +804,11 @@ def stable_bucket(key: str, buckets: int) -> int:
 
 
 def _json_value(value, key: str):
-    """A vocabulary entry that serialises to JSON and checkpoints: the value, or its text."""
+    """A vocabulary entry that serialises to JSON and checkpoints: the value, or its text (also for ±inf,
+    which JSON cannot hold: the text has the same key, so it is the same category)."""
     value = _plain(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        return key
     return value if isinstance(value, str | int | float | bool) else key
 
 
@@ -815,7 +818,7 @@ def _suggest_buckets(max_vocab: int) -> int:
 
 
 def _toml_key(name: str) -> str:
-    return name if name.replace("_", "a").replace("-", "a").isalnum() and name.isascii() else json.dumps(name)
+    return name if name.replace("_", "a").replace("-", "a").isalnum() and name.isascii() else jsonio.dumps(name)
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str], source: str, what: str) -> None:

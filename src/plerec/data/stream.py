@@ -22,11 +22,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from plerec.config import Experiment
-from plerec.data.encode import Batch, EncodedTable, Encoder, empty_table, fill_table
+from plerec.config import Experiment, TaskConfig
+from plerec.data.coverage import LabelCounts
+from plerec.data.encode import Batch, EncodedTable, Encoder, empty_table, encode_labels, fill_table
 from plerec.data.frames import ArrowFrame, arrow_frames
 from plerec.data.table import check_column_names
 from plerec.distributed import SINGLE_PROCESS, DistContext
+from plerec.jsonio import write_json
 
 ENCODER_FILE = "encoder.json"
 SLICE_ROWS = 32_768  # rows read and encoded at a time
@@ -127,12 +129,23 @@ def check_stream(path: str | Path, encoder: Encoder) -> None:
         )
 
 
+def count_labels(path: str | Path, encoder: Encoder) -> LabelCounts:
+    """Each task's rows in its space and positive rows in a streamed split, in one pass that reads only the
+    label, condition and space columns, encoded as training encodes them (`encode_labels`)."""
+    tasks = [TaskConfig(**t) for t in encoder.tasks]
+    columns = _task_columns(encoder)
+    counts = LabelCounts.zeros(len(tasks))
+    for group in row_groups(parquet_files(path)):
+        for frame in read_slices(group, columns):
+            counts += LabelCounts.of(*encode_labels(tasks, frame, frame.attrs["source"]))
+    return counts
+
+
 def save_encoder(encoder: Encoder, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ENCODER_FILE
-    path.write_text(json.dumps(encoder.state_dict(), indent=1) + "\n")
-    return path
+    return write_json(path, encoder.state_dict(), indent=1)
 
 
 def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
@@ -147,7 +160,12 @@ def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
 
 
 def _needed_columns(encoder: Encoder) -> list[str]:
-    columns = list(encoder.categorical) + list(encoder.numeric)
+    return list(dict.fromkeys(list(encoder.categorical) + list(encoder.numeric) + _task_columns(encoder)))
+
+
+def _task_columns(encoder: Encoder) -> list[str]:
+    """The label, condition and space columns of the tasks."""
+    columns = []
     for task in encoder.tasks:
         for text in (task["label"], task["condition"], task["space"]):
             if text and text != "present":

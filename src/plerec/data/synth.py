@@ -23,6 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from plerec import jsonio
+
 METADATA_KEY = b"plerec.synth"
 
 # x is drawn and labelled this many rows at a time so that only one chunk is ever held in float64.
@@ -164,4 +166,4 @@ def read_synth_metadata(path: str | Path) -> SynthConfig | None:
 
 
 def _to_json(config: SynthConfig) -> str:
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    return jsonio.dumps(dataclasses.asdict(config), sort_keys=True)
