@@ -147,3 +147,30 @@ def _raw(exp):
     from plerec.config import experiment_to_dict
 
     return experiment_to_dict(exp)
+
+
+def test_the_baseline_streamed_from_parquet_equals_streamed_one_task_runs(tmp_path):
+    """Per-task views of streamed splits: each task's batches carry its own labels only."""
+    from parquet_splits import write_splits
+
+    path = write_splits(tmp_path, 101, epochs=3)
+    path.write_text(path.read_text().replace('name = "ple"', 'name = "single"').replace("expert_dims", "bottom_dims"))
+    streamed = fit(load_experiment(path, ["data.streaming=true"]), out_dir=tmp_path / "stream")
+    assert set(streamed.metrics["test"]) == {"click", "watch"}
+    for task in ("click", "watch"):
+        alone = fit(load_experiment(tmp_path / "stream" / "tasks" / task / "experiment.toml"))
+        assert alone.metrics["test"][task] == streamed.metrics["test"][task]
+
+
+def test_plerec_train_single_reports_each_tasks_best_epoch(tmp_path, capsys):
+    from plerec.cli import main
+
+    exp = _experiment(_table(tmp_path / "log.csv"), epochs=3)
+    path = tmp_path / "exp.toml"
+    from plerec.config import write_experiment
+
+    write_experiment(exp, path)
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "run" / "history.json").read_text())["best_epoch"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"best epochs easy {result['easy']}, slow {result['slow']};"), line

@@ -216,7 +216,12 @@ def _train(args) -> int:
         result = fit(exp, data, out_dir=args.out, log=log, ctx=ctx, resume=args.resume)
         if ctx.is_main:
             print(_metrics_table({exp.model_name: result.metrics.get("test", result.metrics["valid"])}, exp))
-            print(f"best epoch {result.best_epoch}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
+            best = (  # the single-task baseline selects each task's epoch on its own
+                "best epochs " + ", ".join(f"{t} {e}" for t, e in result.best_epochs.items())
+                if result.best_epochs
+                else f"best epoch {result.best_epoch}"
+            )
+            print(f"{best}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
         barrier(ctx)  # every rank done before any tears the process group down (not on errors: it could hang)
     finally:
         shutdown(ctx)

@@ -20,6 +20,7 @@ import torch
 from plerec.config import Experiment
 from plerec.errors import did_you_mean
 from plerec.models import MODELS, MultiTaskModel
+from plerec.report.summary import PREDICTIONS_FILE
 from plerec.train import PreparedData, fit, predict, prepare_data, write_json
 
 BASELINE = "single"
@@ -147,13 +148,10 @@ def compare(
                 ),
             )
             if data.has("test"):  # for the per-seed significance tests against the single-task model
-                write_predictions(run_dir / PREDICTIONS, result.model, data, "test", exp.train.eval_batch_size)
+                write_predictions(run_dir / PREDICTIONS_FILE, result.model, data, "test", exp.train.eval_batch_size)
             write_json(record, asdict(run))
             runs.append(run)
     return runs
-
-
-PREDICTIONS = "test_predictions.npz"
 
 
 def write_predictions(path: Path, model: MultiTaskModel, data: PreparedData, split: str, batch_size: int) -> None:
