@@ -109,7 +109,9 @@ def curves_plot(runs, path: str | Path) -> None:
 
 
 def sweep_plot(rows: Sequence[dict], tasks: Sequence[str], path: str | Path) -> None:
-    """MTL gain against task correlation, one panel per task, one line per model (paper Fig. 7)."""
+    """MTL gain against task correlation, one panel per task, one line per model (paper Fig. 7). Error bars
+    are the 95 % intervals over seeds (none with one seed); a filled marker is a significant gain or loss
+    by the verdict rule, a hollow one no significant difference."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     models = list(dict.fromkeys(r["model"] for r in rows))
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -119,20 +121,25 @@ def sweep_plot(rows: Sequence[dict], tasks: Sequence[str], path: str | Path) -> 
             )
             if not mine:
                 continue
+            color = f"C{i % 10}"
             x = [r["correlation"] for r in mine]
-            ax.errorbar(
-                x,
-                [r["gain_mean"] for r in mine],
-                yerr=[r["gain_std"] for r in mine],
-                marker="o",
-                capsize=3,
-                label=model,
-                color=f"C{i % 10}",
+            y = [r["gain_mean"] for r in mine]
+            has_ci = all(r.get("gain_ci_low") is not None for r in mine)
+            yerr = (
+                [
+                    [m - r["gain_ci_low"] for m, r in zip(y, mine, strict=True)],
+                    [r["gain_ci_high"] - m for m, r in zip(y, mine, strict=True)],
+                ]
+                if has_ci
+                else None
             )
+            ax.errorbar(x, y, yerr=yerr, capsize=3, label=model, color=color)
+            significant = [r.get("verdict") in ("gain", "loss") for r in mine]
+            ax.scatter(x, y, color=color, zorder=3, facecolors=[color if s_ else "white" for s_ in significant])
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("task correlation p = cos(w1, w2)")
-        ax.set_ylabel(f"MTL gain on {task}")
-        ax.set_title(task)
+        ax.set_ylabel(f"MTL gain on {task} (95 % interval over seeds)")
+        ax.set_title(f"{task} (filled: significant)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
