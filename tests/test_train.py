@@ -541,3 +541,26 @@ def test_a_regression_task_in_the_thousands_does_not_drag_a_binary_task_below_it
     assert outcomes[False].z < -2, outcomes[False]
     # Standardised, the network starts at the training mean and predicts in the label's units (spend ~ 2,300).
     assert 1500 < spend[True] < 3000, spend
+
+
+def test_a_nan_validation_monitor_stops_the_run_naming_task_and_split(table_path, tmp_path, monkeypatch, capsys):
+    """A NaN monitor would keep epoch 1 'best' for ever (NaN compares false); it is an error instead."""
+    real_evaluate = train_module.evaluate_split
+
+    def nan_valid(model, data, split, exp_, ctx):
+        metrics, rows = real_evaluate(model, data, split, exp_, ctx)
+        if split == "valid":
+            metrics["click"]["auc"] = float("nan")
+        return metrics, rows
+
+    monkeypatch.setattr(train_module, "evaluate_split", nan_valid)
+    exp = _experiment(table_path, epochs=2, monitor="click")
+    with pytest.raises(ValueError, match=r"Task `click` has nan validation auc \(valid split, \d+ rows"):
+        fit(exp)
+    from plerec.config import write_experiment
+
+    write_experiment(exp, tmp_path / "exp.toml")
+    from plerec.cli import main
+
+    assert main(["train", str(tmp_path / "exp.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "Task `click` has nan validation auc (valid split" in capsys.readouterr().err
