@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,3 +285,17 @@ def test_console_script_exits_2_with_one_error_line(project):
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("plerec: error: ") and "Unknown key `epoch` in [train]" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "65536"], r"--port in \[0, 65535\] \(0 picks a free port\), but got 65536"),
+        (["--port", "-1"], r"--port in \[0, 65535\].* but got -1"),
+        (["--threads", "100000"], r"--threads in \[0, 1024\] \(0 = torch's default\), but got 100000"),
+    ],
+)
+def test_serve_refuses_a_port_or_thread_count_out_of_range_before_loading(tmp_path, capsys, flags, message):
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err

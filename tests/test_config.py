@@ -544,3 +544,70 @@ def test_experiment_is_frozen():
     assert isinstance(exp, Experiment)
     with pytest.raises(dataclasses.FrozenInstanceError):
         exp.seed = 1  # type: ignore[misc]
+
+
+def _two_tasks(edit) -> dict:
+    raw = copy.deepcopy(base())
+    raw["tasks"].append({"name": "cvr", "kind": "binary", "label": "buy"})
+    edit(raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.update(train={"threads": 100_000}), r"\[train\] `threads` to be at most 1024 \(0 = torch's"),
+        (lambda r: r.update(model={"num_levels": 65}), r"`num_levels` to hold integers of at most 64, but got \[65\]"),
+        (lambda r: r.update(model={"levels": [{}] * 65}), r"`levels` to list at most 64 levels, but got 65"),
+        (lambda r: r.update(model={"num_shared_experts": 1025}), r"`num_shared_experts` to be at most 1024"),
+        (lambda r: r.update(model={"name": "mmoe", "num_experts": 2000}), r"`num_experts` to hold integers of at most"),
+        (lambda r: r.update(model={"expert_dims": [65_537]}), r"`expert_dims` to hold integers of at most 65536"),
+        (lambda r: r.update(model={"tower_dims": [4] * 65}), r"`tower_dims` to list at most 64 widths, but got 65"),
+        (lambda r: r.update(model={"embedding_dim": 2**33}), r"`embedding_dim` to hold integers of at most 65536"),
+        (
+            lambda r: r.update(model={"name": "shared_bottom", "bottom_dims": [10**9]}),
+            r"`bottom_dims` to hold integers of at most 65536",
+        ),
+        (lambda r: r["tasks"][1].update(name="c.vr"), r"`c\.vr` to have a name without dots .*--set tasks\.NAME"),
+        (lambda r: r["tasks"][1].update(name=" cvr"), r"name without dots or surrounding spaces"),
+        *[
+            (lambda r, n=name: r["tasks"][1].update(name=n), rf"other than the output columns .* but got '{name}'")
+            for name in ("score", "log_score", "rank", "index")
+        ],
+        (
+            lambda r: r.update(rank={"group": "user", "item": "cvr"}),
+            r"task names other than the \[rank\] group and item columns \(cvr, user\).* but got \['cvr'\]",
+        ),
+        (lambda r: r.update(rank={"group": "ctr"}), r"\[rank\] group and item columns \(ctr\).* but got \['ctr'\]"),
+        (
+            lambda r: [t.update(weight=0) for t in r["tasks"]],
+            r"at least one \[\[tasks\]\] entry with weight > 0 .* but got weights \[0, 0\]",
+        ),
+    ],
+)
+def test_new_limits_and_names_are_checked_at_load(edit, message):
+    with pytest.raises(ValueError, match=message):
+        experiment_from_dict(_two_tasks(edit))
+
+
+def test_the_limits_still_accept_their_largest_values():
+    exp = experiment_from_dict(_two_tasks(lambda r: r.update(train={"threads": 1024}, model={"num_levels": 64})))
+    assert exp.train.threads == 1024 and exp.model.num_levels == 64
+    assert experiment_from_dict(_two_tasks(lambda r: r["tasks"][1].update(weight=0))).tasks[1].weight == 0
+
+
+@pytest.mark.parametrize("item", ["train.lr=1e-3\ntrain.epochs=99", "train.lr=1e-3\r\n", "tasks.ctr.weight=\n2"])
+def test_multi_line_overrides_are_refused(item):
+    with pytest.raises(ValueError, match=r"Expected an override on one line"):
+        apply_override(base(), item)
+
+
+def test_a_deeply_nested_override_value_is_one_error():
+    with pytest.raises(ValueError, match=r"Override 'train\.lr': its value is nested too deeply"):
+        apply_override(base(), "train.lr=" + "[" * 100_000 + "]" * 100_000)
+
+
+def test_a_deeply_nested_experiment_file_is_one_error(tmp_path):
+    path = write(tmp_path, "x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"exp\.toml is not valid TOML: its arrays or tables are nested too deeply"):
+        load_experiment(path)

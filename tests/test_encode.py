@@ -774,3 +774,24 @@ def test_integer_vocabularies_are_arrays_that_read_and_serialise_as_lists():
     assert got == [entries.index(v) + 1 for v in range(50)] + [0]
     # a vocabulary that is not all plain ints stays a list
     assert Encoder.from_state_dict({**state, "vocabs": {"n": [1, "a", True]}}).vocabs["n"] == [1, "a", True]
+
+
+def test_a_constant_column_standardises_alike_read_whole_or_a_row_at_a_time(tmp_path):
+    """Found by hypothesis: three equal values have a rounding-noise std (1e-10) when averaged at once and
+    exactly 0 when merged row by row; both must give the same encoding."""
+    from plerec.data.encode import encode_file, fit_encoder_chunked
+    from plerec.data.table import read_table
+
+    path = tmp_path / "t.csv"
+    path.write_text("x,y\n0,699051.3147888889\n1,699051.3147888889\n0,699051.3147888889\n")
+    exp = experiment_from_dict(
+        {
+            "data": {"train": str(path), "valid": str(path)},
+            "features": {"numeric": ["y"]},
+            "tasks": [{"name": "t", "kind": "binary", "label": "x"}],
+        }
+    )
+    whole = Encoder.fit(exp, read_table(path)).transform(read_table(path))
+    chunked = encode_file(str(path), fit_encoder_chunked(exp, str(path), chunk_rows=1), chunk_rows=1)
+    torch.testing.assert_close(whole.dense, chunked.dense, rtol=0, atol=1e-6)  # the mean's own rounding: 1e-10
+    torch.testing.assert_close(whole.dense, torch.zeros(3, 1), rtol=0, atol=1e-6)

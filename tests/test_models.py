@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -431,3 +432,67 @@ def test_ple_trains_under_bfloat16_autocast_on_cpu():
     assert logits.shape == (6, 2) and torch.isfinite(logits).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert all(p.grad.dtype == p.dtype == torch.float32 for p in model.parameters())
+
+
+def _layouts():
+    """Every PLE level layout of 1-3 levels with one task expert and 0-2 shared experts per level."""
+    import itertools
+
+    kinds = [(1, s) for s in (0, 1, 2)]
+    for n in (1, 2, 3):
+        yield from itertools.product(kinds, repeat=n)
+
+
+def test_every_ple_layout_that_validates_builds_and_runs_forward_and_backward():
+    refused = []
+    for layout in _layouts():
+        levels = [{"num_task_experts": t, "num_shared_experts": s, "expert_dims": [4]} for t, s in layout]
+        try:
+            config = model_config("ple", {"levels": levels, "tower_dims": [3], "embedding_dim": 2})
+        except ValueError as err:
+            assert re.search(r"level \d to have shared experts, because level \d has some", str(err)), err
+            refused.append(layout)
+            continue
+        model = build_model("ple", config, VOCABS, NUM_DENSE, 2)
+        logits = model(*_inputs(5))  # a layout that passes validation must run: no error at forward time
+        logits.sum().backward()
+        assert logits.shape == (5, 2) and torch.isfinite(logits).all(), layout
+        assert all(p.grad is not None for p in model.parameters()), layout
+    # Exactly the layouts with a level j >= 1 without shared experts before a level with some are refused.
+    expected = [
+        layout
+        for layout in _layouts()
+        if any(layout[j][1] == 0 and layout[j + 1][1] > 0 for j in range(1, len(layout) - 1))
+    ]
+    assert refused == expected and ((1, 1), (1, 0), (1, 1)) in refused
+    assert ((1, 0), (1, 1)) not in refused  # level 0's shared gate reads the input itself
+
+
+def test_the_refused_ple_layout_names_its_level():
+    levels = [{"num_task_experts": 1, "num_shared_experts": s} for s in (1, 0, 1)]
+    with pytest.raises(ValueError, match=r"level 1 to have shared experts, because level 2 has some"):
+        model_config("ple", {"levels": levels})
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "vocabs", "message"),
+    [
+        ("ple", {"embedding_dim": 8}, [2**31, 1], r"at most 2147483648 embedding rows in all"),
+        ("single", {"embedding_dim": 1}, [2**30 + 1], r"rows in all.* for each of 2 tasks"),
+        ("ple", {"embedding_dim": 4096}, [2**21], r"at most 4294967296 parameters, but ple .* has \d+ \(32\.0 GiB\)"),
+        ("mmoe", {"num_experts": 1024, "expert_dims": [65536, 65536]}, [10], r"at most 4294967296 parameters"),
+    ],
+)
+def test_models_too_large_are_refused_before_anything_is_allocated(name, params, vocabs, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(name, params, vocabs, NUM_DENSE, 2)
+
+
+def test_state_shapes_are_those_of_the_built_model():
+    from plerec.models.family import state_shapes
+
+    for name in MODELS:
+        config = model_config(name, {"embedding_dim": 2, "tower_dims": [3]})
+        shapes = state_shapes(name, config, VOCABS, NUM_DENSE, 2)
+        state = build_model(name, config, VOCABS, NUM_DENSE, 2).state_dict()
+        assert shapes == {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, name

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from plerec.safe_io import atomic_write
 
 MAGIC = b"PLEREC1\n"
 HEADER = struct.Struct("<8sQ32s")
@@ -33,19 +36,21 @@ def write_checkpoint_file(path: str | Path, payload: dict[str, Any]) -> None:
     torch.save(payload, buffer)
     body = buffer.getbuffer()
     header = HEADER.pack(MAGIC, len(body), hashlib.sha256(body).digest())
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(header)
-        handle.write(body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_folder(path.parent)
+    atomic_write(path, lambda handle: (handle.write(header), handle.write(body)))
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """The payload of a checkpoint file, after its length and checksum have been verified."""
+    """The payload of a checkpoint file, after its length and checksum have been verified; a model checkpoint
+    or a training state is also checked key by key (`check_payload`)."""
     path = Path(path)
+    payload, size = _read_payload(path)
+    if payload.get("format") in WEIGHTS_KEY:
+        check_payload(path, payload, size)
+    return payload
+
+
+def _read_payload(path: Path) -> tuple[dict[str, Any], int]:
+    """The deserialised body of a checkpoint file and its length in bytes."""
     if not path.is_file():
         raise ValueError(f"Checkpoint {path} does not exist")
     raw = path.read_bytes()
@@ -72,21 +77,118 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"Checkpoint {path} could not be read safely (weights only): {err}") from None
     if not isinstance(payload, dict):
         raise ValueError(f"Expected {path} to hold a dictionary, but it holds {type(payload).__name__}")
-    return payload
+    return payload, len(body)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); not possible on every platform."""
+# The payloads plerec writes (plerec.train), each with the key of the model's weights, and what they hold.
+MODEL_FORMAT = "plerec-checkpoint-1"
+STATE_FORMAT = "plerec-training-state-1"
+WEIGHTS_KEY = {MODEL_FORMAT: "state_dict", STATE_FORMAT: "model"}
+PAYLOAD_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    MODEL_FORMAT: {"model_name": str, "experiment": dict, "encoder": dict, "state_dict": dict},
+    STATE_FORMAT: {
+        "experiment": dict,
+        "encoder": dict,
+        "model": dict,
+        "optimizers": list,
+        "best_state": (dict, type(None)),
+        "progress": dict,
+        "running": torch.Tensor,
+        "source": dict,
+        "rng": torch.Tensor,
+    },
+}
+OPTIONAL_WEIGHTS = ("output_scale", "output_shift")  # absent from checkpoints made before standardised labels
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A checked model checkpoint or training state: its payload, experiment, encoder and model weights."""
+
+    payload: dict[str, Any]
+    experiment: Any  # plerec.config.Experiment
+    encoder: Any  # plerec.data.encode.Encoder
+    weights: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """A model checkpoint (best.pt) or training state (last.pt), after every check of `check_payload`."""
+    path = Path(path)
+    payload, size = _read_payload(path)
+    if payload.get("format") not in WEIGHTS_KEY:
+        raise ValueError(
+            f"Expected {path} to be a plerec checkpoint ({MODEL_FORMAT}) or training state ({STATE_FORMAT}), "
+            f"but its key `format` is {payload.get('format', '(missing)')!r}"
+        )
+    return check_payload(path, payload, size)
+
+
+def check_payload(path: Path, payload: dict[str, Any], size: int) -> Checkpoint:
+    """Every key of a checkpoint payload present with its type; the model its experiment and encoder describe
+    within the size limits of plerec.models.family, and small enough for the file (`size` bytes of data) to
+    hold its weights; the weights of that model's every shape and dtype. Nothing is allocated
+    before these checks pass: the model is sized on the meta device."""
+    from plerec.config import experiment_from_dict
+    from plerec.data.encode import Encoder
+    from plerec.models.family import state_shapes
+
+    fmt = payload["format"]
+    for key, kind in PAYLOAD_KEYS[fmt].items():
+        if key not in payload:
+            raise ValueError(f"Checkpoint {path} is incomplete: its key `{key}` is missing")
+        if not isinstance(payload[key], kind):
+            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(
+                f"Expected key `{key}` of checkpoint {path} to be {expected}, but got {type(payload[key]).__name__}"
+            )
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+        exp = experiment_from_dict(payload["experiment"], source=str(path))
+    except (ValueError, TypeError, RecursionError) as err:
+        raise ValueError(f"Checkpoint {path}, key `experiment`: {err}") from None
+    if "model_name" in payload and payload["model_name"] != exp.model_name:
+        raise ValueError(
+            f"Expected key `model_name` of checkpoint {path} to be its experiment's model {exp.model_name!r}, "
+            f"but got {payload['model_name']!r}"
+        )
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        encoder = Encoder.from_state_dict(payload["encoder"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"Checkpoint {path}, key `encoder`: {err}") from None
+    try:
+        shapes = state_shapes(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
+    except ValueError as err:
+        raise ValueError(f"Checkpoint {path} describes a model that cannot be built: {err}") from None
+    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+    if needed > size:
+        raise ValueError(
+            f"Checkpoint {path} cannot hold the model its experiment and encoder describe: its weights take "
+            f"{needed} bytes, but the file holds {size} bytes of data"
+        )
+    weights_key = WEIGHTS_KEY[fmt]
+    _check_weights(path, weights_key, payload[weights_key], shapes, exp.model_name)
+    if fmt == STATE_FORMAT and payload["best_state"] is not None:
+        _check_weights(path, "best_state", payload["best_state"], shapes, exp.model_name)
+    return Checkpoint(payload, exp, encoder, payload[weights_key])
+
+
+def _check_weights(path: Path, key: str, weights: dict, shapes: dict, model_name: str) -> None:
+    problems = [f"missing {k}" for k in shapes if k not in weights and k not in OPTIONAL_WEIGHTS]
+    problems += [f"unexpected {k!r}" for k in weights if k not in shapes]
+    for k, (shape, dtype) in shapes.items():
+        found = weights.get(k)
+        if found is None:
+            continue
+        if not isinstance(found, torch.Tensor) or found.layout != torch.strided:
+            problems.append(f"{k} is a {type(found).__name__}, expected a dense tensor")
+        elif tuple(found.shape) != shape:
+            problems.append(f"{k} has shape {tuple(found.shape)}, expected {shape}")
+        elif found.dtype != dtype:
+            problems.append(f"{k} has dtype {found.dtype}, expected {dtype}")
+    if problems:
+        raise ValueError(
+            f"The weights in {path} (key `{key}`) do not fit the model its experiment describes ({model_name}): "
+            + "; ".join(problems[:8])
+        )
 
 
 def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -128,4 +230,11 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-__all__ = ["differences", "read_checkpoint_file", "write_checkpoint_file"]
+__all__ = [
+    "Checkpoint",
+    "check_payload",
+    "differences",
+    "read_checkpoint",
+    "read_checkpoint_file",
+    "write_checkpoint_file",
+]

@@ -130,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed on start)")
     p.add_argument("--max-rows", type=int, default=10_000, help="largest number of rows one request may send")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="largest request body (default 8 MiB)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds a client may take to send headers, and body")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections; more are answered 503")
+    p.add_argument("--token-file", type=Path, help="require `Authorization: Bearer TOKEN` (else $PLEREC_SERVE_TOKEN)")
+    p.add_argument("--docs", action="store_true", help="serve the OpenAPI schema at /openapi.json")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.set_defaults(run=_serve)
 
@@ -230,12 +235,16 @@ def _train(args) -> int:
 
 def _resumed_encoder(out: Path):
     """The vocabularies of the run being resumed (no pass over the data to fit them again)."""
-    from plerec.checkpoint import read_checkpoint_file
-    from plerec.data.encode import Encoder
+    from plerec.checkpoint import STATE_FORMAT, read_checkpoint
     from plerec.train import LAST
 
     path = out / LAST
-    return Encoder.from_state_dict(read_checkpoint_file(path)["encoder"]) if path.exists() else None
+    if not path.exists():
+        return None
+    checkpoint = read_checkpoint(path)  # every key and the model's size checked, nothing allocated yet
+    if checkpoint.payload["format"] != STATE_FORMAT:
+        raise ValueError(f"Expected {path} to be a plerec training state ({STATE_FORMAT}), but it is not")
+    return checkpoint.encoder
 
 
 def _prepare(args) -> int:
@@ -369,24 +378,38 @@ def _rank(args) -> int:
 
 
 def _serve(args) -> int:
-    from plerec.config import load_experiment
+    from plerec.config import MAX_THREADS, load_experiment
     from plerec.rank import Scorer
 
     try:
-        from plerec.serve import serve
+        from plerec.serve import Limits, check_exposure, read_token, serve
     except ImportError as err:
         raise ValueError(
             f"plerec serve needs the `serve` extra ({err.name} is missing): pip install 'plerec[serve]'"
         ) from None
     if args.overrides and not args.experiment:
         raise ValueError("Expected --experiment next to --set (overrides apply to an experiment file)")
+    if not 0 <= args.port <= 65535:  # the socket layer would take it modulo 2^16
+        raise ValueError(f"Expected --port in [0, 65535] (0 picks a free port), but got {args.port}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"Expected --threads in [0, {MAX_THREADS}] (0 = torch's default), but got {args.threads}")
+    limits = Limits(
+        max_rows=args.max_rows,
+        max_body_bytes=args.max_body_bytes,
+        header_timeout=args.timeout,
+        body_timeout=args.timeout,
+        max_connections=args.max_connections,
+    )
+    token = read_token(args.token_file)
+    check_exposure(args.host, token)  # before the model loads, so a refusal comes at once
     exp = load_experiment(args.experiment, args.overrides) if args.experiment else None
     scorer = Scorer.from_checkpoint(args.checkpoint, exp)
 
     def announce(host: str, port: int) -> None:
         print(f"plerec serving {args.checkpoint} on http://{host}:{port} (/score, /rank, /health)", flush=True)
 
-    serve(scorer, args.host, args.port, max_rows=args.max_rows, threads=args.threads, on_ready=announce)
+    options = {"limits": limits, "token": token, "docs": args.docs, "threads": args.threads}
+    serve(scorer, args.host, args.port, **options, on_ready=announce)
     return 0
 
 

@@ -1,15 +1,18 @@
 """`plerec compare`: every model for every seed on identical splits, single-task baselines included.
 
 Each run writes its own folder (runs/MODEL/seedS) and a `run.json` when it finishes, so an
-interrupted comparison resumes where it stopped and a rerun trains nothing new.
+interrupted comparison resumes where it stopped and a rerun trains nothing new, as long as the run's
+experiment and data are unchanged (plerec.fingerprint); a run of another experiment or other data is set
+aside and trained again.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -19,11 +22,14 @@ import torch
 
 from plerec.config import Experiment
 from plerec.errors import did_you_mean
+from plerec.fingerprint import data_changes, data_fingerprint, experiment_changes, run_fingerprint
 from plerec.models import MODELS, MultiTaskModel
 from plerec.report.summary import PREDICTIONS_FILE
+from plerec.safe_io import atomic_write, atomic_write_text
 from plerec.train import PreparedData, fit, predict, prepare_data, write_json
 
 BASELINE = "single"
+FINGERPRINT_FILE = "fingerprint.json"  # written when a run starts; run.json holds it too once the run is done
 RESULT_COLUMNS = ("model", "seed", "task", "metric", "split", "value")
 
 
@@ -115,13 +121,15 @@ def compare(
     """Train every model for `seeds` seeds (exp.seed, exp.seed+1, …) on one split; return every run.
 
     The split and the encoder are made once, so every model sees identical rows; seeds change only
-    the initialisation and the shuffling. Finished runs found under `out` are loaded, not retrained.
+    the initialisation and the shuffling. Finished runs found under `out` are loaded, not retrained, when
+    their fingerprint (experiment and data) is this run's; other runs are moved to FOLDER.previous first.
     """
     say = log or (lambda _msg: None)
     if seeds < 1:
         raise ValueError(f"Expected --seeds >= 1, but got {seeds}")
     models = parse_models(models)
     out = Path(out)
+    files = data_fingerprint(exp.data)  # before reading: the data as the runs begin
     data = data or prepare_data(exp)
     runs = []
     for name in models:
@@ -129,12 +137,26 @@ def compare(
         for seed in range(exp.seed, exp.seed + seeds):
             run_dir = out / "runs" / name / f"seed{seed}"
             record = run_dir / "run.json"
-            if record.exists():
-                say(f"{name} seed {seed}: already done, skipped")
-                runs.append(Run(**json.loads(record.read_text())))
-                continue
-            say(f"{name} seed {seed}: training")
             run_exp = replace(exp.with_model(name, params), seed=seed)
+            fingerprint = run_fingerprint(run_exp, files)
+            changes = _changes_since(run_dir, fingerprint)
+            if record.exists() and not changes:
+                say(f"{name} seed {seed}: already done, skipped")
+                stored = json.loads(record.read_text())
+                stored.pop("fingerprint", None)
+                runs.append(Run(**stored))
+                continue
+            if changes:
+                shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                kept = _set_aside(run_dir)
+                say(
+                    f"{name} seed {seed}: the experiment or data changed since it ran ({shown}), training again "
+                    f"(the earlier run is kept in {kept})"
+                )
+            else:
+                say(f"{name} seed {seed}: training")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / FINGERPRINT_FILE, fingerprint)
             result = fit(run_exp, data, out_dir=run_dir, log=say, resume=True)  # an interrupted run continues
             run = Run(
                 model=name,
@@ -149,9 +171,38 @@ def compare(
             )
             if data.has("test"):  # for the per-seed significance tests against the single-task model
                 write_predictions(run_dir / PREDICTIONS_FILE, result.model, data, "test", exp.train.eval_batch_size)
-            write_json(record, asdict(run))
+            write_json(record, {**asdict(run), "fingerprint": fingerprint})
             runs.append(run)
     return runs
+
+
+def _changes_since(run_dir: Path, fingerprint: dict) -> list[str]:
+    """What differs between the experiment and data a run folder was trained on and `fingerprint`: empty for
+    a folder that is absent or holds no run yet. A run without a fingerprint (an older plerec) differs."""
+    record, started = run_dir / "run.json", run_dir / FINGERPRINT_FILE
+    if record.exists():
+        saved = json.loads(record.read_text()).get("fingerprint")
+    elif started.exists():
+        saved = json.loads(started.read_text())
+    elif run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        saved = None
+    else:
+        return []
+    if not isinstance(saved, dict):
+        return ["it records no fingerprint of its experiment and data (written by an older plerec)"]
+    changes = experiment_changes(saved.get("experiment"), fingerprint["experiment"])
+    changes += [f"data file {file}: {what}" for file, what in data_changes(saved.get("data"), fingerprint["data"])]
+    return changes
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Move a run folder out of the way (to FOLDER.previous, replacing an older one there), so that its
+    checkpoints are never resumed from and the run starts afresh."""
+    kept = run_dir.with_name(run_dir.name + ".previous")
+    if kept.is_dir() and not kept.is_symlink():
+        shutil.rmtree(kept)
+    run_dir.rename(kept)
+    return kept
 
 
 def write_predictions(path: Path, model: MultiTaskModel, data: PreparedData, split: str, batch_size: int) -> None:
@@ -168,9 +219,7 @@ def write_predictions(path: Path, model: MultiTaskModel, data: PreparedData, spl
         "labels": torch.cat([t.labels for t in tables]).double().numpy(),
         "mask": torch.cat([t.label_mask for t in tables]).numpy(),
     }
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def write_results_csv(runs: Sequence[Run], path: str | Path, summary=None) -> None:
@@ -183,38 +232,43 @@ def write_results_csv(runs: Sequence[Run], path: str | Path, summary=None) -> No
       - per (model, task) with seed = "all": `gain_M_mean`, and with two or more seeds `gain_M_sd`,
         `gain_M_ci_low` and `gain_M_ci_high` (the confidence interval over seeds, 1 − alpha).
     """
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(RESULT_COLUMNS)
-        for run in runs:
-            for split in ("test", "valid"):
-                for task, values in run.metrics.get(split, {}).items():
-                    for metric, value in values.items():
-                        if metric != "n":
-                            writer.writerow([run.model, run.seed, task, metric, split, repr(float(value))])
-        if summary is None:
-            return
-        split = summary.split
-        for (model, task), test in summary.tests.items():
-            gain = f"gain_{test.metric}"
-            for seed, value, p in zip(test.seeds, test.gains, test.p_values, strict=True):
-                writer.writerow([model, seed, task, gain, split, repr(float(value))])
-                if p is not None:
-                    writer.writerow([model, seed, task, f"p_{test.test}", split, repr(float(p))])
-            ci = test.interval
-            aggregate = [("mean", ci.mean), ("sd", ci.sd), ("ci_low", ci.low), ("ci_high", ci.high)]
-            for name, value in aggregate:
-                if value is not None:
-                    writer.writerow([model, "all", task, f"{gain}_{name}", split, repr(float(value))])
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(RESULT_COLUMNS)
+    for run in runs:
+        for split in ("test", "valid"):
+            for task, values in run.metrics.get(split, {}).items():
+                for metric, value in values.items():
+                    if metric != "n":
+                        writer.writerow([run.model, run.seed, task, metric, split, repr(float(value))])
+    if summary is not None:
+        _write_gain_rows(writer, summary)
+    atomic_write_text(path, f.getvalue())
+
+
+def _write_gain_rows(writer, summary) -> None:
+    split = summary.split
+    for (model, task), test in summary.tests.items():
+        gain = f"gain_{test.metric}"
+        for seed, value, p in zip(test.seeds, test.gains, test.p_values, strict=True):
+            writer.writerow([model, seed, task, gain, split, repr(float(value))])
+            if p is not None:
+                writer.writerow([model, seed, task, f"p_{test.test}", split, repr(float(p))])
+        ci = test.interval
+        aggregate = [("mean", ci.mean), ("sd", ci.sd), ("ci_low", ci.low), ("ci_high", ci.high)]
+        for name, value in aggregate:
+            if value is not None:
+                writer.writerow([model, "all", task, f"{gain}_{name}", split, repr(float(value))])
 
 
 def write_experts_csv(runs: Sequence[Run], path: str | Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "seed", "gate", "expert", "mean", "std"])
-        for run in runs:
-            for row in run.experts:
-                writer.writerow([run.model, run.seed, row["gate"], row["expert"], row["mean"], row["std"]])
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(["model", "seed", "gate", "expert", "mean", "std"])
+    for run in runs:
+        for row in run.experts:
+            writer.writerow([run.model, run.seed, row["gate"], row["expert"], row["mean"], row["std"]])
+    atomic_write_text(path, f.getvalue())
 
 
 def check_seesaw_tasks(exp: Experiment, tasks: Sequence[str] | None) -> list[str]:
@@ -249,7 +303,7 @@ def write_comparison(runs: Sequence[Run], exp: Experiment, out: str | Path, sees
     write_results_csv(runs, out / "results.csv", summary)
     write_experts_csv(runs, out / "experts.csv")
     markdown = summary_markdown(summary, title=f"Comparison: {Path(exp.source).name or 'experiment'}")
-    (out / "summary.md").write_text(markdown)
+    atomic_write_text(out / "summary.md", markdown)
     images = []
     if len(tasks) == 2:
         seesaw_plot(summary, tasks[0], tasks[1], out / "seesaw.png")
@@ -324,11 +378,12 @@ def sweep(
             )
             cells[float(p), model, task] = f"{format_gain(test.interval)} {test.verdict}"
             cells[float(p), model] = summary.verdict(model)
-    with open(out / "sweep.csv", "w", newline="") as f:
-        columns = ["correlation", "model", "task", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high", "seeds"]
-        writer = csv.DictWriter(f, fieldnames=[*columns, "verdict", "model_verdict"])  # ci empty with one seed
-        writer.writeheader()
-        writer.writerows(rows)
+    f = io.StringIO(newline="")
+    columns = ["correlation", "model", "task", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high", "seeds"]
+    writer = csv.DictWriter(f, fieldnames=[*columns, "verdict", "model_verdict"])  # ci empty with one seed
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "sweep.csv", f.getvalue())
     sweep_plot(rows, list(exp.task_kinds), out / "sweep.png")
     lines = [
         "MTL gain per task: mean [95 % confidence interval over seeds] and the task's verdict; "
@@ -342,5 +397,5 @@ def sweep(
             shown = [cells.get((float(p), model, task), "—") for task in exp.task_kinds]
             verdict = cells.get((float(p), model), "—")
             lines.append(f"| {float(p):g} | {model} | " + " | ".join(shown) + f" | {verdict} |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
     return rows

@@ -18,8 +18,11 @@ import tomli_w
 
 from plerec.errors import did_you_mean, unknown_key
 from plerec.models import MODELS, ModelConfig, model_config
+from plerec.safe_io import atomic_write_text
 
 TASK_KINDS = ("binary", "regression")
+OUTPUT_COLUMNS = ("score", "log_score", "rank", "index")  # what `plerec rank` and `serve` add next to the tasks
+MAX_THREADS = 1_024
 LENGTH_TRANSFORMS = ("none", "log", "sigmoid")
 
 
@@ -267,6 +270,10 @@ class TrainConfig:
                 "Expected [train] finite lr > 0, finite weight_decay >= 0, patience >= 0 and threads >= 0, but got "
                 f"lr={self.lr}, weight_decay={self.weight_decay}, patience={self.patience}, threads={self.threads}"
             )
+        if self.threads > MAX_THREADS:  # OpenMP aborts the process when it cannot start that many
+            raise ValueError(
+                f"Expected [train] `threads` to be at most {MAX_THREADS} (0 = torch's default), but got {self.threads}"
+            )
         if self.weight_schedule not in ("epoch", "step"):
             raise ValueError(f"Expected [train] `weight_schedule` 'epoch' or 'step', but got {self.weight_schedule!r}")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -345,7 +352,7 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    source: str = ""  # the file it was read from, for error messages
+    source: str = field(default="", compare=False)  # the file it was read from, for error messages only
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -355,6 +362,24 @@ class Experiment:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"Expected distinct task names, but got {names}")
+        for name in names:
+            if "." in name or name.strip() != name:
+                raise ValueError(
+                    f"Expected [[tasks]] `{name}` to have a name without dots or surrounding spaces "
+                    f"(`--set tasks.NAME.key=…` addresses a task by its name), but got {name!r}"
+                )
+            if name in OUTPUT_COLUMNS:
+                raise ValueError(
+                    f"Expected [[tasks]] `{name}` to have a name other than the output columns of `plerec rank` "
+                    f"and `serve` ({', '.join(OUTPUT_COLUMNS)}), but got {name!r}; rename the task"
+                )
+        columns = {c for c in (self.rank.group, self.rank.item) if c}
+        clash = [n for n in names if n in columns]
+        if clash:
+            raise ValueError(
+                f"Expected task names other than the [rank] group and item columns ({', '.join(sorted(columns))}), "
+                f"which `plerec rank` and `serve` write next to the task predictions, but got {clash}; rename the tasks"
+            )
         if self.train.monitor != "mean" and self.train.monitor not in names:
             raise ValueError(
                 f"Expected [train] `monitor` to be 'mean' or a task name ({', '.join(names)}), "
@@ -386,6 +411,8 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays or inline tables
+        raise ValueError(f"{path} is not valid TOML: its arrays or tables are nested too deeply") from None
     for item in overrides:
         apply_override(raw, item)
     data = raw.get("data")
@@ -415,6 +442,14 @@ def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
     tasks_raw = raw["tasks"]
     if not isinstance(tasks_raw, list):
         raise ValueError("Expected [[tasks]] to be an array of tables (write `[[tasks]]` per task)")
+    # Checked on what is read, not in Experiment: the single-task baseline makes a one-task experiment of every
+    # task, and a task of weight 0 is valid next to tasks of weight > 0.
+    weights = [t.get("weight", 1.0) if isinstance(t, dict) else 1.0 for t in tasks_raw]
+    if tasks_raw and all(w == 0 and not isinstance(w, bool) for w in weights):
+        raise ValueError(
+            "Expected at least one [[tasks]] entry with weight > 0 (with every weight 0 nothing is trained), "
+            f"but got weights {weights}"
+        )
     data_table = dict(raw["data"])
     csv = _build(CsvOptions, data_table.pop("csv", {}), "[data.csv]")
     return Experiment(
@@ -458,7 +493,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
 
 
 def write_experiment(exp: Experiment, path: str | Path) -> None:
-    Path(path).write_text(tomli_w.dumps(experiment_to_dict(exp)))
+    atomic_write_text(path, tomli_w.dumps(experiment_to_dict(exp)))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -468,11 +503,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """
     if "=" not in item:
         raise ValueError(f"Expected an override like `train.lr=3e-4`, but got {item!r}")
+    if "\n" in item or "\r" in item:  # TOML would read the next line as another key and drop it from `value`
+        raise ValueError(f"Expected an override on one line, like `train.lr=3e-4`, but got {item!r}")
     key, text = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
+    except RecursionError:
+        raise ValueError(f"Override {key.strip()!r}: its value is nested too deeply") from None
     parts = key.strip().split(".")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from plerec.config import Experiment, experiment_to_dict
 from plerec.data.encode import Encoder
 from plerec.jsonio import write_json
 from plerec.models import MultiTaskModel
+from plerec.safe_io import atomic_write, check_target
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 SIDECAR_FORMAT = "plerec-export-1"
@@ -77,11 +77,13 @@ def export_model(
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = Path(str(out) + ".json")
+    for path in (out, sidecar):  # both refused before either is written
+        check_target(path)
     kinds = [t.kind for t in exp.tasks]
     inputs = example_inputs(encoder)
-    tmp = out.with_name(out.name + ".tmp")
     if fmt == "onnx":
-        _export_onnx(TaskOutputs(model, names, kinds), inputs, names, tmp)
+        atomic_write(out, lambda handle: _export_onnx(TaskOutputs(model, names, kinds), inputs, names, handle.name))
     else:
         with warnings.catch_warnings():
             # The tracer warns about Python branches on weight shapes (constants for a given model), and
@@ -89,14 +91,12 @@ def export_model(
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(TaskOutputs(model, names, kinds, as_dict=True), inputs, strict=False)
-        traced.save(str(tmp))
-    os.replace(tmp, out)
-    sidecar = Path(str(out) + ".json")
+            atomic_write(out, lambda handle: torch.jit.save(traced, handle))
     write_json(sidecar, sidecar_dict(encoder, exp, fmt, out.name))
     return out, sidecar
 
 
-def _export_onnx(module: nn.Module, inputs: tuple[Tensor, Tensor], names: list[str], path: Path) -> None:
+def _export_onnx(module: nn.Module, inputs: tuple[Tensor, Tensor], names: list[str], path: str) -> None:
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
@@ -122,7 +122,7 @@ def _export_onnx(module: nn.Module, inputs: tuple[Tensor, Tensor], names: list[s
             )
     finally:
         quiet.setLevel(level)
-    program.save(str(path), external_data=False)  # weights inline unless over protobuf's 2 GB limit
+    program.save(path, external_data=False)  # weights inline unless over protobuf's 2 GB limit
 
 
 def sidecar_dict(encoder: Encoder, exp: Experiment, fmt: str, file_name: str) -> dict:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from plerec.safe_io import atomic_write_text
 
 
 def finite(value: Any) -> Any:
@@ -28,9 +29,5 @@ def dumps(value: Any, **kwargs) -> str:
 
 
 def write_json(path: str | Path, value: Any, indent: int | None = 2) -> Path:
-    """Write `dumps(value)` to `path` atomically (a temporary file renamed over it)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dumps(value, indent=indent) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write `dumps(value)` to `path` atomically (see safe_io: a regular file or a new path only)."""
+    return atomic_write_text(path, dumps(value, indent=indent) + "\n")

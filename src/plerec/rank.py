@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from plerec.config import Experiment, RankConfig, TaskConfig
 from plerec.data.encode import EncodedTable, Encoder
 from plerec.models import MultiTaskModel
+from plerec.safe_io import atomic_write
 
 RESERVED_COLUMNS = ("score", "log_score", "rank")
 
@@ -230,9 +231,8 @@ def write_ranked(table: pd.DataFrame, path: str | Path) -> Path:
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
     if name.endswith((".parquet", ".pq")):
-        table.to_parquet(path, index=False)
-    elif name.endswith((".csv", ".csv.gz")):
-        table.to_csv(path, index=False)
-    else:
-        raise ValueError(f"Expected the output {path} to end in .csv, .csv.gz or .parquet, but got {path.name!r}")
-    return path
+        return atomic_write(path, lambda handle: table.to_parquet(handle, index=False, write_page_checksum=True))
+    if name.endswith((".csv", ".csv.gz")):
+        compression = "gzip" if name.endswith(".gz") else None
+        return atomic_write(path, lambda handle: table.to_csv(handle, index=False, compression=compression))
+    raise ValueError(f"Expected the output {path} to end in .csv, .csv.gz or .parquet, but got {path.name!r}")

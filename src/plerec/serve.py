@@ -12,15 +12,27 @@ for text categories, a number for numeric ids, a boolean). Fields other than the
 group, item and length columns are rejected. A bad request gets a 4xx answer whose `error` names the row,
 the field and what was expected; nothing is coerced. Requests run in the server's thread pool, each on its
 own rows; the model is only read.
+
+What one client may take is bounded (`Limits`): the body's size (checked against Content-Length before it
+is read, counted while reading a chunked one), the time to send the headers and the body, idle keep-alive
+time, open connections, and /score and /rank requests in flight (/health is not counted). A token, when
+set, is required on every endpoint but /health; without one the service only listens on loopback.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import math
+import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pandas as pd
 import torch
@@ -28,10 +40,38 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException
 
+from plerec import jsonio
 from plerec.data.encode import EncodedTable
 from plerec.errors import did_you_mean
 from plerec.rank import Scorer, rank_within_groups
+
+TOKEN_ENV = "PLEREC_SERVE_TOKEN"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+SHOWN = 100  # characters of a bad value or name an error message shows at most
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """What one client may take of the service. A client past a limit gets a 4xx or 503 answer (or its
+    connection closed); the others are served as before."""
+
+    max_rows: int = 10_000  # rows in one request (413 beyond)
+    max_body_bytes: int = 8 * 2**20  # request body (413 beyond, before it is parsed)
+    max_header_bytes: int = 16 * 2**10  # request line and headers (h11 answers 400 beyond)
+    header_timeout: float = 10.0  # seconds from a connection opening, or its last response, to a request's headers
+    body_timeout: float = 10.0  # seconds from the headers to the body's last byte (408 beyond)
+    keep_alive_timeout: float = 5.0  # seconds an idle connection stays open
+    max_connections: int = 512  # open connections; one more is answered 503 and closed at once
+    max_in_flight: int = 64  # /score and /rank requests being read or computed (503 beyond); /health is free
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value, kind = getattr(self, field.name), type(field.default)  # int counts, float seconds
+            if type(value) not in (int, kind) or not 0 < value < math.inf:
+                what = "an integer" if kind is int else "a finite number"
+                raise ValueError(f"Expected the limit `{field.name}` to be {what} > 0, but got {value!r}")
 
 
 class ScoreRequest(BaseModel):
@@ -65,6 +105,34 @@ def _json_kind(value: Any) -> str:
     if isinstance(value, str):
         return "string"
     return {list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    """A client's value as an error message shows it: its repr (lone surrogates escaped), at most ~SHOWN characters."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer past the int-to-str digit limit; a deep nest
+        return "a value too large to show"
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}… ({len(text)} characters)"
+
+
+def _got(value: Any) -> str:
+    """What follows "but got" in a message: the value's JSON kind and the value, as `_show` shows it."""
+    return "null" if value is None else f"{_json_kind(value)} {_show(value)}"
+
+
+def _name(key: Any) -> str:
+    """A field name as an error message shows it: as is when it is short, valid text, else as `_show` does."""
+    return key if isinstance(key, str) and len(key) <= SHOWN and _text(key) else _show(key)
+
+
+def _text(value: str) -> bool:
+    """Whether a JSON string is valid Unicode text: JSON's \\ud800 escapes can make lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _finite(value: int | float) -> bool:
@@ -113,7 +181,13 @@ class RowReader:
         if len(rows) > self.max_rows:
             raise RequestError(413, f"Expected at most {self.max_rows} rows in `{what}`, but got {len(rows)}")
         for i, row in enumerate(rows):
-            self._check(row, what, i)
+            self._check(row, f"{what}[{i}]")
+
+    def check_fields(self, fields: dict[str, Any], where: str) -> None:
+        """Names and values of some of a row's fields (the /rank `user`): what `check` asks of each."""
+        for key, value in fields.items():
+            self._check_name(key, where)
+            self._check_value(key, value, where)
 
     def encode(self, rows: list[dict[str, Any]], what: str) -> EncodedTable:
         """The checked rows as the model's inputs: what `Encoder.transform` gives for the same values."""
@@ -135,9 +209,18 @@ class RowReader:
                     f"{what}[{int(missing.argmax())}]: `{column}` is null, but the model was trained with "
                     "[data] missing_numeric = 'error'",
                 )
-            dense[:, j] = (np.where(missing, encoder.means[column], values) - encoder.means[column]) / encoder.stds[
-                column
-            ]
+            mean, std = encoder.means[column], encoder.stds[column]
+            with np.errstate(over="ignore", invalid="ignore"):
+                standard = (np.where(missing, mean, values) - mean) / std  # float64: checked before float32 takes it
+            out = ~(np.abs(standard) <= FLOAT32_MAX)
+            if out.any():
+                i = int(out.argmax())
+                raise RequestError(
+                    422,
+                    f"{what}[{i}]: expected `{column}` to be a number whose standardised value (x - {mean:.6g}) / "
+                    f"{std:.6g} is within float32's ±{FLOAT32_MAX:.3g}, but got {_show(rows[i][column])}",
+                )
+            dense[:, j] = standard
             if column in encoder.indicators:
                 dense[:, len(self.numeric) + encoder.indicators.index(column)] = missing
         tasks = len(encoder.tasks)
@@ -154,89 +237,135 @@ class RowReader:
             return None
         return np.array([row[self.length] for row in rows], dtype=np.float64)
 
-    def _check(self, row: dict[str, Any], what: str, i: int) -> None:
+    def _check(self, row: dict[str, Any], where: str) -> None:
         for key in row:
-            if key not in self.allowed:
+            self._check_name(key, where)
+        for column in self.required:
+            if column not in row:
                 raise RequestError(
                     422,
-                    f"{what}[{i}]: unknown field `{key}`.{did_you_mean(key, self.allowed)} "
-                    f"Expected the fields {', '.join(sorted(self.allowed))}",
+                    f"{where}: missing field `{column}` (every feature must be present; null marks a missing value)",
                 )
-        for column in self.categorical:
-            if column not in row:
-                self._missing(what, i, column)
-            value = row[column]
+        for key, value in row.items():
+            self._check_value(key, value, where)
+
+    def _check_name(self, key: str, where: str) -> None:
+        if not _text(key):
+            raise RequestError(
+                422, f"{where}: expected field names to be valid Unicode text, but got {_show(key)} (a lone surrogate)"
+            )
+        if key not in self.allowed:
+            hint = did_you_mean(key, self.allowed) if len(key) <= SHOWN else ""
+            raise RequestError(
+                422,
+                f"{where}: unknown field `{_name(key)}`.{hint} Expected the fields {', '.join(sorted(self.allowed))}",
+            )
+
+    def _check_value(self, column: str, value: Any, where: str) -> None:
+        """One value of a known field: of the JSON type the model takes there, finite, valid text."""
+        if isinstance(value, str) and not _text(value):
+            raise RequestError(
+                422, f"{where}: expected `{column}` to be valid Unicode text, but got {_show(value)} (a lone surrogate)"
+            )
+        if column in self.types:
             if value is not None and type(value) not in self.types[column]:
                 expected = " or ".join(sorted(self.kinds[column]))
                 raise RequestError(
                     422,
-                    f"{what}[{i}]: expected `{column}` to be a {expected} (the type of its training values) or null, "
-                    f"but got {_json_kind(value)} {value!r}",
+                    f"{where}: expected `{column}` to be a {expected} (the type of its training values) or null, "
+                    f"but got {_got(value)}",
                 )
-        for column in self.numeric:
-            if column not in row:
-                self._missing(what, i, column)
-            value = row[column]
-            if value is not None and (type(value) not in (int, float) or not _finite(value)):
+            if type(value) in (int, float) and not _finite(value):
                 raise RequestError(
-                    422,
-                    f"{what}[{i}]: expected `{column}` to be a finite number or null, but got {_json_kind(value)} "
-                    f"{value!r}",
+                    422, f"{where}: expected `{column}` to be a finite number or null, but got {_got(value)}"
                 )
-        if self.length:
-            value = row.get(self.length)
+        elif column == self.length:
             if type(value) not in (int, float) or not _finite(value):
                 raise RequestError(
-                    422, f"{what}[{i}]: expected the length `{self.length}` to be a finite number, but got {value!r}"
+                    422,
+                    f"{where}: expected the length `{column}` to be a finite number, but got {_got(value)}",
                 )
-        for column in self.ids:
-            if column in row and type(row[column]) not in (str, int, float, bool):
+        elif column in self.ids:
+            if value is not None and (
+                type(value) not in (str, int, float, bool) or (type(value) in (int, float) and not _finite(value))
+            ):
                 raise RequestError(
-                    422, f"{what}[{i}]: expected the id `{column}` to be a string or number, but got {row[column]!r}"
+                    422,
+                    f"{where}: expected the id `{column}` to be a string, a finite number or a boolean, but got "
+                    f"{_got(value)}",
                 )
+        elif value is not None and (type(value) not in (int, float) or not _finite(value)):  # a numeric feature
+            raise RequestError(
+                422,
+                f"{where}: expected `{column}` to be a finite number or null, but got {_got(value)}",
+            )
 
-    def _missing(self, what: str, i: int, column: str) -> None:
-        raise RequestError(
-            422, f"{what}[{i}]: missing field `{column}` (every feature must be present; null marks a missing value)"
-        )
 
-
-def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
-    """The service over one scorer. Handlers are plain functions: FastAPI runs them in its thread pool."""
-    if max_rows < 1:
-        raise ValueError(f"Expected max_rows >= 1, but got {max_rows}")
-    reader = RowReader(scorer, max_rows)
+def create_app(
+    scorer: Scorer, limits: Limits | None = None, *, token: str | None = None, docs: bool = False
+) -> FastAPI:
+    """The service over one scorer. Handlers are plain functions: FastAPI runs them in its thread pool.
+    `token`: required as `Authorization: Bearer TOKEN` on every endpoint but /health. `docs`: serve the
+    OpenAPI schema at /openapi.json (no HTML pages, which would load scripts from a CDN)."""
+    limits = limits or Limits()
+    if token is not None:
+        check_token(token, "the token")
+    reader = RowReader(scorer, limits.max_rows)
     rank = scorer.rank
-    app = FastAPI(title="plerec", description="Multi-task ranking: per-task predictions and the fused score of Eq. 1")
+    app = FastAPI(
+        title="plerec",
+        description="Multi-task ranking: per-task predictions and the fused score of Eq. 1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.add_middleware(Guard, limits=limits, token=token)
 
     @app.exception_handler(RequestError)
     def request_error(request: Request, err: RequestError) -> JSONResponse:
         return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        detail = err.detail
+        if err.status_code == 400:  # FastAPI's answer to a body json.loads fails on other than by syntax
+            detail = "The request body is not valid JSON: not UTF-8, nested too deeply, or a number of 1000s of digits"
+        return JSONResponse({"error": _clip(str(detail))}, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
         for e in errors:
             if e.get("type") == "json_invalid":
-                detail = e.get("ctx", {}).get("error", "")
+                detail = _clip(str(e.get("ctx", {}).get("error", "")))
                 at = e.get("loc", ("body", "?"))[-1]
                 return JSONResponse({"error": f"The request body is not valid JSON (at character {at}): {detail}"}, 400)
         parts = []
         for e in errors[:3]:
-            where = ".".join(str(p) for p in e.get("loc", ())[1:]) or "the request body"
-            parts.append(f"`{where}`: {e.get('msg')}")
+            where = ".".join(_name(p) for p in e.get("loc", ())[1:]) or "the request body"
+            parts.append(f"`{where}`: {_clip(str(e.get('msg')))}")
         return JSONResponse({"error": "; ".join(parts)}, status_code=422)
 
     @app.exception_handler(Exception)
     def internal_error(request: Request, err: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"Internal error: {type(err).__name__}: {err}"}, status_code=500)
+        return JSONResponse({"error": f"Internal error: {type(err).__name__}: {_clip(str(err))}"}, status_code=500)
 
     def scored(rows: list[dict[str, Any]], what: str) -> pd.DataFrame:
         reader.check(rows, what)
         try:
-            return scorer.score_table(reader.encode(rows, what), reader.lengths(rows))
+            out = scorer.score_table(reader.encode(rows, what), reader.lengths(rows))
         except ValueError as err:  # e.g. a regression value Eq. 1 cannot take the log of
-            raise RequestError(422, " ".join(str(err).split())) from None
+            raise RequestError(422, _clip(" ".join(str(err).split()), 400)) from None
+        with np.errstate(over="ignore"):
+            bad = ~np.isfinite(out.to_numpy(dtype=np.float64))  # (N, T + 2): every prediction, score, log score
+        if bad.any():
+            i, j = (int(k) for k in np.argwhere(bad)[0])
+            raise RequestError(
+                422,
+                f"{what}[{i}]: expected the model's `{out.columns[j]}` to be a finite number, but it is "
+                f"{float(out.iat[i, j])!r}: the row's values are beyond what the model can score",
+            )
+        return out
 
     @app.get("/health")
     def health() -> dict:
@@ -257,25 +386,28 @@ def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
     def rank_items(body: RankRequest) -> dict:
         if not body.candidates:
             raise RequestError(422, "Expected at least one row in `candidates`, but got none")
+        if len(body.candidates) > reader.max_rows:
+            raise RequestError(
+                413, f"Expected at most {reader.max_rows} rows in `candidates`, but got {len(body.candidates)}"
+            )
         if body.top_k is not None and body.top_k < 1:
-            raise RequestError(422, f"Expected `top_k` >= 1, but got {body.top_k}")
+            raise RequestError(422, f"Expected `top_k` >= 1, but got {_show(body.top_k)}")
         top_k = rank.top_k if body.top_k is None else body.top_k
-        for key in body.user:
-            if key not in reader.allowed:
-                raise RequestError(422, f"user: unknown field `{key}`.{did_you_mean(key, reader.allowed)}")
+        reader.check_fields(body.user, "user")
         rows = []
         for i, candidate in enumerate(body.candidates):
             repeated = sorted(set(candidate) & set(body.user))
             if repeated:
-                raise RequestError(422, f"candidates[{i}]: repeats {repeated}, already given in `user`")
+                raise RequestError(422, f"candidates[{i}]: repeats {_show(repeated)}, already given in `user`")
             rows.append({**body.user, **candidate})
+        reader.check(rows, "candidates")
         if rank.item:
             for i, row in enumerate(rows):
                 if row.get(rank.item) is None:
                     raise RequestError(422, f"candidates[{i}]: missing the item id `{rank.item}`")
         user = None
         if rank.group:
-            users = {row.get(rank.group) for row in rows}
+            users = {row.get(rank.group) for row in rows}  # hashable: `check` took scalars only
             if len(users) > 1:
                 raise RequestError(
                     422, f"Expected the candidates of one user, but `{rank.group}` takes {len(users)} values"
@@ -296,11 +428,194 @@ def create_app(scorer: Scorer, max_rows: int = 10_000) -> FastAPI:
     return app
 
 
+def _clip(text: str, limit: int = 2 * SHOWN) -> str:
+    """A message that may quote a client's input: at most `limit` characters, lone surrogates escaped."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class Guard:
+    """ASGI middleware in front of the app: the token, the in-flight cap and the body's size and time limits.
+
+    The body is read here, whole, before the app sees the request (FastAPI would read it whole too): a
+    declared Content-Length over the limit is refused before a byte is read, a chunked body as soon as
+    it passes the limit, a body that takes longer than `body_timeout` is cut off with a 408. Refusals close
+    the connection: the rest of the body is never read."""
+
+    def __init__(self, app: Callable, limits: Limits, token: str | None):
+        self.app, self.limits = app, limits
+        self.expected = token.encode() if token is not None else None
+        self.in_flight = 0  # /score and /rank requests past the cap check; one event loop, so a plain int
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        free = scope["path"] == "/health"
+        headers = dict(scope["headers"])  # h11 lowercases names; a repeated header keeps its last value
+        if self.expected is not None and not free and not self._authorised(headers.get(b"authorization", b"")):
+            message = "Expected `Authorization: Bearer TOKEN` with the service's token, but got none or another"
+            return await _refuse(send, 401, message, [(b"www-authenticate", b"Bearer")])
+        if not free and self.in_flight >= self.limits.max_in_flight:
+            message = f"The service is busy: {self.in_flight} requests in flight (at most {self.limits.max_in_flight})"
+            return await _refuse(send, 503, message, [(b"retry-after", b"1")])
+        self.in_flight += 0 if free else 1
+        try:
+            await self._serve(scope, receive, send, headers)
+        finally:
+            self.in_flight -= 0 if free else 1
+
+    async def _serve(self, scope: dict, receive: Callable, send: Callable, headers: dict) -> None:
+        most = self.limits.max_body_bytes
+        declared = headers.get(b"content-length", b"").strip()
+        if declared.isdigit() and int(declared) > most:
+            return await _refuse(send, 413, f"Expected a request body of at most {most} bytes, but got {int(declared)}")
+        chunks, size, late = [], 0, True
+        with anyio.move_on_after(self.limits.body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > most:
+                    break
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    late = False
+                    break
+        if size > most:
+            return await _refuse(send, 413, f"Expected a request body of at most {most} bytes, but got more")
+        if late:
+            return await _refuse(
+                send, 408, f"Expected the request body within {self.limits.body_timeout:g} s, but it took longer"
+            )
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # http.disconnect, when the client goes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _authorised(self, value: bytes) -> bool:
+        scheme, _, given = value.strip().partition(b" ")
+        # compare_digest takes time independent of where the tokens differ (their lengths may show).
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected)
+
+
+async def _refuse(send: Callable, status: int, message: str, headers: list | None = None) -> None:
+    body = jsonio.dumps({"error": message}).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    start += [(b"connection", b"close"), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
+
+
+_BUSY = jsonio.dumps({"error": "The service is busy: too many open connections"}).encode()
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY)
+)
+
+
+def _protocol(limits: Limits) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a cap on open connections and a deadline for each request's headers:
+    uvicorn has only the keep-alive timeout, which a client that sends a header byte now and then never
+    meets, holding a connection (and a file handle) for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                transport.write(_BUSY_RESPONSE)
+                transport.close()
+                return
+            self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._between_requests():
+                self._stop_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self._between_requests():
+                self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_timer()
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _await_headers(self) -> None:
+            self._stop_timer()
+            self.header_timer = self.loop.call_later(limits.header_timeout, self._headers_late)
+
+        def _stop_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_late(self) -> None:
+            self.header_timer = None
+            if not self.transport.is_closing() and self._between_requests():
+                self.transport.close()
+
+    return Protocol
+
+
+def check_token(token: str, source: str) -> str:
+    """The token, if it can be one: 16 or more visible ASCII characters (it travels in a header)."""
+    if len(token) < 16 or not all("!" <= c <= "~" for c in token):
+        raise ValueError(
+            f"Expected {source} to be at least 16 visible ASCII characters (no spaces), but got {len(token)} "
+            "characters" + ("" if len(token) < 16 else " with others among them")
+        )
+    return token
+
+
+def read_token(path: str | Path | None = None, environ: dict | None = None) -> str | None:
+    """The bearer token from `path` (surrounding whitespace dropped), else from $PLEREC_SERVE_TOKEN, else None."""
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"Cannot read the token file {path}: {getattr(err, 'strerror', None) or err}") from None
+        return check_token(text.strip(), f"the token in {path}")
+    value = (os.environ if environ is None else environ).get(TOKEN_ENV)
+    return check_token(value.strip(), f"${TOKEN_ENV}") if value else None
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    """Refuse to listen beyond loopback without a token: anyone who can reach the port could use the model."""
+    if token is not None:
+        return
+    try:
+        address = _address(host, 0)[4][0]
+    except OSError:
+        return  # `bind` says why the host does not resolve
+    if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        raise ValueError(
+            f"Refusing to serve on {host} ({address}), beyond loopback, without a token: set --token-file or "
+            f"${TOKEN_ENV}, or bind to 127.0.0.1"
+        )
+
+
+def _address(host: str, port: int) -> tuple:
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket; port 0 takes a free one (read it back with getsockname)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-        0
-    ]
+    family, kind, proto, _, address = _address(host, port)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -312,25 +627,59 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def make_server(app: Callable, limits: Limits | None = None):
+    """A uvicorn server for `app` under `limits` (run it with `.run(sockets=[bind(...)])`; `.should_exit = True`
+    stops it)."""
+    import uvicorn
+
+    limits = limits or Limits()
+    _check_open_files(limits.max_connections)
+    config = uvicorn.Config(
+        app,
+        http=_protocol(limits),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # call_later takes a float
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )
+    return uvicorn.Server(config)
+
+
+def _check_open_files(max_connections: int, spare: int = 64) -> None:
+    """Each connection takes a file handle; past the process's limit, accept fails and /health goes silent."""
+    try:
+        import resource
+    except ImportError:  # not on this platform: nothing to check
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections + spare > soft:
+        raise ValueError(
+            f"Expected max_connections <= {soft - spare} (the open-file limit, ulimit -n = {soft}, less {spare} "
+            f"spare), but got {max_connections}"
+        )
+
+
 def serve(
     scorer: Scorer,
     host: str = "127.0.0.1",
     port: int = 8080,
     *,
-    max_rows: int = 10_000,
+    limits: Limits | None = None,
+    token: str | None = None,
+    docs: bool = False,
     threads: int = 0,
     on_ready: Callable[[str, int], None] | None = None,
 ) -> None:
     """Serve until interrupted (SIGINT or SIGTERM end it gracefully)."""
-    import uvicorn
-
     if threads < 0:
         raise ValueError(f"Expected threads >= 0, but got {threads}")
+    check_exposure(host, token)
+    limits = limits or Limits()
+    server = make_server(create_app(scorer, limits, token=token, docs=docs), limits)
     if threads:
         torch.set_num_threads(threads)
-    app = create_app(scorer, max_rows)
     sock = bind(host, port)
     if on_ready is not None:
         on_ready(*sock.getsockname()[:2])
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])

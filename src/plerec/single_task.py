@@ -20,6 +20,7 @@ from pathlib import Path
 from plerec.config import Experiment, write_experiment
 from plerec.distributed import DistContext, barrier, init_distributed
 from plerec.models import stack_single_task
+from plerec.safe_io import hold_run_lock, releases_run_locks
 
 TASKS_FOLDER = "tasks"
 
@@ -33,6 +34,7 @@ def task_folder(out_dir: str | Path, task_name: str) -> Path:
     return Path(out_dir) / TASKS_FOLDER / task_name
 
 
+@releases_run_locks
 def fit_each_task(
     exp: Experiment,
     data=None,
@@ -47,6 +49,8 @@ def fit_each_task(
     ctx = ctx or init_distributed(exp.train.device)
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
     folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None and ctx.is_main:  # OUT itself; each task's fit locks its own OUT/tasks/NAME
+        hold_run_lock(folder)
     if folder is not None and not resume:  # refused before any task trains, not after the first
         held = [task_folder(folder, t.name) / LAST for t in exp.tasks]
         held = [p for p in held if p.exists()]

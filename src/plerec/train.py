@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from plerec import jsonio
 from plerec.checkpoint import differences, read_checkpoint_file, write_checkpoint_file
-from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, write_experiment
+from plerec.config import Experiment, experiment_to_dict, write_experiment
 from plerec.data.batches import InMemoryBatches, local_rows
 from plerec.data.coverage import LabelCounts, check_label_counts
 from plerec.data.encode import EncodedTable, Encoder, encode_file, fit_encoder_chunked
@@ -40,9 +40,11 @@ from plerec.distributed import (
     gather_rows,
     init_distributed,
 )
+from plerec.fingerprint import data_changes, data_fingerprint
 from plerec.metrics import HIGHER_IS_BETTER, METRICS_BY_KIND, TaskMetricAccumulator
 from plerec.models import MultiTaskModel, build_model
 from plerec.optim import Adam, RowSparseAdam
+from plerec.safe_io import hold_run_lock, releases_run_locks
 
 CHECKPOINT_FORMAT = "plerec-checkpoint-1"
 
@@ -350,6 +352,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
+@releases_run_locks  # the folder's lock, taken below, is released when fit returns or raises
 def fit(
     exp: Experiment,
     data: PreparedData | None = None,
@@ -376,6 +379,8 @@ def fit(
     check_batch_size(exp.train.batch_size, ctx)  # before any work
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
     folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None and ctx.is_main:  # before last.pt is read: another trainer may be writing it
+        hold_run_lock(folder)
     saved = _saved_state(folder, exp, resume)  # read (and checked) on every rank, before any work
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)
@@ -544,6 +549,19 @@ def _saved_state(folder: Path | None, exp: Experiment, resume: bool) -> dict | N
             f"Cannot resume {path}: the experiment differs from the one it was trained with "
             f"(checkpoint -> now): {'; '.join(changed)}"
         )
+    if "data" not in saved:
+        raise ValueError(
+            f"Cannot resume {path}: it was written by an older plerec that kept no fingerprint of the data, so a "
+            "change of the data since could not be noticed. Train again in a new output folder"
+        )
+    moved = data_changes(saved["data"], data_fingerprint(exp.data))
+    if moved:
+        raise ValueError(
+            f"Cannot resume {path}: "
+            + "; ".join(f"the data file {file} changed since the checkpoint ({what})" for file, what in moved)
+            + ". Resuming would continue on other rows than the run began with: restore the data, or train again "
+            "in a new output folder"
+        )
     return saved
 
 
@@ -563,6 +581,7 @@ def _save_state(
         {
             "format": STATE_FORMAT,
             "experiment": experiment_to_dict(exp),
+            "data": data_fingerprint(exp.data),  # hashed once per process while the files stay unchanged
             "encoder": encoder.state_dict(),
             "model": model.state_dict(),
             "optimizers": [o.state_dict() for o in optimizers],
@@ -659,30 +678,16 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, Encoder, Experime
     The file's checksum is verified and it is read with weights_only=True: no pickled code runs.
     A training state (last.pt) is accepted too: its current weights are loaded.
     """
-    path = Path(path)
-    payload = read_checkpoint_file(path)
-    if payload.get("format") == STATE_FORMAT:
-        payload = {**payload, "state_dict": payload["model"]}
-    elif payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"Expected {path} to be a plerec checkpoint ({CHECKPOINT_FORMAT}), but it is not")
-    exp = experiment_from_dict(payload["experiment"])
-    encoder = Encoder.from_state_dict(payload["encoder"])
+    # Every key, the model's size (against the limits and the file's size) and every weight's shape and dtype
+    # are checked before the model is built: a crafted file cannot make it allocate or loop without bound.
+    from plerec.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    exp, encoder = checkpoint.experiment, checkpoint.encoder
     model = build_model(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
-    weights = dict(payload["state_dict"])
+    weights = dict(checkpoint.weights)
     for key in ("output_scale", "output_shift"):  # a checkpoint from before standardised regression labels
         weights.setdefault(key, model.state_dict()[key])
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != found:
-        problems = [f"missing {k}" for k in expected if k not in found]
-        problems += [f"unexpected {k}" for k in found if k not in expected]
-        problems += [
-            f"{k} has shape {found[k]}, expected {v}" for k, v in expected.items() if k in found and found[k] != v
-        ]
-        raise ValueError(
-            f"The weights in {path} do not fit the model its experiment describes ({exp.model_name}): "
-            + "; ".join(problems[:8])
-        )
     model.load_state_dict(weights)
     model.eval()
     return model, encoder, exp

@@ -319,6 +319,9 @@ class Encoder:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Encoder:
+        from plerec.data.encoder_state import check_encoder_state
+
+        check_encoder_state(state)  # a ValueError naming the key; the caller names the file
         vocabs = {c: _compact(v) for c, v in state.get("vocabs", {}).items()}
         return cls(**{**state, "vocabs": vocabs})
 
@@ -440,6 +443,11 @@ class EncoderFitter:
         for col in self.counts:
             enc.vocabs[col] = self._vocabulary(col)
         for col, (n, mean, m2) in self.moments.items():
+            if n == 0:  # nothing to standardise with or to impute: the feature would be a constant
+                raise ValueError(
+                    f"Numeric column `{col}` of {self.source}: expected some values, but all {self.rows} training "
+                    "rows are empty. Fill it in, or leave it out with [data] exclude"
+                )
             enc.means[col] = float(mean) if n else 0.0
             std = float(np.sqrt(m2 / n)) if n else 0.0
             if not (np.isfinite(enc.means[col]) and np.isfinite(std)):
@@ -447,7 +455,9 @@ class EncoderFitter:
                     f"Numeric column `{col}` of {self.source}: expected values whose mean and standard deviation "
                     f"are finite in float64, but got mean {enc.means[col]}, std {std}: rescale the column (e.g. log)"
                 )
-            enc.stds[col] = std if std > 0 else 1.0
+            # A constant column's std is rounding noise (1e-10 for 699051.31 three times, 0 when merged a row at
+            # a time): below 1e-12 of the mean it counts as 0, so whole and chunked reads encode alike.
+            enc.stds[col] = std if std > 1e-12 * abs(enc.means[col]) and std > 0 else 1.0
         enc.indicators = [col for col in enc.numeric if col in self.has_missing]
         for task, (n, mean, m2) in zip(self.tasks, self.label_moments, strict=True):
             enc.label_stats[task.name] = {"rows": int(n), "mean": float(mean), "std": float(np.sqrt(m2 / n))}

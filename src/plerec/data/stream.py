@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from plerec.config import Experiment, TaskConfig
 from plerec.data.coverage import LabelCounts
 from plerec.data.encode import Batch, EncodedTable, Encoder, empty_table, encode_labels, fill_table
 from plerec.data.frames import ArrowFrame, arrow_frames
-from plerec.data.table import check_column_names
+from plerec.data.table import check_column_names, open_parquet, reader_errors
 from plerec.distributed import SINGLE_PROCESS, DistContext
 from plerec.jsonio import write_json
 
@@ -62,7 +61,7 @@ def row_groups(files: list[Path]) -> list[RowGroup]:
     groups: list[RowGroup] = []
     reference = None
     for file in files:
-        meta = pq.ParquetFile(file)
+        meta = open_parquet(file)
         schema = meta.schema_arrow
         check_column_names(schema.names, str(file))
         if reference is None:
@@ -101,13 +100,14 @@ def read_slices(group: RowGroup, columns: list[str] | None = None, rows: int | N
     """One row group in slices of at most `rows` rows, so that a large group is never held whole (in
     Arrow, or in pandas where a column needs it); of `columns`, those the file lacks are left out (the
     encoder names them)."""
-    reader = pq.ParquetFile(group.file, pre_buffer=False)  # pre-buffering holds the group's pages at once
+    reader = open_parquet(Path(group.file), pre_buffer=False)  # pre-buffering holds the group's pages at once
     if columns is not None:
         columns = [c for c in columns if c in reader.schema_arrow.names]
     batches = reader.iter_batches(
         batch_size=rows or SLICE_ROWS, row_groups=[group.index], columns=columns, use_threads=False
     )
-    yield from arrow_frames(batches, f"{group.file} (row group {group.index})", group.first_row)  # file row numbers
+    with reader_errors(group.file):
+        yield from arrow_frames(batches, f"{group.file} (row group {group.index})", group.first_row)  # file rows
 
 
 def encode_group(group: RowGroup, encoder: Encoder, columns: list[str]) -> EncodedTable:
@@ -120,7 +120,7 @@ def check_stream(path: str | Path, encoder: Encoder) -> None:
     """Check a streamed split before training starts, from the Parquet metadata only: it has rows, its files
     agree on schema, and it holds every column the encoder reads (features, labels, conditions)."""
     file = row_groups(parquet_files(path))[0].file  # every file has this file's schema (row_groups checks)
-    names = set(pq.ParquetFile(file).schema_arrow.names)
+    names = set(open_parquet(Path(file)).schema_arrow.names)
     missing = [c for c in _needed_columns(encoder) if c not in names]
     if missing:
         raise ValueError(
@@ -152,7 +152,18 @@ def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
     path = Path(folder) / ENCODER_FILE
     if not path.is_file():
         raise ValueError(f"Expected a prepared encoder at {path} (write it with `plerec prepare`), but found none")
-    encoder = Encoder.from_state_dict(json.loads(path.read_text()))
+    try:
+        encoder = Encoder.from_state_dict(json.loads(path.read_text()))
+    except RecursionError:
+        raise ValueError(f"The prepared encoder {path} is not valid: its values are nested too deeply") from None
+    except ValueError as err:  # invalid JSON included
+        raise ValueError(f"The prepared encoder {path} is not valid: {err}") from None
+    from plerec.models.family import state_shapes
+
+    try:  # before any data is read: hash buckets can describe embedding tables too large to allocate
+        state_shapes(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
+    except ValueError as err:
+        raise ValueError(f"The prepared encoder {path} describes a model that cannot be built: {err}") from None
     tasks = [(t["name"], t["kind"]) for t in encoder.tasks]
     if tasks != [(t.name, t.kind) for t in exp.tasks]:
         raise ValueError(f"The prepared encoder {path} is for tasks {tasks}, not the experiment's")

@@ -17,6 +17,15 @@ from torch import Tensor, nn
 from plerec.errors import did_you_mean, unknown_key
 from plerec.models.layers import ExtractionLayer, FeatureInput, ParallelMLP
 
+# What a model may be: checked when a config is read and before any weight is allocated, so that a typo or a
+# crafted checkpoint fails with a message instead of exhausting memory or time.
+MAX_WIDTH = 65_536  # embedding_dim and every layer width
+MAX_LAYERS = 64  # entries of tower_dims, bottom_dims, expert_dims
+MAX_LEVELS = 64  # PLE levels
+MAX_EXPERTS = 1_024  # experts of one kind in one level (num_experts, num_task_experts, num_shared_experts)
+MAX_EMBEDDING_ROWS = 2**31  # all embedding rows together (every copy, every field, hash buckets included)
+MAX_PARAMETERS = 2**32  # 16 GiB of float32
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
@@ -65,7 +74,7 @@ class MoEConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         ModelConfig.__post_init__(self)
-        _check_positive("num_experts", [self.num_experts])
+        _check_positive("num_experts", [self.num_experts], limit=MAX_EXPERTS)
         _check_positive("expert_dims", self.expert_dims, allow_empty=False)
 
 
@@ -82,6 +91,8 @@ class LevelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Expected `{name}` to be an integer >= 0, but got {value}")
+            if value > MAX_EXPERTS:
+                raise ValueError(f"Expected `{name}` to be at most {MAX_EXPERTS}, but got {value}")
         if self.num_task_experts + self.num_shared_experts == 0:
             raise ValueError("Expected a level to have at least one task or shared expert, but got none")
         _check_positive("expert_dims", self.expert_dims, allow_empty=False)
@@ -100,7 +111,11 @@ class PLEConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         ModelConfig.__post_init__(self)
-        _check_positive("num_levels", [self.num_levels])
+        _check_positive("num_levels", [self.num_levels], limit=MAX_LEVELS)
+        if len(self.levels) > MAX_LEVELS:
+            raise ValueError(
+                f"Expected [model] `levels` to list at most {MAX_LEVELS} levels, but got {len(self.levels)}"
+            )
         if not self.levels:
             LevelConfig(
                 num_task_experts=self.num_task_experts,
@@ -108,9 +123,16 @@ class PLEConfig(ModelConfig):
                 expert_dims=self.expert_dims,
             )  # validates the uniform settings
         levels = self.resolved_levels()
-        for j in range(len(levels) - 1):
-            if levels[j + 1].num_shared_experts and not (levels[j].num_shared_experts or levels[j].num_task_experts):
-                raise ValueError(f"Expected level {j} to have experts feeding level {j + 1}, but got none")
+        # Level j's shared experts read level j-1's shared gate, which mixes level j-1's experts and is selected
+        # by level j-1's shared stream: the input x at level 0, else level j-2's shared gate output. A level
+        # j >= 1 without shared experts has no shared stream, so the level after it can have no shared experts.
+        for j in range(1, len(levels) - 1):
+            if levels[j + 1].num_shared_experts and not levels[j].num_shared_experts:
+                raise ValueError(
+                    f"Expected [model] level {j} to have shared experts, because level {j + 1} has some: they read "
+                    f"level {j}'s shared gate, which needs a shared stream that level {j} (no shared experts) "
+                    f"does not have. Give level {j} a shared expert or level {j + 1} none"
+                )
 
     def resolved_levels(self) -> tuple[LevelConfig, ...]:
         if self.levels:
@@ -169,13 +191,17 @@ class SluiceConfig(ColumnsConfig):
         _check_positive("num_subspaces", [self.num_subspaces])
 
 
-def _check_positive(name: str, values, *, allow_empty: bool = True) -> None:
+def _check_positive(name: str, values, *, allow_empty: bool = True, limit: int = MAX_WIDTH) -> None:
     values = list(values)
     if not values and not allow_empty:
         raise ValueError(f"Expected `{name}` to list at least one width, but got []")
+    if len(values) > MAX_LAYERS:
+        raise ValueError(f"Expected `{name}` to list at most {MAX_LAYERS} widths, but got {len(values)}")
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"Expected `{name}` to hold positive integers, but got {values}")
+        if v > limit:
+            raise ValueError(f"Expected `{name}` to hold integers of at most {limit}, but got {values}")
 
 
 class Towers(nn.Module):
@@ -555,6 +581,8 @@ def model_config(name: str, params: dict | None = None) -> ModelConfig:
         if key == "levels":
             if not isinstance(value, list | tuple):
                 raise ValueError(f"Expected [model] `levels` to be a list of tables, but got {value!r}")
+            if len(value) > MAX_LEVELS:  # before building them: a crafted list can be long
+                raise ValueError(f"Expected [model] `levels` to list at most {MAX_LEVELS} levels, but got {len(value)}")
             value = tuple(_level(j, lv) for j, lv in enumerate(value))
         else:
             value = _typed(value, typing.get_type_hints(cls)[key], f"[model] `{key}`")
@@ -594,7 +622,33 @@ def build_model(name: str, config: ModelConfig | dict | None, vocab_sizes, num_d
         config = model_config(name, config)
     if num_tasks < 1:
         raise ValueError(f"Expected at least one task, but got {num_tasks}")
+    state_shapes(name, config, vocab_sizes, num_dense, num_tasks)  # the size limits, before any allocation
     return MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks)
+
+
+def state_shapes(
+    name: str, config: ModelConfig, vocab_sizes, num_dense: int, num_tasks: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of every tensor of the model's state dict, with nothing allocated: the model is
+    built on the meta device, after its embedding rows are checked against MAX_EMBEDDING_ROWS (the config's
+    own limits bound the rest), and its parameter count is checked against MAX_PARAMETERS."""
+    copies = num_tasks if MODELS[name].per_task_input else 1
+    rows = copies * sum(vocab_sizes)
+    if rows > MAX_EMBEDDING_ROWS:
+        raise ValueError(
+            f"Expected at most {MAX_EMBEDDING_ROWS} embedding rows in all, but the vocabularies and hash buckets "
+            f"({sum(vocab_sizes)} ids{f' for each of {copies} tasks' if copies > 1 else ''}) need {rows}; "
+            "lower [features] hash_buckets or max_vocab"
+        )
+    with torch.device("meta"):
+        state = MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks).state_dict()
+    count = sum(t.numel() for t in state.values())
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"Expected a model of at most {MAX_PARAMETERS} parameters, but {name} with these settings has {count} "
+            f"({4 * count / 2**30:.1f} GiB); lower embedding_dim, the layer widths, the experts or the vocabularies"
+        )
+    return {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
 
 
 def stack_single_task(models, vocab_sizes, num_dense: int) -> MultiTaskModel:

@@ -5,6 +5,7 @@ Shape letters: B batch, S sparse fields, D dense features, T (or K) tasks, E exp
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -39,11 +40,16 @@ class FeatureInput(nn.Module):
         self.embedding_dim = embedding_dim
         self.copies = copies
         self.rows_per_copy = max(sum(vocab_sizes), 1)
-        self.embedding = nn.Embedding(copies * self.rows_per_copy, embedding_dim)
-        # Small: with Adam each row moves by about lr per update, so a rarely seen id keeps mostly its
-        # initial value; a small one keeps rare ids near neutral instead of random.
-        nn.init.normal_(self.embedding.weight, std=init_std)
-        starts = [0, *torch.tensor(list(vocab_sizes), dtype=torch.long).cumsum(0).tolist()[:-1]]
+        rows = copies * self.rows_per_copy
+        # Built on "meta" to size a model (models.state_shapes), random initialisation is skipped: on meta
+        # tensors it imports torch._dynamo, tens of MiB that training and serving never need.
+        sizing = _on_meta()
+        self.embedding = nn.Embedding(rows, embedding_dim, _weight=torch.empty(rows, embedding_dim) if sizing else None)
+        if not sizing:
+            # Small: with Adam each row moves by about lr per update, so a rarely seen id keeps mostly its
+            # initial value; a small one keeps rare ids near neutral instead of random.
+            nn.init.normal_(self.embedding.weight, std=init_std)
+        starts = [0, *itertools.accumulate(vocab_sizes)]  # plain ints, so the module also builds on "meta"
         self.register_buffer("offsets", torch.tensor(starts[: self.num_sparse], dtype=torch.long), persistent=False)
         self.out_dim = self.num_sparse * embedding_dim + num_dense
 
@@ -69,6 +75,11 @@ class FeatureInput(nn.Module):
         if self.num_dense:
             parts.append(dense.unsqueeze(0).expand(c, b, self.num_dense))  # (C, B, D)
         return torch.cat(parts, dim=2)  # (C, B, d)
+
+
+def _on_meta() -> bool:
+    """Whether tensors are being created on the meta device (inside `with torch.device("meta")`)."""
+    return torch.empty(0).is_meta
 
 
 class ParallelMLP(nn.Module):
@@ -99,11 +110,12 @@ class ParallelMLP(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList() if bias else None
         d = in_dim
+        init = (lambda t, _b: t) if _on_meta() else (lambda t, b: t.uniform_(-b, b))  # no random init on meta
         for h in dims:
             bound = 1.0 / math.sqrt(d)
-            self.weights.append(nn.Parameter(torch.empty(num, d, h).uniform_(-bound, bound)))
+            self.weights.append(nn.Parameter(init(torch.empty(num, d, h), bound)))
             if self.biases is not None:
-                self.biases.append(nn.Parameter(torch.empty(num, h).uniform_(-bound, bound)))
+                self.biases.append(nn.Parameter(init(torch.empty(num, h), bound)))
             d = h
         self.out_dim = d
 

@@ -7,6 +7,8 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
+from plerec.safe_io import atomic_write_text
+
 
 def markdown_to_html(text: str) -> str:
     """The small Markdown subset the summaries use: headings, paragraphs and pipe tables."""
@@ -54,4 +56,4 @@ def write_report(path: str | Path, title: str, markdown: str, images: Sequence[t
             f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
         )
     parts.append("</body></html>")
-    Path(path).write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))

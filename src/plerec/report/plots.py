@@ -13,6 +13,14 @@ import numpy as np  # noqa: E402
 
 from plerec.report.summary import Summary  # noqa: E402
 from plerec.report.tables import PRIMARY  # noqa: E402
+from plerec.safe_io import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def seesaw_plot(summary: Summary, task_a: str, task_b: str, path: str | Path) -> None:
@@ -33,8 +41,7 @@ def seesaw_plot(summary: Summary, task_a: str, task_b: str, path: str | Path) ->
     ax.set_title("Seesaw chart: dashed lines are the single-task models")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def experts_plot(rows: Sequence[dict], path: str | Path) -> None:
@@ -44,8 +51,7 @@ def experts_plot(rows: Sequence[dict], path: str | Path) -> None:
         fig, ax = plt.subplots(figsize=(4, 1))
         ax.axis("off")
         ax.text(0.5, 0.5, "no gated model in this comparison", ha="center")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _save(fig, path)
         return
     fig, axes = plt.subplots(
         len(models),
@@ -71,8 +77,7 @@ def experts_plot(rows: Sequence[dict], path: str | Path) -> None:
         ax.set_title(f"{model} (seed {seed}): mean gate weight per expert over the test set", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.02)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def curves_plot(runs, path: str | Path) -> None:
@@ -104,8 +109,7 @@ def curves_plot(runs, path: str | Path) -> None:
     ax.set_title("Training curves (validation metric used for model selection)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sweep_plot(rows: Sequence[dict], tasks: Sequence[str], path: str | Path) -> None:
@@ -142,5 +146,4 @@ def sweep_plot(rows: Sequence[dict], tasks: Sequence[str], path: str | Path) -> 
         ax.set_title(f"{task} (filled: significant)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
