@@ -9,7 +9,7 @@ It writes `plerec synth` data (--rows rows), then trains the demo's PLE on it fo
 --busy competitor processes (`while True: pass`, one per core by default, started and killed here and
 ending by themselves after --limit seconds in any case):
 
-- `libgomp default`: torch imported before plerec, so that plerec's default (OMP_WAIT_POLICY=PASSIVE,
+- `libgomp default`: torch imported before plerec, so that plerec's default (GOMP_SPINCOUNT=1000,
   set when plerec is imported) comes too late and libgomp's own default applies: threads that finish
   their part of a parallel region spin for a while before they sleep (what plerec did before);
 - `plerec default`: `python -m plerec train`, as a user runs it;
