@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plerec import checkpoint, train
+from plerec import train
 from plerec.checkpoint import read_checkpoint, read_checkpoint_file, write_checkpoint_file
 from plerec.cli import main
 from plerec.config import experiment_from_dict, experiment_to_dict
@@ -134,10 +134,6 @@ def crafted(tmp_path: Path, case: str, payload=model_payload) -> Path:
     path = tmp_path / f"{case}.pt"
     write_checkpoint_file(path, p)
     return path
-
-
-def test_the_formats_are_the_ones_train_writes():
-    assert checkpoint.MODEL_FORMAT == train.CHECKPOINT_FORMAT and checkpoint.STATE_FORMAT == train.STATE_FORMAT
 
 
 def test_an_uncrafted_checkpoint_and_training_state_load(tmp_path):

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plerec.checkpoint import differences
 from plerec.config import Experiment
 from plerec.errors import did_you_mean
-from plerec.fingerprint import data_changes, data_fingerprint, experiment_changes, run_fingerprint
+from plerec.fingerprint import data_changes, data_fingerprint, run_fingerprint
 from plerec.models import MODELS, MultiTaskModel
 from plerec.report.summary import PREDICTIONS_FILE
 from plerec.safe_io import atomic_write, atomic_write_text
@@ -190,7 +191,7 @@ def _changes_since(run_dir: Path, fingerprint: dict) -> list[str]:
         return []
     if not isinstance(saved, dict):
         return ["it records no fingerprint of its experiment and data (written by an older plerec)"]
-    changes = experiment_changes(saved.get("experiment"), fingerprint["experiment"])
+    changes = differences(saved.get("experiment") or {}, fingerprint["experiment"])
     changes += [f"data file {file}: {what}" for file, what in data_changes(saved.get("data"), fingerprint["data"])]
     return changes
 

@@ -17,7 +17,6 @@ import hashlib
 import zlib
 from pathlib import Path
 
-from plerec.checkpoint import differences
 from plerec.config import DataConfig, Experiment, experiment_to_dict
 
 END_BYTES = 1 << 20  # hashed at each end of a file
@@ -117,11 +116,6 @@ def _first_line(path: str) -> str | None:
             return f.readline(64 << 10).decode("utf-8", "replace").rstrip("\r\n")
     except (OSError, EOFError, zlib.error):
         return None
-
-
-def experiment_changes(saved: dict | None, current: dict) -> list[str]:
-    """Every experiment key that differs, as `key: saved -> current`."""
-    return differences(saved or {}, current)
 
 
 def data_changes(saved: dict | None, current: dict) -> list[tuple[str, str]]:

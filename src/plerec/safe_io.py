@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import secrets
 import stat
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 LOCK_FILE = ".lock"
 
@@ -133,44 +131,11 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
-_held = threading.local()
-
-
-def hold_run_lock(folder: str | Path) -> Path:
-    """Lock `folder` (see `run_lock`) until the innermost call decorated with `releases_run_locks` returns
-    or raises: a lock taken in the middle of a long function without indenting its body."""
-    stack: contextlib.ExitStack | None = getattr(_held, "stack", None)
-    if stack is None:
-        raise RuntimeError("hold_run_lock is called only inside a function decorated with releases_run_locks")
-    return stack.enter_context(run_lock(folder))
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def releases_run_locks(fn: F) -> F:
-    """Release the locks `fn` takes with `hold_run_lock` when it returns or raises."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        outer = getattr(_held, "stack", None)
-        with contextlib.ExitStack() as stack:
-            _held.stack = stack
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _held.stack = outer
-
-    return wrapper  # type: ignore[return-value]
-
-
 __all__ = [
     "LOCK_FILE",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_target",
-    "hold_run_lock",
-    "releases_run_locks",
     "run_lock",
 ]

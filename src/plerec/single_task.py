@@ -13,6 +13,7 @@ history.json (each task's best epoch) and experiment.toml.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from plerec.config import Experiment, write_experiment
 from plerec.distributed import DistContext, barrier, init_distributed
 from plerec.models import stack_single_task
-from plerec.safe_io import hold_run_lock, releases_run_locks
+from plerec.safe_io import run_lock
 
 TASKS_FOLDER = "tasks"
 
@@ -34,7 +35,6 @@ def task_folder(out_dir: str | Path, task_name: str) -> Path:
     return Path(out_dir) / TASKS_FOLDER / task_name
 
 
-@releases_run_locks
 def fit_each_task(
     exp: Experiment,
     data=None,
@@ -44,13 +44,17 @@ def fit_each_task(
     resume: bool = False,
 ):
     """Train `exp` (model `single`) as one one-task fit per task; return a FitResult for all tasks."""
+    ctx = ctx or init_distributed(exp.train.device)
+    folder = Path(out_dir) if out_dir is not None else None
+    # OUT itself; each task's fit locks its own OUT/tasks/NAME
+    with run_lock(folder) if folder is not None and ctx.is_main else contextlib.nullcontext():
+        return _fit_each_task(exp, data, folder, log, ctx, resume)
+
+
+def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistContext, resume: bool):
     from plerec.train import LAST, FitResult, fit, metrics_record, prepare_data, save_checkpoint, write_json
 
-    ctx = ctx or init_distributed(exp.train.device)
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
-    folder = Path(out_dir) if out_dir is not None else None
-    if folder is not None and ctx.is_main:  # OUT itself; each task's fit locks its own OUT/tasks/NAME
-        hold_run_lock(folder)
     if folder is not None and not resume:  # refused before any task trains, not after the first
         held = [task_folder(folder, t.name) / LAST for t in exp.tasks]
         held = [p for p in held if p.exists()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import math
@@ -17,7 +18,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from plerec import jsonio
-from plerec.checkpoint import differences, read_checkpoint_file, write_checkpoint_file
+from plerec.checkpoint import MODEL_FORMAT as CHECKPOINT_FORMAT
+from plerec.checkpoint import (
+    OPTIONAL_WEIGHTS,
+    STATE_FORMAT,
+    differences,
+    read_checkpoint,
+    read_checkpoint_file,
+    write_checkpoint_file,
+)
 from plerec.config import Experiment, experiment_to_dict, write_experiment
 from plerec.data.batches import InMemoryBatches, local_rows
 from plerec.data.coverage import LabelCounts, check_label_counts
@@ -40,13 +49,11 @@ from plerec.distributed import (
     gather_rows,
     init_distributed,
 )
-from plerec.fingerprint import data_changes, data_fingerprint
+from plerec.fingerprint import NO_EFFECT, data_changes, data_fingerprint
 from plerec.metrics import HIGHER_IS_BETTER, METRICS_BY_KIND, TaskMetricAccumulator
 from plerec.models import MultiTaskModel, build_model
 from plerec.optim import Adam, RowSparseAdam
-from plerec.safe_io import hold_run_lock, releases_run_locks
-
-CHECKPOINT_FORMAT = "plerec-checkpoint-1"
+from plerec.safe_io import run_lock
 
 
 @dataclass(slots=True)
@@ -326,15 +333,7 @@ class NonFiniteError(ValueError):
 
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_CHANGES = (
-    "train.epochs",
-    "train.patience",
-    "train.progress",
-    "train.threads",
-    "train.eval_batch_size",
-    "train.checkpoint_every",
-    "train.device",
-)
+RESUMABLE_CHANGES = ("train.epochs", "train.patience", *(k for k in NO_EFFECT if k.startswith("train.")))
 
 
 @dataclass(slots=True)
@@ -352,7 +351,6 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-@releases_run_locks  # the folder's lock, taken below, is released when fit returns or raises
 def fit(
     exp: Experiment,
     data: PreparedData | None = None,
@@ -377,10 +375,21 @@ def fit(
     monitor_keys(exp)  # a monitor that does not apply to its task would otherwise only fail after an epoch
     ctx = ctx or init_distributed(exp.train.device)
     check_batch_size(exp.train.batch_size, ctx)  # before any work
-    say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
     folder = Path(out_dir) if out_dir is not None else None
-    if folder is not None and ctx.is_main:  # before last.pt is read: another trainer may be writing it
-        hold_run_lock(folder)
+    # Locked before last.pt is read (another trainer may be writing it), released however fit ends.
+    with run_lock(folder) if folder is not None and ctx.is_main else contextlib.nullcontext():
+        return _fit(exp, data, folder, log, ctx, resume)
+
+
+def _fit(
+    exp: Experiment,
+    data: PreparedData | None,
+    folder: Path | None,
+    log: Callable[[str], None] | None,
+    ctx: DistContext,
+    resume: bool,
+) -> FitResult:
+    say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
     saved = _saved_state(folder, exp, resume)  # read (and checked) on every rank, before any work
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)
@@ -521,7 +530,6 @@ def fit(
 
 
 LAST = "last.pt"
-STATE_FORMAT = "plerec-training-state-1"
 
 
 def _saved_state(folder: Path | None, exp: Experiment, resume: bool) -> dict | None:
@@ -680,13 +688,11 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, Encoder, Experime
     """
     # Every key, the model's size (against the limits and the file's size) and every weight's shape and dtype
     # are checked before the model is built: a crafted file cannot make it allocate or loop without bound.
-    from plerec.checkpoint import read_checkpoint
-
     checkpoint = read_checkpoint(path)
     exp, encoder = checkpoint.experiment, checkpoint.encoder
     model = build_model(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
     weights = dict(checkpoint.weights)
-    for key in ("output_scale", "output_shift"):  # a checkpoint from before standardised regression labels
+    for key in OPTIONAL_WEIGHTS:  # a checkpoint from before standardised regression labels
         weights.setdefault(key, model.state_dict()[key])
     model.load_state_dict(weights)
     model.eval()
