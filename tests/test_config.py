@@ -382,7 +382,7 @@ def test_split_may_leave_test_empty():
         ({"path": "a.csv", "train": "t.csv", "valid": "v.csv"}, r"either `path`.*path='a\.csv', train='t\.csv'"),
         ({}, r"either `path`.*path='', train=''"),
         ({"train": "t.csv"}, r"\[data\] `valid` next to `train`"),
-        ({"path": "a.csv", "valid": "v.csv"}, r"\[data\] `path` .*not also `valid` or `test`.*valid='v\.csv'"),
+        ({"path": "a.csv", "valid": "v.csv"}, r"\[data\] `path` .*not also `valid`, but got valid='v\.csv'"),
         ({"path": "a.csv", "missing_numeric": "drop"}, r"`missing_numeric` to be 'impute' or 'error', but got 'drop'"),
     ],
 )

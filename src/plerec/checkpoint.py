@@ -155,7 +155,7 @@ def check_payload(path: Path, payload: dict[str, Any], size: int) -> Checkpoint:
     except (ValueError, TypeError) as err:
         raise ValueError(f"Checkpoint {path}, key `encoder`: {err}") from None
     try:
-        shapes = state_shapes(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
+        shapes = state_shapes(exp.model_name, exp.model, num_tasks=len(exp.tasks), **encoder.model_inputs())
     except ValueError as err:
         raise ValueError(f"Checkpoint {path} describes a model that cannot be built: {err}") from None
     needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())

@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.1, help="standard deviation of the label noise")
     p.add_argument("--binary", action="store_true", help="also write thresholded binary labels y1_binary, y2_binary")
     p.add_argument("--threshold", default="median", help="'median' or a number (for --binary)")
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="write the click/purchase data set with user histories instead (plerec.data.synth_history)",
+    )
+    p.add_argument("--users", type=int, help="with --history: number of users (default 2000)")
+    p.add_argument("--items", type=int, help="with --history: number of items (default 5000)")
+    p.add_argument("--categories", type=int, help="with --history: number of item categories (default 50)")
+    p.add_argument("--max-history", type=int, help="with --history: longest history (default 50)")
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("models", help="list the models and their hyperparameters")
@@ -150,9 +159,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# flag: (argparse dest, config field) of the flags that belong to one generator only
+_HISTORY_FLAGS = {
+    "--users": ("users", "num_users"),
+    "--items": ("items", "num_items"),
+    "--categories": ("categories", "num_categories"),
+    "--max-history": ("max_history", "max_history"),
+}
+_MMOE_FLAGS = {
+    "--correlation": ("correlation", "correlation"),
+    "--dim": ("dim", "dim"),
+    "--num-sines": ("num_sines", "num_sines"),
+    "--scale": ("scale", "scale"),
+    "--noise": ("noise", "noise_std"),
+    "--binary": ("binary", "binary"),
+    "--threshold": ("threshold", "threshold"),
+}
+
+
 def _synth(args) -> int:
     from plerec.data.synth import SynthConfig, write_parquet
 
+    if args.history:
+        return _synth_history(args)
+    given = [flag for flag, (dest, _) in _HISTORY_FLAGS.items() if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(f"Expected {', '.join(given)} only with --history, but got no --history")
     threshold: str | float = args.threshold
     if threshold != "median":
         try:
@@ -172,6 +204,26 @@ def _synth(args) -> int:
     )
     path = write_parquet(config, args.out)
     print(f"wrote {config.rows} rows (correlation {config.correlation}, d={config.dim}) to {path}")
+    return 0
+
+
+def _synth_history(args) -> int:
+    from plerec.data.synth import SynthConfig
+    from plerec.data.synth_history import HistoryConfig, write_parquet
+
+    # The MMoE generator's flags mean nothing here; one set to another value than its default is a mistake.
+    mmoe = SynthConfig()
+    given = [flag for flag, (dest, field) in _MMOE_FLAGS.items() if getattr(args, dest) != getattr(mmoe, field)]
+    if given:
+        allowed = ", ".join(["--out", "--rows", "--seed", *_HISTORY_FLAGS])
+        raise ValueError(f"Expected only {allowed} with --history, but got {', '.join(given)} (MMoE generator flags)")
+    sizes = {field: getattr(args, dest) for dest, field in _HISTORY_FLAGS.values() if getattr(args, dest) is not None}
+    config = HistoryConfig(rows=args.rows, seed=args.seed, **sizes)
+    path = write_parquet(config, args.out)
+    print(
+        f"wrote {config.rows} rows ({config.num_users} users, {config.num_items} items, "
+        f"{config.num_categories} categories, histories of 0..{config.max_history}) to {path}"
+    )
     return 0
 
 
@@ -285,7 +337,13 @@ def _evaluate(args) -> int:
             f"The checkpoint {args.checkpoint} was made for another schema or model than {args.experiment} "
             f"describes (checkpoint -> experiment): {'; '.join(differ)}"
         )
-    if exp.data.path and exp.data.path == trained.data.path and _split_of(exp) != _split_of(trained):
+    from_test_file = args.split == "test" and bool(exp.data.test)  # no row of `path` is in it, whatever the split
+    if (
+        exp.data.path
+        and not from_test_file
+        and exp.data.path == trained.data.path
+        and _split_of(exp) != _split_of(trained)
+    ):
         raise ValueError(
             f"{args.experiment} splits {exp.data.path} with fractions and seed {_split_of(exp)}, but "
             f"{args.checkpoint} was trained on the split {_split_of(trained)}: its {args.split} split would "
@@ -348,13 +406,13 @@ def _sweep(args) -> int:
 
 
 def _export(args) -> int:
-    from plerec.export import export_model
+    from plerec.export import export_model, input_names
     from plerec.train import load_checkpoint
 
     model, encoder, exp = load_checkpoint(args.checkpoint)
     path, sidecar = export_model(model, encoder, exp, args.format, args.out)
     outputs = ", ".join(f"{t.name} ({'probability' if t.kind == 'binary' else 'value'})" for t in exp.tasks)
-    print(f"wrote {path} (inputs sparse, dense; outputs {outputs}) and {sidecar}")
+    print(f"wrote {path} (inputs {', '.join(input_names(encoder))}; outputs {outputs}) and {sidecar}")
     return 0
 
 
@@ -439,16 +497,25 @@ def _quiet(exp):
 
 def _describe_data(exp, data) -> None:
     enc = data.encoder
-    sizes = ", ".join(f"{name} {len(table)}" for name, table in data.splits.items())
-    print(f"rows: {sizes}", file=sys.stderr)
+    sizes = [f"{name} {len(table)}" for name, table in data.splits.items()]
+    sizes += [f"{name} streamed from {path}" for name, path in data.streams.items()]
+    print(f"rows: {', '.join(sizes)}", file=sys.stderr)
+    lists = "".join(
+        f", list {name} ({spec['pooling']} of the last {spec['max_length']}"
+        + (f", {spec['share']}'s table" if spec["share"] else "")
+        + ")"
+        for name, spec in enc.lists.items()
+    )
     print(
         f"features: {len(enc.categorical)} categorical, {len(enc.numeric)} numeric"
-        f" (+{len(enc.indicators)} missing indicators)",
+        f" (+{len(enc.indicators)} missing indicators){lists}",
         file=sys.stderr,
     )
     if enc.inferred:
         shown = ", ".join(f"{c}={k}" for c, k in enc.inferred.items())
         print(f"inferred feature types: {shown}", file=sys.stderr)
+    if "train" not in data.splits:  # streamed: the rows are counted as they are read
+        return
     train = data.splits["train"]
     for k, task in enumerate(exp.tasks):
         mask = train.label_mask[:, k]

@@ -92,7 +92,7 @@ def expert_utilisation(
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             batch = data.batch(slice(start, start + batch_size))
-            for gate, w in model.gate_weights(batch.sparse, batch.dense).items():
+            for gate, w in model.gate_weights(*batch.inputs).items():
                 w = w.double()
                 sums[gate] = sums.get(gate, 0) + w.sum(0)
                 squares[gate] = squares.get(gate, 0) + w.square().sum(0)
@@ -342,6 +342,11 @@ def sweep(
     source = exp.data.path
     if not source:
         raise ValueError("A sweep needs [data] `path` to name one synthetic file from `plerec synth`")
+    if exp.data.test:  # the file is regenerated at every correlation, a test file would not be
+        raise ValueError(
+            f"Expected a sweep's [data] `path` without a `test` file (its data is regenerated at every "
+            f"correlation and split three ways), but got test={exp.data.test!r}"
+        )
     synth = read_synth_metadata(source) if Path(source).suffix in (".parquet", ".pq") else None
     if synth is None:
         raise ValueError(

@@ -6,7 +6,6 @@ Every key is documented in the README; unknown keys are rejected with a "did you
 """
 
 import math
-import re
 import tomllib
 import types
 import typing
@@ -16,6 +15,7 @@ from typing import Any
 
 import tomli_w
 
+from plerec.data.conditions import Combination, Condition, parse_condition
 from plerec.errors import did_you_mean, unknown_key
 from plerec.models import MODELS, ModelConfig, model_config
 from plerec.safe_io import atomic_write_text
@@ -24,49 +24,6 @@ TASK_KINDS = ("binary", "regression")
 OUTPUT_COLUMNS = ("score", "log_score", "rank", "index")  # what `plerec rank` and `serve` add next to the tasks
 MAX_THREADS = 1_024
 LENGTH_TRANSFORMS = ("none", "log", "sigmoid")
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    """A comparison of one column with a constant, e.g. `marital_stat == "Never married"` or `click == 1`."""
-
-    column: str
-    op: str
-    value: str | float | bool
-
-    _PATTERN = re.compile(r"^\s*(`[^`]+`|[A-Za-z_][\w.]*)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
-
-    @classmethod
-    def parse(cls, text: str, where: str) -> "Condition":
-        match = cls._PATTERN.match(text)
-        if not match:
-            raise ValueError(
-                f"Expected {where} to be a condition like `column == value` (operators == != > >= < <=), "
-                f"but got {text!r}"
-            )
-        column, op, raw = match.groups()
-        column = column.strip("`")
-        value: str | float | bool
-        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
-            value = raw[1:-1]
-        elif raw in ("true", "false"):
-            value = raw == "true"
-        else:
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(
-                    f"Expected the value in {where} ({text!r}) to be a number, true/false or a quoted string, "
-                    f"but got {raw!r}"
-                ) from None
-        if isinstance(value, str) and op not in ("==", "!="):
-            raise ValueError(f"Expected {where} to compare a string with == or !=, but got {op!r} in {text!r}")
-        return cls(column, op, value)
-
-    def __str__(self) -> str:
-        value = f'"{self.value}"' if isinstance(self.value, str) else str(self.value).lower()
-        column = self.column if re.fullmatch(r"[A-Za-z_][\w.]*", self.column) else f"`{self.column}`"
-        return f"{column} {self.op} {value}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -79,10 +36,21 @@ class CsvOptions:
     skipinitialspace: bool = False
     keep_default_na: bool = True
     na_values: tuple[str, ...] = ()
+    skip_rows: int = 0  # lines before the header (or before the first row, header = false): not read at all
+    comment: str = ""  # lines that start with this text (e.g. "#") are not read; "" = none
 
     def __post_init__(self) -> None:
         if not self.sep:
             raise ValueError("Expected [data.csv] `sep` to be a separator such as ',' or ';', but got ''")
+        if self.skip_rows < 0:
+            raise ValueError(
+                f"Expected [data.csv] `skip_rows` >= 0 (the lines before the header), but got {self.skip_rows}"
+            )
+        if self.comment and (not self.comment.strip() or "\n" in self.comment or "\r" in self.comment):
+            raise ValueError(
+                "Expected [data.csv] `comment` to be the text that starts a comment line, such as '#' (or '' for "
+                f"none), but got {self.comment!r}"
+            )
         empty = [i for i, name in enumerate(self.names) if not name.strip()]
         repeated = sorted({name for name in self.names if self.names.count(name) > 1})
         if empty or repeated:
@@ -116,27 +84,41 @@ class DataConfig:
     def __post_init__(self) -> None:
         if bool(self.path) == bool(self.train):
             raise ValueError(
-                "Expected [data] to set either `path` (one file split by `split`) or `train` and `valid` "
-                f"(separate files), but got path={self.path!r}, train={self.train!r}"
+                "Expected [data] to set either `path` (one file split by `split`, optionally with a separate "
+                "`test` file) or `train` and `valid` (separate files), but got "
+                f"path={self.path!r}, train={self.train!r}"
             )
         if self.train and not self.valid:
             raise ValueError("Expected [data] `valid` next to `train` (model selection needs it), but got none")
-        if self.path and (self.valid or self.test):
+        if self.path and self.valid:
             raise ValueError(
-                "Expected [data] `path` (one file split by `split`) not also `valid` or `test`, but got "
-                f"valid={self.valid!r}, test={self.test!r}"
+                "Expected [data] `path` (one file split by `split`; a separate test file goes in `test`) not also "
+                f"`valid`, but got valid={self.valid!r}"
             )
         if self.split_seed is not None and self.split_seed < 0:
             raise ValueError(f"Expected [data] `split_seed` >= 0, but got {self.split_seed}")
-        if self.path:
+        if self.path and self.test:
+            train_valid = self.split[:2] if len(self.split) == 3 and self.split[2] == 0 else self.split
+            if (
+                len(train_valid) != 2
+                or not all(math.isfinite(f) and f > 0 for f in train_valid)
+                or abs(sum(train_valid) - 1) > 1e-6
+            ):
+                raise ValueError(
+                    "Expected [data] `split` to be two fractions (train, valid) summing to 1, both > 0, when `test` "
+                    "names a separate test file (e.g. split = [0.9, 0.1]; [0.9, 0.1, 0] also works), but got "
+                    f"{list(self.split)}"
+                )
+        elif self.path:
             if (
                 len(self.split) != 3
                 or not all(math.isfinite(f) and f >= 0 for f in self.split)
                 or abs(sum(self.split) - 1) > 1e-6
             ):
+                hint = "; two fractions (train, valid) need a separate test file in `test`"
                 raise ValueError(
                     f"Expected [data] `split` to be three fractions (train, valid, test) summing to 1, "
-                    f"but got {list(self.split)}"
+                    f"but got {list(self.split)}{hint if len(self.split) == 2 else ''}"
                 )
             if self.split[0] == 0 or self.split[1] == 0:
                 raise ValueError(f"Expected non-empty train and valid fractions in `split`, but got {list(self.split)}")
@@ -152,6 +134,52 @@ class DataConfig:
             )
 
 
+POOLINGS = ("mean", "sum", "max", "attention")
+MAX_EMBEDDING_WIDTH = 65_536
+MAX_LIST_LENGTH = 10_000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListFeature:
+    """A list-valued categorical column ([features.lists.NAME]): a bag of ids pooled into one embedding.
+
+    Elements are in time order, oldest first; `max_length` keeps the most recent (the last) N of them
+    (0: the longest list of the training split). `share` names a categorical feature whose vocabulary and
+    embedding table the list uses (`hist_item_ids` with `item_id`); without it the list has its own.
+    """
+
+    pooling: str = "mean"
+    max_length: int = 0
+    share: str = ""
+    target: str = ""  # attention: the categorical feature every element is scored against (DIN)
+    separator: str = "|"  # between the elements of a CSV cell
+    attention_dims: tuple[int, ...] = (36,)  # the hidden layers of the attention MLP
+
+    def check(self, name: str) -> None:
+        where = f"[features.lists.{name}]"
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"Expected {where} `pooling` to be one of {', '.join(POOLINGS)}, but got {self.pooling!r}")
+        if not 0 <= self.max_length <= MAX_LIST_LENGTH:
+            raise ValueError(
+                f"Expected {where} `max_length` in [0, {MAX_LIST_LENGTH}] (0: the longest training list), "
+                f"but got {self.max_length}"
+            )
+        if (self.pooling == "attention") != bool(self.target):
+            raise ValueError(
+                f"Expected {where} to set `target` (the categorical feature the elements are scored against) "
+                f"exactly when `pooling` is 'attention', but got pooling={self.pooling!r}, target={self.target!r}"
+            )
+        if not self.separator or (self.separator.isspace() and self.separator != "\t"):
+            raise ValueError(
+                f"Expected {where} `separator` to be a non-blank text such as '|', but got {self.separator!r}"
+            )
+        if not self.attention_dims or not all(0 < d <= 4096 for d in self.attention_dims):
+            raise ValueError(
+                f"Expected {where} `attention_dims` to be a non-empty list of widths in [1, 4096], "
+                f"but got {list(self.attention_dims)}"
+            )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FeaturesConfig:
     categorical: tuple[str, ...] = ()
@@ -160,12 +188,41 @@ class FeaturesConfig:
     auto_max_int_categories: int = 32
     max_vocab: int = 10_000_000
     hash_buckets: dict[str, int] = field(default_factory=dict)
+    lists: dict[str, ListFeature] = field(default_factory=dict)
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # column -> width; others: [model] embedding_dim
 
     def __post_init__(self) -> None:
-        if not (self.categorical or self.numeric or self.auto):
+        if not (self.categorical or self.numeric or self.auto or self.lists):
             raise ValueError(
-                "Expected [features] to list `categorical` and/or `numeric` columns or to set `auto = true`, "
-                "but got none"
+                "Expected [features] to list `categorical` and/or `numeric` columns, [features.lists], or to set "
+                "`auto = true`, but got none"
+            )
+        for name, spec in self.lists.items():
+            if not name:
+                raise ValueError("Expected every [features.lists] entry to name a column, but got ''")
+            spec.check(name)
+            if spec.share in self.lists:
+                raise ValueError(
+                    f"Expected [features.lists.{name}] `share` to name a categorical feature, but "
+                    f"{spec.share!r} is itself a list; share the categorical feature both use"
+                )
+        for col, width in self.embedding_dims.items():
+            if not col or not 1 <= width <= MAX_EMBEDDING_WIDTH:
+                raise ValueError(
+                    "Expected [features] `embedding_dims` to map column names to widths in "
+                    f"[1, {MAX_EMBEDDING_WIDTH}], but got {col!r} = {width}"
+                )
+        for name, spec in self.lists.items():
+            if spec.share and name in self.embedding_dims:
+                raise ValueError(
+                    f"Expected no [features] `embedding_dims` entry for the list `{name}`: it shares the table, and "
+                    f"so the width, of `{spec.share}`"
+                )
+        clash = sorted(set(self.lists) & (set(self.categorical) | set(self.numeric) | set(self.hash_buckets)))
+        if clash:
+            raise ValueError(
+                f"Expected the columns of [features.lists] not to be listed also as categorical, numeric or "
+                f"hash_buckets, but got {clash}"
             )
         if self.auto_max_int_categories < 0:
             raise ValueError(
@@ -213,22 +270,40 @@ class TaskConfig:
         if not math.isfinite(self.rank_weight):
             raise ValueError(f"Expected `rank_weight` of {where} to be a finite number, but got {self.rank_weight}")
         if self.condition:
-            Condition.parse(self.condition, f"`condition` of {where}")
+            parse_condition(self.condition, f"`condition` of {where}")
         if self.space != "present":
-            Condition.parse(self.space, f"`space` of {where}")
+            parse_condition(self.space, f"`space` of {where}")
 
     @property
-    def label_condition(self) -> Condition | None:
-        return Condition.parse(self.condition, f"`condition` of task {self.name}") if self.condition else None
+    def label_condition(self) -> Condition | Combination | None:
+        return parse_condition(self.condition, f"`condition` of task {self.name}") if self.condition else None
 
     @property
-    def space_condition(self) -> Condition | None:
-        return None if self.space == "present" else Condition.parse(self.space, f"`space` of task {self.name}")
+    def space_condition(self) -> Condition | Combination | None:
+        return None if self.space == "present" else parse_condition(self.space, f"`space` of task {self.name}")
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        """The columns the label is read from: `label`, or every column `condition` reads. A row is
+        outside the task where any of them is missing."""
+        return (self.label,) if self.label else self.label_condition.columns  # type: ignore[union-attr]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the task reads: its label columns, then those of its `space` condition."""
+        space = self.space_condition.columns if self.space_condition is not None else ()
+        return tuple(dict.fromkeys(self.label_columns + space))
 
     @property
     def source_column(self) -> str:
-        """The column the label is read from."""
-        return self.label or self.label_condition.column  # type: ignore[union-attr]
+        """The label column, or the first column `condition` reads (`label_columns` holds them all)."""
+        return self.label_columns[0]
+
+    @property
+    def label_source(self) -> str:
+        """The label columns as a message names them: "column `y`", "columns `a`, `b`"."""
+        names = ", ".join(f"`{c}`" for c in self.label_columns)
+        return f"column{'s' if len(self.label_columns) > 1 else ''} {names}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -598,4 +673,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise ValueError(f"Expected {where} to be a string, but got {value!r}")
+    if is_dataclass(hint) and isinstance(hint, type):
+        return value if isinstance(value, hint) else _build(hint, value, where)
     return value

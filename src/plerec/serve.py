@@ -8,10 +8,13 @@ GET  /health -> {"status": "ok", "model": …, "tasks": […], "features": {…}
 
 Every row must carry every feature column (null marks a missing value), of the JSON type its training
 values had: a number for a numeric column; for a categorical column the type of its vocabulary (a string
-for text categories, a number for numeric ids, a boolean). Fields other than the features and the [rank]
-group, item and length columns are rejected. A bad request gets a 4xx answer whose `error` names the row,
-the field and what was expected; nothing is coerced. Requests run in the server's thread pool, each on its
-own rows; the model is only read.
+for text categories, a number for numeric ids, a boolean); for a list column ([features.lists]) an array,
+oldest element first (null: an empty list), of the type its training elements had: integers (a whole
+float such as 7.0 is the integer 7, as in a file; 1.5, true or "7" are not) or strings. A list longer than
+the field's max_length keeps its last max_length elements, as training did. Fields other than the features
+and the [rank] group, item and length columns are rejected. A bad request gets a 4xx answer whose `error`
+names the row, the field (and a list's element) and what was expected; nothing is coerced. Requests run in
+the server's thread pool, each on its own rows; the model is only read.
 
 What one client may take is bounded (`Limits`): the body's size (checked against Content-Length before it
 is read, counted while reading a chunked one), the time to send the headers and the body, idle keep-alive
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import math
 import os
 import socket
@@ -35,6 +39,8 @@ from typing import Any
 import anyio
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,13 +49,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from plerec import jsonio
-from plerec.data.encode import EncodedTable
+from plerec.data.encode import EncodedTable, category_key, stable_bucket
+from plerec.data.lists import Elements, padded
 from plerec.errors import did_you_mean
 from plerec.rank import Scorer, rank_within_groups
 
 TOKEN_ENV = "PLEREC_SERVE_TOKEN"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 SHOWN = 100  # characters of a bad value or name an error message shows at most
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -158,9 +166,12 @@ class RowReader:
         self.max_rows = max_rows
         self.numeric = list(encoder.numeric)
         self.categorical = list(encoder.categorical)
-        # The JSON types a categorical column accepts: those of its training values.
+        self.hashed = {c: encoder.hash_buckets[c] for c in self.categorical if c in encoder.hash_buckets}
+        # The JSON types a categorical column accepts: those of its training values (any, for a hashed
+        # column, which keeps no vocabulary: the encoder hashes every value's text).
         self.kinds = {
-            c: {_json_kind(v) for v in encoder.vocabs[c]} or {"string", "number", "boolean"} for c in self.categorical
+            c: {_json_kind(v) for v in encoder.vocabs.get(c, ())} or {"string", "number", "boolean"}
+            for c in self.categorical
         }
         self.types = {c: tuple(t for k in sorted(self.kinds[c]) for t in _TYPES[k]) for c in self.categorical}
         # Where a column holds booleans next to numbers, keys say which is which: Python's True == 1, and
@@ -169,10 +180,16 @@ class RowReader:
         self.ids_of = {
             c: {((type(v) is bool, v) if self.tagged[c] else v): i + 1 for i, v in enumerate(encoder.vocabs[c])}
             for c in self.categorical
+            if c not in self.hashed
         }
+        self.lists = dict(encoder.lists)  # list column -> its settings (`elements`: "integer" or "text")
+        for column, spec in self.lists.items():
+            # The encoder builds its lookups on first use: built here, before threads share them.
+            encoder._element_ids(column, _elements(spec, [[]]), range(1), "the model")
         self.length = rank.length
         self.ids = [c for c in (rank.group, rank.item) if c]
-        self.required = list(dict.fromkeys(self.categorical + self.numeric + ([self.length] if self.length else [])))
+        features = self.categorical + self.numeric + list(self.lists)
+        self.required = list(dict.fromkeys(features + ([self.length] if self.length else [])))
         self.allowed = set(self.required) | set(self.ids)
 
     def check(self, rows: list[dict[str, Any]], what: str) -> None:
@@ -194,6 +211,9 @@ class RowReader:
         n, encoder = len(rows), self.encoder
         sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for j, column in enumerate(self.categorical):
+            if column in self.hashed:
+                sparse[:, j] = self._hashed_ids(column, [row[column] for row in rows])
+                continue
             ids = self.ids_of[column]
             if self.tagged[column]:
                 sparse[:, j] = [ids.get((type(row[column]) is bool, row[column]), 0) for row in rows]
@@ -223,14 +243,55 @@ class RowReader:
             dense[:, j] = standard
             if column in encoder.indicators:
                 dense[:, len(self.numeric) + encoder.indicators.index(column)] = missing
+        lists, lengths = self._encode_lists(rows, what)
         tasks = len(encoder.tasks)
         return EncodedTable(
             sparse=torch.from_numpy(sparse),
             dense=torch.from_numpy(dense),
             labels=torch.zeros(n, tasks),
             label_mask=torch.zeros(n, tasks, dtype=torch.bool),
+            lists=torch.from_numpy(lists),
+            lengths=torch.from_numpy(lengths),
             source=f"the request's `{what}`",
         )
+
+    def _hashed_ids(self, column: str, values: list) -> list[int]:
+        """A hashed column's ids as the Encoder gives them: 1 + the bucket of the value's text (its category
+        key), 0 for null or blank text; one hash per distinct value (true and 1 kept apart)."""
+        buckets, ids = self.hashed[column], {}
+        for value in values:
+            key = (type(value) is bool, value)
+            if key not in ids:
+                blank = value is None or (type(value) is str and not value.strip())
+                ids[key] = 0 if blank else stable_bucket(category_key(value), buckets)
+        return [ids[(type(value) is bool, value)] for value in values]
+
+    def _encode_lists(self, rows: list[dict[str, Any]], what: str) -> tuple[np.ndarray, np.ndarray]:
+        """The list fields of checked rows as `Encoder.transform` gives them: (N, L) padded ids, (N, F) lengths.
+        Each field's elements become one flat array with offsets, looked up by the encoder at once."""
+        n, encoder = len(rows), self.encoder
+        lists = np.zeros((n, encoder.list_width), dtype=encoder.list_dtype)
+        lengths = np.zeros((n, len(self.lists)), dtype=np.int16)
+        start = 0
+        for f, (column, spec) in enumerate(self.lists.items()):
+            elements = _elements(spec, [row[column] or () for row in rows])  # null: an empty list
+            if not elements.integer:
+                blank = np.flatnonzero(elements.values.to_numpy() == "")
+                if len(blank):  # `_check_list` strips as Python does; Arrow may strip more
+                    i = elements.row_of(int(blank[0]))
+                    raise RequestError(
+                        422,
+                        f"{what}[{i}]: expected `{column}` element {int(blank[0] - elements.offsets[i])} to be an "
+                        "id, but got blank text",
+                    )
+            try:
+                ids = encoder._element_ids(column, elements, range(n), f"the request's `{what}`")
+            except ValueError as err:  # checked rows should never get here; a 422 rather than a 500 if they do
+                raise RequestError(422, _clip(" ".join(str(err).split()), 400)) from None
+            stop = start + spec["max_length"]
+            lists[:, start:stop], lengths[:, f] = padded(ids, elements.offsets, spec["max_length"])
+            start = stop
+        return lists, lengths
 
     def lengths(self, rows: list[dict[str, Any]]) -> np.ndarray | None:
         if not self.length:
@@ -263,6 +324,8 @@ class RowReader:
 
     def _check_value(self, column: str, value: Any, where: str) -> None:
         """One value of a known field: of the JSON type the model takes there, finite, valid text."""
+        if column in self.lists:
+            return self._check_list(column, value, where)
         if isinstance(value, str) and not _text(value):
             raise RequestError(
                 422, f"{where}: expected `{column}` to be valid Unicode text, but got {_show(value)} (a lone surrogate)"
@@ -299,6 +362,63 @@ class RowReader:
                 422,
                 f"{where}: expected `{column}` to be a finite number or null, but got {_got(value)}",
             )
+
+    def _check_list(self, column: str, value: Any, where: str) -> None:
+        """A list field's value: null, or an array of the training elements' type. The common case (every
+        element of the right type) costs a few C-level passes over the array, no Python per element."""
+        integer = self.lists[column]["elements"] == "integer"
+        kind = "integers" if integer else "strings"
+        if value is None:
+            return
+        if type(value) is not list:
+            raise RequestError(
+                422,
+                f"{where}: expected `{column}` to be an array of {kind} (a list field) or null, but got {_got(value)}",
+            )
+        kinds = set(map(type, value))
+        if integer and kinds <= {int} and (not value or (min(value) >= INT64_MIN and max(value) <= INT64_MAX)):
+            return
+        if not integer and kinds <= {str} and all(map(str.strip, value)) and _text("".join(value)):
+            return
+        for j, element in enumerate(value):  # only for a list with a problem, or with floats: find the element
+            problem = _element_problem(element, integer)
+            if problem:
+                raise RequestError(422, f"{where}: expected `{column}` element {j} to be {problem}")
+
+
+def _element_problem(element: Any, integer: bool) -> str:
+    """What is wrong with one element of a list field ("" if nothing): the rest of an error message."""
+    if type(element) in (list, dict):
+        nested = "array" if type(element) is list else "object"
+        return f"{'an integer' if integer else 'a string'}, but got a nested {nested} {_show(element)}"
+    if integer:
+        if type(element) is int and INT64_MIN <= element <= INT64_MAX:
+            return ""
+        if type(element) is float and element.is_integer() and abs(element) < 2**53:
+            return ""  # a whole float is the integer, as a file's 7.0 is
+        if type(element) is int:
+            return f"an integer within int64, but got {_show(element)}"
+        return f"an integer (the type of the training list's elements; 7.0 counts as 7), but got {_got(element)}"
+    if type(element) is not str:
+        return f"a string (the type of the training list's elements), but got {_got(element)}"
+    if not _text(element):
+        return f"valid Unicode text, but got {_show(element)} (a lone surrogate)"
+    if not element.strip():
+        return f"an id, but got blank text {_show(element)}"
+    return ""
+
+
+def _elements(spec: dict, values: list) -> Elements:
+    """Checked JSON arrays (one per row) as one flat array of elements with offsets, as `read_elements` gives
+    for a file's column: integers as int64 (a whole float taken as its integer), text trimmed as Arrow trims it."""
+    counts = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    flat = itertools.chain.from_iterable(values)
+    if spec["elements"] == "integer":
+        return Elements(np.fromiter(flat, dtype=np.int64, count=int(offsets[-1])), offsets, True)
+    texts = pc.utf8_trim_whitespace(pa.array(list(flat), type=pa.string())).to_numpy(zero_copy_only=False)
+    return Elements(pd.Series(texts, dtype=object), offsets, False)
 
 
 def create_app(
@@ -373,7 +493,8 @@ def create_app(
             "status": "ok",
             "model": scorer.model_name,
             "tasks": [{"name": t.name, "kind": t.kind, "rank_weight": t.rank_weight} for t in scorer.tasks],
-            "features": {"categorical": reader.categorical, "numeric": reader.numeric},
+            "features": {"categorical": reader.categorical, "numeric": reader.numeric}
+            | ({"lists": {c: _list_health(s) for c, s in reader.lists.items()}} if reader.lists else {}),
             "rank": {"group": rank.group, "item": rank.item, "length": rank.length, "top_k": rank.top_k},
         }
 
@@ -426,6 +547,10 @@ def create_app(
         return {"user": user, "items": items}
 
     return app
+
+
+def _list_health(spec: dict) -> dict:
+    return {k: spec[k] for k in ("elements", "max_length", "pooling", "share")}
 
 
 def _clip(text: str, limit: int = 2 * SHOWN) -> str:

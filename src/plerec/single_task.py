@@ -79,7 +79,7 @@ def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistCon
             )
         )
     names = [t.name for t in exp.tasks]
-    model = stack_single_task([r.model for r in results], data.encoder.vocab_sizes, len(data.encoder.dense_names))
+    model = stack_single_task([r.model for r in results], **data.encoder.model_inputs())
     metrics = {
         split: {name: r.metrics[split][name] for name, r in zip(names, results, strict=True)}
         for split in results[0].metrics

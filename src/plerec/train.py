@@ -121,9 +121,10 @@ def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedDat
         splits = {name: encoder.transform(frame) for name, frame in frames.items()}
         del frames
     for split, table in splits.items():  # an AUC or a loss that cannot be computed is an error now
-        source = files[split] if exp.data.train else exp.data.path
+        one_file = split not in files  # cut from [data] path by the split fractions (a `test` file is not)
+        source = exp.data.path if one_file else files[split]
         counts = LabelCounts.of(table.labels, table.label_mask)
-        check_label_counts(exp.tasks, counts, split, source, one_file=not exp.data.train)
+        check_label_counts(exp.tasks, counts, split, source, one_file=one_file)
     encoder.drop_lookups()  # every split is encoded: the value -> id tables are not needed in training
     _release_freed_memory()
     return PreparedData(encoder, splits)
@@ -197,13 +198,13 @@ def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[Adam | RowSp
     """Adam for the dense parameters; with sparse embeddings, RowSparseAdam updates only the embedding rows
     a batch touches (a dense Adam step over every row dominates at large vocabularies). Weight decay
     applies to the dense parameters only when embeddings are sparse."""
-    embedding = model.input.embedding.weight
+    tables = [table.weight for table in model.input.embedding_tables()]
     if not model.input.embedding.sparse:
         return [Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)]
-    dense = [p for p in model.parameters() if p is not embedding]
+    dense = [p for p in model.parameters() if all(p is not t for t in tables)]
     return [
         Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay),
-        RowSparseAdam([embedding], lr=exp.train.lr),
+        RowSparseAdam(tables, lr=exp.train.lr),
     ]
 
 
@@ -221,7 +222,7 @@ def predict(model: MultiTaskModel, table: EncodedTable, batch_size: int = 4096) 
     logits = torch.empty(len(table), table.labels.shape[1])
     for start in range(0, len(table), batch_size):
         batch = table.batch(slice(start, start + batch_size)).to(device)
-        logits[start : start + len(batch)] = model(batch.sparse, batch.dense)
+        logits[start : start + len(batch)] = model(*batch.inputs)
     return logits
 
 
@@ -402,12 +403,10 @@ def _fit(
             save_encoder(data.encoder, out)
 
     torch.manual_seed(exp.seed)
-    model = build_model(
-        exp.model_name, exp.model, data.encoder.vocab_sizes, len(data.encoder.dense_names), len(exp.tasks)
-    )
+    model = build_model(exp.model_name, exp.model, num_tasks=len(exp.tasks), **data.encoder.model_inputs())
     set_output_scale(model, exp, data.encoder)
     # NCCL has no sparse all-reduce: on GPUs under DDP the embedding gradients stay dense.
-    model.input.embedding.sparse = exp.train.sparse_embeddings and not (ctx.enabled and ctx.device.type == "cuda")
+    model.input.set_sparse(exp.train.sparse_embeddings and not (ctx.enabled and ctx.device.type == "cuda"))
     model.to(ctx.device)
     optimizers = make_optimizers(model, exp)
     net = DistributedDataParallel(model) if ctx.enabled else model
@@ -457,7 +456,7 @@ def _fit(
         for i, batch in enumerate(source.epoch(skip=progress.batch), start=progress.batch):
             batch = batch.to(ctx.device, non_blocking=True)
             with autocast:
-                logits = net(batch.sparse, batch.dense).float()  # (B, T)
+                logits = net(*batch.inputs).float()  # (B, T)
             counts = None
             if ctx.enabled:  # each task's mean is over its rows in the whole global batch
                 counts = all_reduce_sum(batch.label_mask.sum(0).float(), ctx)
@@ -690,7 +689,7 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, Encoder, Experime
     # are checked before the model is built: a crafted file cannot make it allocate or loop without bound.
     checkpoint = read_checkpoint(path)
     exp, encoder = checkpoint.experiment, checkpoint.encoder
-    model = build_model(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
+    model = build_model(exp.model_name, exp.model, num_tasks=len(exp.tasks), **encoder.model_inputs())
     weights = dict(checkpoint.weights)
     for key in OPTIONAL_WEIGHTS:  # a checkpoint from before standardised regression labels
         weights.setdefault(key, model.state_dict()[key])

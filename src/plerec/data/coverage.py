@@ -42,14 +42,14 @@ def check_label_counts(
     split in its space, or a binary task has only one class there. `one_file`: the split was cut from one
     file by [data] split fractions (the hint then points at them)."""
     for task, labelled, positives in zip(tasks, counts.labelled.tolist(), counts.positives.tolist(), strict=True):
-        column = task.source_column
+        columns = task.label_source
         fractions = "; with one file cut by [data] split, use more rows or larger fractions" if one_file else ""
         if labelled == 0:
             space = f" and to meet `space` ({task.space})" if task.space_condition is not None else ""
             fix = "check `space`, " if space else ""
             raise ValueError(
                 f"Task `{task.name}` has 0 rows in its sample space in the {split} split ({source}): expected some "
-                f"of its {counts.rows:,} rows to have a value in column `{column}`{space}, to "
+                f"of its {counts.rows:,} rows to have a value in {columns}{space}, to "
                 f"{'train' if split == 'train' else 'evaluate'} the task on. Fill in the labels, {fix}or remove "
                 f"the task{fractions}"
             )
@@ -58,11 +58,12 @@ def check_label_counts(
             purpose = "to learn to tell them apart" if split == "train" else "to compute AUC"
             if task.condition:
                 check = (
-                    f"check `condition` ({task.condition}) against the values of `{column}` in that file — e.g. a "
-                    f"{split} file that spells the label `>50K.` where the condition expects `>50K`"
+                    f"check `condition` ({task.condition}) against the values of {columns} in that file — e.g. a "
+                    f"{split} file that spells the label `>50K.` where the condition expects `>50K` (a condition "
+                    'like `income in [">50K", ">50K."]` accepts both spellings)'
                 )
             else:
-                check = f"check the values of label column `{column}` in that file"
+                check = f"check the values of label {columns} in that file"
             raise ValueError(
                 f"Task `{task.name}` has {positives:,} positive and {negatives:,} negative rows in the {split} split "
                 f"({source}): expected both classes {purpose}; {check}{fractions}"

@@ -15,18 +15,22 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from plerec import jsonio
-from plerec.config import Condition, Experiment, TaskConfig
-from plerec.data.frames import pd, plain_column
+from plerec.config import Experiment, TaskConfig
+from plerec.data.conditions import evaluate_condition, known_rows, plain_condition
+from plerec.data.frames import bad_rows, pd, plain_column
+from plerec.data.frames import missing_values as _missing
+from plerec.data.frames import plain_value as _plain
+from plerec.data.lists import Elements, bad_element, padded, read_elements
 from plerec.errors import did_you_mean
+from plerec.models.layers import ListSpec
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-BAD_ROWS_SHOWN = 5
 
 
 def _compact(vocabulary: list) -> Sequence:
@@ -72,12 +76,18 @@ class IntegerVocabulary(Sequence):
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One batch: sparse ids (B, S), dense features (B, D), labels (B, T) and which are in-space (B, T)."""
+    """One batch: sparse ids (B, S), dense features (B, D), labels (B, T), which are in-space (B, T), and the
+    list fields' padded ids (B, L) with their lengths (B, F) (L = the sum of their max_length; see lists.py)."""
 
     sparse: torch.Tensor
     dense: torch.Tensor
     labels: torch.Tensor
     label_mask: torch.Tensor
+    lists: torch.Tensor = None  # type: ignore[assignment]  # None: no list fields, (B, 0)
+    lengths: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        _no_lists(self)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in self._fields()))
@@ -86,7 +96,12 @@ class Batch:
         return Batch(*(t.pin_memory() for t in self._fields()))
 
     def _fields(self) -> tuple[torch.Tensor, ...]:
-        return self.sparse, self.dense, self.labels, self.label_mask
+        return self.sparse, self.dense, self.labels, self.label_mask, self.lists, self.lengths
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """What the model reads: `model(*batch.inputs)`."""
+        return self.sparse, self.dense, self.lists, self.lengths
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -107,8 +122,13 @@ class EncodedTable:
     dense: torch.Tensor  # (N, D) float32
     labels: torch.Tensor  # (N, T) 0 where masked; uint8 if every task is binary, else float32
     label_mask: torch.Tensor  # (N, T) bool
+    lists: torch.Tensor = None  # type: ignore[assignment]  # (N, L) the list fields' padded ids; None: (N, 0)
+    lengths: torch.Tensor = None  # type: ignore[assignment]  # (N, F) int16: each list field's length
     source: str = ""
     wide: tuple[int, ...] = ()  # fields whose ids are split over two int16 columns
+
+    def __post_init__(self) -> None:
+        _no_lists(self)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -120,21 +140,40 @@ class EncodedTable:
 
     def batch_table(self, index: slice) -> EncodedTable:
         """Rows as a table of views (no copy)."""
-        return EncodedTable(
-            self.sparse[index], self.dense[index], self.labels[index], self.label_mask[index], self.source, self.wide
-        )
+        return EncodedTable(*(getattr(self, name)[index] for name in TABLE_FIELDS), source=self.source, wide=self.wide)
 
     def batch(self, index: torch.Tensor | slice) -> Batch:
         """Rows as a batch: ids unpacked, labels as float32 whatever their stored type."""
         if isinstance(index, slice):
             labels = self.labels[index].to(torch.float32)
-            return Batch(self.ids(index), self.dense[index], labels, self.label_mask[index])
+            return Batch(
+                self.ids(index),
+                self.dense[index],
+                labels,
+                self.label_mask[index],
+                self.lists[index],
+                self.lengths[index],
+            )
         return Batch(
             self.ids(index),
             self.dense.index_select(0, index),
             self.labels.index_select(0, index).to(torch.float32),
             self.label_mask.index_select(0, index),
+            self.lists.index_select(0, index),
+            self.lengths.index_select(0, index),
         )
+
+
+TABLE_FIELDS = ("sparse", "dense", "labels", "label_mask", "lists", "lengths")  # EncodedTable's tensors
+
+
+def _no_lists(rows: Batch | EncodedTable) -> None:
+    """Rows built without list fields get empty (N, 0) ones."""
+    n = rows.labels.shape[0]
+    if rows.lists is None:
+        object.__setattr__(rows, "lists", torch.zeros(n, 0, dtype=torch.int16))
+    if rows.lengths is None:
+        object.__setattr__(rows, "lengths", torch.zeros(n, 0, dtype=torch.int16))
 
 
 LOW_BITS = 15  # a packed id's low part: 0 .. 32,767, a non-negative int16
@@ -186,6 +225,9 @@ class Encoder:
     hash_buckets: dict[str, int] = field(default_factory=dict)
     # task -> {"rows", "mean", "std"} of its training labels (for binary tasks the mean is the positive rate)
     label_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    # list column -> its [features.lists] settings, `max_length` resolved, and `elements`: "integer" or "text"
+    lists: dict[str, dict] = field(default_factory=dict)
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # column -> its width, where not embedding_dim
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _int_lookup: dict[str, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -195,6 +237,58 @@ class Encoder:
     def vocab_sizes(self) -> list[int]:
         sizes = [self.hash_buckets[c] if c in self.hash_buckets else len(self.vocabs[c]) for c in self.categorical]
         return [n + 1 for n in sizes]  # +1: the reserved id 0
+
+    def vocab_column(self, name: str) -> str:
+        """The column whose vocabulary a categorical or list column's values are looked up in."""
+        return self.lists[name]["share"] or name if name in self.lists else name
+
+    @property
+    def list_width(self) -> int:
+        return sum(spec["max_length"] for spec in self.lists.values())
+
+    @property
+    def list_specs(self) -> tuple[ListSpec, ...]:
+        """The list fields as the model's input layer takes them."""
+        specs = []
+        for name, spec in self.lists.items():
+            own = not spec["share"]
+            specs.append(
+                ListSpec(
+                    name=name,
+                    table=-1 if own else self.categorical.index(spec["share"]),
+                    vocab_size=len(self.vocabs[name]) + 1 if own else 0,
+                    pooling=spec["pooling"],
+                    max_length=spec["max_length"],
+                    target=self.categorical.index(spec["target"]) if spec["target"] else -1,
+                    attention_dims=tuple(spec["attention_dims"]),
+                    dim=self.embedding_dims.get(name, 0) if own else 0,
+                )
+            )
+        return tuple(specs)
+
+    def model_inputs(self) -> dict:
+        """What `build_model` needs to know of the inputs: `build_model(name, config, num_tasks=T,
+        **encoder.model_inputs())`."""
+        return {
+            "vocab_sizes": self.vocab_sizes,
+            "num_dense": len(self.dense_names),
+            "lists": self.list_specs,
+            "dims": tuple(self.embedding_dims.get(c, 0) for c in self.categorical),
+        }
+
+    @property
+    def list_dtype(self) -> np.dtype:
+        """How a table stores list ids: the narrowest integer type that holds every list's ids."""
+        sizes = self.vocab_sizes
+        biggest = (
+            max(
+                (sizes[self.categorical.index(s["share"])] if s["share"] else len(self.vocabs[n]) + 1)
+                for n, s in self.lists.items()
+            )
+            if self.lists
+            else 1
+        )
+        return np.dtype(np.int16 if biggest <= np.iinfo(np.int16).max else np.int32)
 
     @property
     def dense_names(self) -> list[str]:
@@ -214,11 +308,20 @@ class Encoder:
         """The frame as tensors. `labels=False` encodes the features only (rows to score, e.g. candidates to
         rank): no label column is read, and every row is outside every task's space."""
         source = frame.attrs.get("source", "the data")
-        _require_columns(frame, self.categorical + self.numeric, source, "a feature")
+        _require_columns(frame, self.categorical + self.numeric + list(self.lists), source, "a feature")
         n = len(frame)
         sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for j, col in enumerate(self.categorical):
             sparse[:, j] = self._category_ids(col, frame, source)
+        lists = np.zeros((n, self.list_width), dtype=self.list_dtype)
+        lengths = np.zeros((n, len(self.lists)), dtype=np.int16)
+        start = 0
+        for f, (col, spec) in enumerate(self.lists.items()):
+            elements = read_elements(frame, col, spec["separator"], source)
+            ids = self._element_ids(col, elements, frame.index, source)
+            stop = start + spec["max_length"]
+            lists[:, start:stop], lengths[:, f] = padded(ids, elements.offsets, spec["max_length"])
+            start = stop
         dense = np.zeros((n, len(self.dense_names)), dtype=np.float32)
         for j, col in enumerate(self.numeric):
             values = _numeric_column(frame, col, source)
@@ -249,9 +352,31 @@ class Encoder:
             dense=torch.from_numpy(dense),
             labels=torch.from_numpy(values).to(self.label_dtype),
             label_mask=torch.from_numpy(mask),
+            lists=torch.from_numpy(lists),
+            lengths=torch.from_numpy(lengths),
             source=source,
             wide=wide_fields(sizes),
         )
+
+    def _element_ids(self, col: str, elements: Elements, index, source: str) -> np.ndarray:
+        """Ids of a list column's elements, looked up in its vocabulary (its own, or the shared field's)."""
+        vocab = self.vocab_column(col)
+        if elements.integer:
+            values = elements.values
+            if vocab in self.hash_buckets:
+                distinct, where = np.unique(values, return_inverse=True)
+                buckets = [stable_bucket(str(v), self.hash_buckets[vocab]) for v in distinct.tolist()]
+                return np.asarray(buckets, dtype=np.int64)[where]
+            return self._integer_ids(vocab, values)
+        codes, uniques = pd.factorize(elements.values)
+        keys = [category_key(v) for v in uniques]
+        if self.lists[col]["elements"] == "integer":
+            bad_keys = np.array([_integer_key(k) is None for k in keys], dtype=bool)
+            if bad_keys.any():
+                raise bad_element(
+                    col, source, elements, bad_keys[codes], index, "integer elements (the training lists hold integers)"
+                )
+        return self._key_ids(vocab, keys)[codes]
 
     def _category_ids(self, col: str, frame: pd.DataFrame, source: str) -> np.ndarray:
         """Ids of one categorical column: 1 + the vocabulary index (0: unseen or missing), or 1 + a bucket.
@@ -264,20 +389,22 @@ class Encoder:
         column = frame[col]
         missing = _missing(column)
         codes, uniques = pd.factorize(_hashable(column, col, source))
-        keys = [category_key(v) for v in uniques]
-        if col in self.hash_buckets:
-            ids = np.array([stable_bucket(k, self.hash_buckets[col]) for k in keys], dtype=np.int64)
-        else:
-            if col not in self._lookup:
-                lookup: dict[str, int] = {}
-                for i, v in enumerate(self.vocabs[col]):
-                    lookup.setdefault(category_key(v), i + 1)
-                self._lookup[col] = lookup
-            ids = np.array([self._lookup[col].get(k, 0) for k in keys], dtype=np.int64)  # unseen: 0
+        ids = self._key_ids(col, [category_key(v) for v in uniques])
         out = np.zeros(len(column), dtype=np.int64)
         present = (codes >= 0) & ~missing
         out[present] = ids[codes[present]]
         return out
+
+    def _key_ids(self, col: str, keys: list[str]) -> np.ndarray:
+        """The ids of category keys in column `col`'s vocabulary (0: unseen) or hash buckets."""
+        if col in self.hash_buckets:
+            return np.array([stable_bucket(k, self.hash_buckets[col]) for k in keys], dtype=np.int64)
+        if col not in self._lookup:
+            lookup: dict[str, int] = {}
+            for i, v in enumerate(self.vocabs[col]):
+                lookup.setdefault(category_key(v), i + 1)
+            self._lookup[col] = lookup
+        return np.array([self._lookup[col].get(k, 0) for k in keys], dtype=np.int64)  # unseen: 0
 
     def _integer_ids(self, col: str, values: np.ndarray) -> np.ndarray:
         """`_category_ids` of a column of plain integers, vectorised: a binary search in the vocabulary's
@@ -346,10 +473,15 @@ class EncoderFitter:
             missing_numeric=exp.data.missing_numeric,
             inferred=inferred,
             hash_buckets={c: n for c, n in exp.features.hash_buckets.items() if c in categorical},
+            lists={name: {**asdict(spec), "elements": "integer"} for name, spec in exp.features.lists.items()},
+            embedding_dims=dict(exp.features.embedding_dims),
         )
         self.max_vocab = exp.features.max_vocab
-        # category key -> [a representative value, count]; hashed columns keep no counts
-        self.counts: dict[str, dict[str, list]] = {c: {} for c in categorical if c not in self.encoder.hash_buckets}
+        # category key -> [a representative value, count]; hashed columns keep no counts. A list column that
+        # shares a field's vocabulary adds its elements to that field's counts.
+        vocab_columns = categorical + [name for name, spec in exp.features.lists.items() if not spec.share]
+        self.counts: dict[str, dict[str, list]] = {c: {} for c in vocab_columns if c not in self.encoder.hash_buckets}
+        self.longest = dict.fromkeys(exp.features.lists, 0)  # each list column's longest training list
         # chunks of plain integers are counted apart, as arrays: (sorted distinct values, their counts)
         self.int_counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.moments: dict[str, list[float]] = {col: [0, 0.0, 0.0] for col in numeric}  # n, mean, M2
@@ -361,21 +493,25 @@ class EncoderFitter:
 
     def update(self, frame: pd.DataFrame) -> EncoderFitter:
         source = frame.attrs.get("source", self.source)
-        _require_columns(frame, self.encoder.categorical + self.encoder.numeric, source, "a feature")
-        for col, counts in self.counts.items():
-            integers = _plain_integers(frame, col)
-            if integers is not None and not counts:
-                self._count_integers(col, integers)
-            else:
-                self._fold_integers(col)
-                column = frame[col]
-                present = _hashable(column[~_missing(column)], col, source)
-                for value, count in present.value_counts(sort=False).items():
-                    key = category_key(value)
-                    if key in counts:
-                        counts[key][1] += int(count)
-                    else:
-                        counts[key] = [_json_value(value, key), int(count)]
+        enc = self.encoder
+        _require_columns(frame, enc.categorical + enc.numeric + list(enc.lists), source, "a feature")
+        for col in enc.categorical:
+            if col in self.counts:
+                integers = _plain_integers(frame, col)
+                self._count(col, integers, None if integers is not None else _present_values(frame, col, source))
+        for col, spec in enc.lists.items():
+            elements = read_elements(frame, col, spec["separator"], source)
+            if len(elements.offsets) > 1:
+                self.longest[col] = max(self.longest[col], int(elements.lengths.max()))
+            if not elements.integer and spec["elements"] == "integer":
+                keys = (category_key(v) for v in pd.unique(elements.values))
+                if any(_integer_key(k) is None for k in keys):
+                    spec["elements"] = "text"
+            vocab = enc.vocab_column(col)
+            if vocab in self.counts:
+                self._count(vocab, *((elements.values, None) if elements.integer else (None, elements.values)))
+        for col in self.counts:
+            counts = self.counts[col]
             distinct = len(counts) + len(self.int_counts[col][0]) if col in self.int_counts else len(counts)
             if distinct > self.max_vocab:
                 raise ValueError(
@@ -398,6 +534,21 @@ class EncoderFitter:
                 self.has_missing.add(col)
             self.moments[col] = _merge_moments(moments, values[~missing])
         return self
+
+    def _count(self, col: str, integers: np.ndarray | None, present: pd.Series | None) -> None:
+        """Add values to a vocabulary column's counts: plain integers, or else `present`, a Series of values."""
+        counts = self.counts[col]
+        if integers is not None and not counts:
+            self._count_integers(col, integers)
+            return
+        self._fold_integers(col)
+        values = pd.Series(integers) if integers is not None else present
+        for value, count in values.value_counts(sort=False).items():
+            key = category_key(value)
+            if key in counts:
+                counts[key][1] += int(count)
+            else:
+                counts[key] = [_json_value(value, key), int(count)]
 
     def _count_integers(self, col: str, values: np.ndarray) -> None:
         values, counts = np.unique(values.astype(np.int64, copy=False), return_counts=True)
@@ -437,11 +588,13 @@ class EncoderFitter:
                 space = f" and meets `space` ({task.space})" if task.space_condition is not None else ""
                 raise ValueError(
                     f"Task `{task.name}` has no labelled row in the training data {self.source}: expected some of "
-                    f"its {self.rows} rows to have a value in column `{task.source_column}`{space}, but none has. "
+                    f"its {self.rows} rows to have a value in {task.label_source}{space}, but none has. "
                     "Fill in the labels, or remove the task"
                 )
         for col in self.counts:
             enc.vocabs[col] = self._vocabulary(col)
+        for col, spec in enc.lists.items():
+            spec["max_length"] = spec["max_length"] or max(self.longest[col], 1)
         for col, (n, mean, m2) in self.moments.items():
             if n == 0:  # nothing to standardise with or to impute: the feature would be a constant
                 raise ValueError(
@@ -484,14 +637,16 @@ def select_features(
     exp: Experiment, columns: list[str], frame: pd.DataFrame, source: str
 ) -> tuple[list[str], list[str], dict[str, str]]:
     """Categorical and numeric feature columns; patterns like `x*` are expanded, `auto` infers types."""
-    used_by_tasks = set()
-    for t in exp.tasks:
-        used_by_tasks.add(t.source_column)
-        if t.space_condition is not None:
-            used_by_tasks.add(t.space_condition.column)
+    used_by_tasks = {col for t in exp.tasks for col in t.columns}
     _require_columns(frame, sorted(used_by_tasks), source, "a task")
     _require_columns(frame, list(exp.data.exclude), source, "[data] exclude")
-    blocked = used_by_tasks | set(exp.data.exclude)
+    _require_columns(frame, list(exp.features.lists), source, "[features.lists]")
+    leaking = sorted(set(exp.features.lists) & (used_by_tasks | set(exp.data.exclude)))
+    if leaking:
+        raise ValueError(
+            f"Columns {leaking} of [features.lists] define a task's label or sample space, or are excluded"
+        )
+    blocked = used_by_tasks | set(exp.data.exclude) | set(exp.features.lists)
 
     def expand(patterns: tuple[str, ...], what: str) -> list[str]:
         out: list[str] = []
@@ -544,7 +699,29 @@ def select_features(
                 f"Column `{col}` in [features] hash_buckets is not a categorical feature of {source}."
                 f"{did_you_mean(col, categorical)} Categorical features: {', '.join(categorical) or 'none'}"
             )
-    if not categorical and not numeric:
+    own_lists = [name for name, spec in exp.features.lists.items() if not spec.share]
+    for col in exp.features.embedding_dims:
+        if col not in categorical and col not in own_lists:
+            raise ValueError(
+                f"Expected the columns of [features] `embedding_dims` to be categorical features or lists with a "
+                f"table of their own, but got {col!r}.{did_you_mean(col, categorical + own_lists)} Categorical "
+                f"features: {', '.join(categorical) or 'none'}"
+            )
+    for name, spec in exp.features.lists.items():
+        for key, col in (("share", spec.share), ("target", spec.target)):
+            if col and col not in categorical:
+                raise ValueError(
+                    f"Expected [features.lists.{name}] `{key}` to name a categorical feature, but got {col!r}."
+                    f"{did_you_mean(col, categorical)} Categorical features: {', '.join(categorical) or 'none'}"
+                )
+        widths = exp.features.embedding_dims
+        if spec.target and widths.get(spec.share or name, 0) != widths.get(spec.target, 0):
+            raise ValueError(
+                f"Expected [features.lists.{name}] and its attention target `{spec.target}` to have one embedding "
+                f"width, but [features] embedding_dims gives {widths.get(spec.share or name, 'the default')} and "
+                f"{widths.get(spec.target, 'the default')}"
+            )
+    if not categorical and not numeric and not exp.features.lists:
         raise ValueError(f"No feature columns left in {source} after exclusions")
     return categorical, numeric, inferred
 
@@ -555,24 +732,23 @@ def encode_labels(tasks: list[TaskConfig], frame: pd.DataFrame, source: str) -> 
     labels = np.zeros((n, len(tasks)), dtype=np.float32)
     mask = np.zeros((n, len(tasks)), dtype=bool)
     for task in tasks:
-        space = task.space_condition
-        _require_columns(frame, [task.source_column] + ([space.column] if space else []), source, f"task `{task.name}`")
+        _require_columns(frame, list(task.columns), source, f"task `{task.name}`")
     for k, task in enumerate(tasks):
         plain = _plain_labels(task, frame)
         if plain is not None:
             values, in_space = plain
         else:
-            column = frame[task.source_column]
-            present = ~_missing(column)
             cond = task.label_condition
-            if cond is not None:
-                values = evaluate_condition(cond, column, source).astype(np.float32)
+            if cond is not None:  # outside the task where any column the condition reads is missing
+                present = known_rows(cond, frame)
+                values = evaluate_condition(cond, frame, source).astype(np.float32)
             else:
+                column = frame[task.label]
+                present = ~_missing(column)
                 values = _label_values(task, column, present, source)
             in_space = present
             if task.space_condition is not None:
-                space_col = frame[task.space_condition.column]
-                in_space = in_space & evaluate_condition(task.space_condition, space_col, source)
+                in_space = in_space & evaluate_condition(task.space_condition, frame, source)
         labels[:, k] = np.where(in_space, values, 0.0)
         mask[:, k] = in_space
     return labels, mask
@@ -582,68 +758,29 @@ def _plain_labels(task: TaskConfig, frame: pd.DataFrame) -> tuple[np.ndarray, np
     """A task's labels and sample space as `encode_labels` computes them, from columns of plain numbers
     without pandas; None where a column is not plain numbers, a condition compares text, or a value is
     bad (then `encode_labels` takes the general path, which names the bad rows)."""
-    numbers = plain_column(frame, task.source_column)
-    if numbers is None:
-        return None
-    numbers = numbers.astype(np.float64)
-    present = ~np.isnan(numbers)
-    if task.label_condition is not None:
-        values = _plain_condition(task.label_condition, numbers, present)
-        if values is None:
+    cond = task.label_condition
+    if cond is not None:
+        plain = plain_condition(cond, frame)
+        if plain is None:
             return None
-        values = values.astype(np.float32)
+        holds, present = plain
+        values = holds.astype(np.float32)
     else:
+        numbers = plain_column(frame, task.label)
+        if numbers is None:
+            return None
+        numbers = numbers.astype(np.float64)
+        present = ~np.isnan(numbers)
         if _bad_labels(task, numbers, present).any():
             return None
         values = np.where(present, numbers, 0.0)
     in_space = present
     if task.space_condition is not None:
-        space = plain_column(frame, task.space_condition.column)
-        if space is None:
+        plain = plain_condition(task.space_condition, frame)
+        if plain is None:
             return None
-        space = space.astype(np.float64)
-        in_space = _plain_condition(task.space_condition, space, ~np.isnan(space))
-        if in_space is None:
-            return None
-        in_space &= present
+        in_space = plain[0] & present
     return values, in_space
-
-
-def _plain_condition(cond: Condition, numbers: np.ndarray, present: np.ndarray) -> np.ndarray | None:
-    """`evaluate_condition` on a column of plain numbers (NaN: missing); None for a text comparison."""
-    if isinstance(cond.value, str):
-        return None
-    return np.asarray(_COMPARE[cond.op](numbers, float(cond.value)), dtype=bool) & present
-
-
-_COMPARE = {
-    "==": np.equal,
-    "!=": np.not_equal,
-    ">": np.greater,
-    ">=": np.greater_equal,
-    "<": np.less,
-    "<=": np.less_equal,
-}
-
-
-def evaluate_condition(cond: Condition, column: pd.Series, source: str) -> np.ndarray:
-    """The condition per row (missing values compare as False)."""
-    missing = _missing(column)
-    if isinstance(cond.value, str):
-        values = column.astype(str).str.strip().to_numpy()
-        target = cond.value.strip()
-    else:
-        numeric = pd.to_numeric(column.where(~missing), errors="coerce")
-        bad = numeric.isna().to_numpy() & ~missing
-        if bad.any():
-            row = column.index[bad.argmax()]
-            raise ValueError(
-                f"Column `{cond.column}` of {source}, row {row}: expected a number to compare in "
-                f"`{cond}`, but got {_plain(column.loc[row])!r}." + bad_rows(column, bad)
-            )
-        values = numeric.to_numpy(dtype=np.float64)
-        target = float(cond.value)
-    return np.asarray(_COMPARE[cond.op](values, target), dtype=bool) & ~missing
 
 
 def _label_values(task: TaskConfig, column: pd.Series, present: np.ndarray, source: str) -> np.ndarray:
@@ -712,31 +849,12 @@ def _to_float(column: pd.Series, present: np.ndarray) -> np.ndarray:
         return out
 
 
-def _missing(column: pd.Series) -> np.ndarray:
-    """NaN/None, or a blank string (CSVs read with keep_default_na = false; pandas 3 text is not `object`)."""
-    missing = column.isna().to_numpy()
-    if pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column):
-        missing = missing | (column.astype(str).str.strip() == "").to_numpy(dtype=bool, na_value=False)
-    return missing
-
-
 def _raise_missing(frame: pd.DataFrame, col: str, missing: np.ndarray, source: str) -> None:
     row = frame.index[missing.argmax()]
     raise ValueError(
         f"Numeric column `{col}` of {source}, row {row}: value is missing ({int(missing.sum())} rows of the "
         f"{len(missing)} read) and [data] missing_numeric = 'error'; fill in the values, or set it to 'impute' "
         "to use the training mean and an indicator." + bad_rows(frame[col], missing)
-    )
-
-
-def bad_rows(column: pd.Series, bad: np.ndarray) -> str:
-    """The end of an error message: the first bad rows of a column with their values, and how many."""
-    positions = np.flatnonzero(bad)
-    shown = ", ".join(f"{column.index[i]} ({_show(column.iloc[i])})" for i in positions[:BAD_ROWS_SHOWN])
-    more = ", …" if len(positions) > BAD_ROWS_SHOWN else ""
-    return (
-        f" Bad rows (counted from 0 = the first data row of the file): {shown}{more}; "
-        f"{len(positions)} of the {len(bad)} rows read."
     )
 
 
@@ -753,6 +871,12 @@ def _hashable(column: pd.Series, col: str, source: str) -> pd.Series:
     return column
 
 
+def _present_values(frame: pd.DataFrame, col: str, source: str) -> pd.Series:
+    """A categorical column's values that are not missing (checked to be single values)."""
+    column = frame[col]
+    return _hashable(column[~_missing(column)], col, source)
+
+
 def _plain_integers(frame: pd.DataFrame, col: str) -> np.ndarray | None:
     """The column as numpy integers that fit in int64 (no missing values possible), if it is one."""
     values = plain_column(frame, col)
@@ -766,12 +890,6 @@ def _integer_key(key: str) -> int | None:
     except ValueError:
         return None
     return number if str(number) == key and -(2**63) <= number < 2**63 else None
-
-
-def _show(value) -> str:
-    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)) or value is pd.NA:
-        return "empty"
-    return repr(_plain(value))
 
 
 def category_key(value) -> str:
@@ -863,11 +981,6 @@ def stored_dtype(vocab_sizes: list[int]) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def _plain(value):
-    """numpy scalars to Python ones, so vocabularies serialise (checkpoints, JSON)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _is_glob(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[")
 
@@ -893,14 +1006,16 @@ def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 32_768)
     total = count_rows(path)
     columns = None
     if total is not None:
-        columns = list(dict.fromkeys(encoder.categorical + encoder.numeric + _task_columns(encoder)))
+        columns = list(
+            dict.fromkeys(encoder.categorical + encoder.numeric + list(encoder.lists) + _task_columns(encoder))
+        )
     chunks = (encoder.transform(frame) for frame in iter_frames(path, csv, chunk_rows, columns))
     if total is None:
         parts = [p for p in chunks if len(p)]
         if not parts:
             raise ValueError(f"Expected {path} to have data rows, but it has none")
         return EncodedTable(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in ("sparse", "dense", "labels", "label_mask")),
+            *(torch.cat([getattr(p, f) for p in parts]) for f in TABLE_FIELDS),
             source=str(path),
             wide=parts[0].wide,
         )
@@ -919,6 +1034,8 @@ def empty_table(encoder: Encoder, rows: int, source: str) -> EncodedTable:
         dense=torch.empty(rows, len(encoder.dense_names)),
         labels=torch.empty(rows, num_tasks, dtype=encoder.label_dtype),
         label_mask=torch.empty(rows, num_tasks, dtype=torch.bool),
+        lists=torch.empty(rows, encoder.list_width, dtype=getattr(torch, encoder.list_dtype.name)),
+        lengths=torch.empty(rows, len(encoder.lists), dtype=torch.int16),
         source=source,
         wide=wide,
     )
@@ -929,7 +1046,7 @@ def fill_table(table: EncodedTable, parts: Iterable[EncodedTable]) -> EncodedTab
     start = 0
     for part in parts:
         stop = start + len(part)
-        for name in ("sparse", "dense", "labels", "label_mask"):
+        for name in TABLE_FIELDS:
             getattr(table, name)[start:stop] = getattr(part, name)
         start = stop
     if start != len(table):  # the file changed while it was read
@@ -940,7 +1057,5 @@ def fill_table(table: EncodedTable, parts: Iterable[EncodedTable]) -> EncodedTab
 def _task_columns(encoder: Encoder) -> list[str]:
     columns = []
     for task in (TaskConfig(**t) for t in encoder.tasks):
-        columns.append(task.source_column)
-        if task.space_condition is not None:
-            columns.append(task.space_condition.column)
+        columns.extend(task.columns)
     return columns

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from plerec.config import TaskConfig
+from plerec.config import ListFeature, TaskConfig
 
 FIELDS = {
     "categorical": list,
@@ -24,6 +24,8 @@ FIELDS = {
     "inferred": dict,
     "hash_buckets": dict,
     "label_stats": dict,
+    "lists": dict,
+    "embedding_dims": dict,
 }
 REQUIRED = ("categorical", "numeric", "vocabs", "tasks")
 
@@ -65,6 +67,15 @@ def check_encoder_state(state: Any) -> None:
         raise ValueError(
             f"Expected encoder `missing_numeric` to be 'impute' or 'error', but got {state['missing_numeric']!r}"
         )
+    for name, spec in state.get("lists", {}).items():
+        _check_list(name, spec, state)
+    tables = set(state["categorical"]) | {n for n, s in state.get("lists", {}).items() if not s.get("share")}
+    for col, width in state.get("embedding_dims", {}).items():
+        if col not in tables or not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 65_536:
+            raise ValueError(
+                f"Expected encoder `embedding_dims` to map categorical or own-table list columns to widths in "
+                f"[1, 65536], but got {col!r} = {width!r}"
+            )
     for i, task in enumerate(state["tasks"]):
         if not isinstance(task, dict):
             raise ValueError(f"Expected encoder `tasks` #{i} to be a table, but got {type(task).__name__}")
@@ -72,6 +83,31 @@ def check_encoder_state(state: Any) -> None:
             TaskConfig(**task)
         except TypeError as err:
             raise ValueError(f"Expected encoder `tasks` #{i} to be a task's settings, but {err}") from None
+
+
+LIST_KEYS = {"pooling", "max_length", "share", "target", "separator", "attention_dims", "elements"}
+
+
+def _check_list(name: str, spec: Any, state: dict) -> None:
+    """One list column's settings: those of [features.lists], `max_length` resolved (≥ 1), its element type,
+    and a vocabulary of its own unless it shares a categorical column's."""
+    where = f"encoder `lists` `{name}`"
+    if not isinstance(spec, dict) or set(spec) != LIST_KEYS:
+        raise ValueError(f"Expected {where} to be a table of the keys {', '.join(sorted(LIST_KEYS))}, but got {spec!r}")
+    try:
+        config = ListFeature(**{k: v for k, v in spec.items() if k != "elements"})
+        config.check(name)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Expected {where} to be valid settings, but {err}") from None
+    if not isinstance(config.max_length, int) or config.max_length < 1:
+        raise ValueError(f"Expected {where} `max_length` to be a resolved length >= 1, but got {config.max_length!r}")
+    if spec["elements"] not in ("integer", "text"):
+        raise ValueError(f"Expected {where} `elements` to be 'integer' or 'text', but got {spec['elements']!r}")
+    for key in ("share", "target"):
+        if spec[key] and spec[key] not in state["categorical"]:
+            raise ValueError(f"Expected {where} `{key}` to name a categorical column, but got {spec[key]!r}")
+    if not spec["share"] and not isinstance(state["vocabs"].get(name), list):
+        raise ValueError(f"Expected encoder `vocabs` to hold a list for the list column `{name}`, but not")
 
 
 def _number(value: Any) -> bool:

@@ -114,3 +114,37 @@ def plain_column(frame, col: str) -> np.ndarray | None:
         return frame.plain(col)
     column = frame[col]
     return column.to_numpy() if plain_dtype(column.dtype) else None
+
+
+BAD_ROWS_SHOWN = 5
+
+
+def missing_values(column: pandas.Series) -> np.ndarray:
+    """NaN/None, or a blank string (CSVs read with keep_default_na = false; pandas 3 text is not `object`)."""
+    missing = column.isna().to_numpy()
+    if pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column):
+        missing = missing | (column.astype(str).str.strip() == "").to_numpy(dtype=bool, na_value=False)
+    return missing
+
+
+def bad_rows(column: pandas.Series, bad: np.ndarray) -> str:
+    """The end of an error message: the first bad rows of a column with their values, and how many."""
+    positions = np.flatnonzero(bad)
+    shown = ", ".join(f"{column.index[i]} ({show_value(column.iloc[i])})" for i in positions[:BAD_ROWS_SHOWN])
+    more = ", …" if len(positions) > BAD_ROWS_SHOWN else ""
+    return (
+        f" Bad rows (counted from 0 = the first data row of the file): {shown}{more}; "
+        f"{len(positions)} of the {len(bad)} rows read."
+    )
+
+
+def show_value(value) -> str:
+    """A cell's value as an error message shows it ("empty" for a missing one)."""
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)) or value is pd.NA:
+        return "empty"
+    return repr(plain_value(value))
+
+
+def plain_value(value):
+    """numpy scalars to Python ones, so vocabularies serialise (checkpoints, JSON)."""
+    return value.item() if isinstance(value, np.generic) else value

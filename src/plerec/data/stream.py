@@ -161,7 +161,7 @@ def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
     from plerec.models.family import state_shapes
 
     try:  # before any data is read: hash buckets can describe embedding tables too large to allocate
-        state_shapes(exp.model_name, exp.model, encoder.vocab_sizes, len(encoder.dense_names), len(exp.tasks))
+        state_shapes(exp.model_name, exp.model, num_tasks=len(exp.tasks), **encoder.model_inputs())
     except ValueError as err:
         raise ValueError(f"The prepared encoder {path} describes a model that cannot be built: {err}") from None
     tasks = [(t["name"], t["kind"]) for t in encoder.tasks]
@@ -171,23 +171,12 @@ def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
 
 
 def _needed_columns(encoder: Encoder) -> list[str]:
-    return list(dict.fromkeys(list(encoder.categorical) + list(encoder.numeric) + _task_columns(encoder)))
+    return list(dict.fromkeys([*encoder.categorical, *encoder.numeric, *encoder.lists, *_task_columns(encoder)]))
 
 
 def _task_columns(encoder: Encoder) -> list[str]:
-    """The label, condition and space columns of the tasks."""
-    columns = []
-    for task in encoder.tasks:
-        for text in (task["label"], task["condition"], task["space"]):
-            if text and text != "present":
-                columns.append(text if text == task["label"] else _condition_column(text))
-    return list(dict.fromkeys(columns))
-
-
-def _condition_column(text: str) -> str:
-    from plerec.config import Condition
-
-    return Condition.parse(text, "a condition").column
+    """The label, condition and space columns of the tasks (every column a condition reads)."""
+    return list(dict.fromkeys(col for task in encoder.tasks for col in TaskConfig(**task).columns))
 
 
 class ParquetBatches:
@@ -270,6 +259,8 @@ class ParquetBatches:
             torch.zeros(0, len(self.encoder.dense_names)),
             torch.zeros(0, num_tasks),
             torch.zeros(0, num_tasks, dtype=torch.bool),
+            torch.zeros(0, self.encoder.list_width, dtype=torch.int32),
+            torch.zeros(0, len(self.encoder.lists), dtype=torch.int16),
         )
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv as csvlib
 import gzip
+import io
 import re
 import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +34,11 @@ def read_table(path: str | Path, csv: CsvOptions | None = None) -> pd.DataFrame:
             frame = pq.read_table(path, page_checksum_verification=True).to_pandas()
         frame.index = pd.RangeIndex(len(frame))  # not an index stored by pandas: errors name file rows
     else:
-        options = _csv_options(path, csv or CsvOptions())
-        check_field_counts(path, options, csv or CsvOptions())
-        with _csv_errors(path):
-            frame = pd.read_csv(path, **options, low_memory=False)
+        csv = csv or CsvOptions()
+        options = _csv_options(path, csv)
+        check_field_counts(path, options, csv)
+        with _csv_errors(path), _csv_input(path, csv) as source:
+            frame = pd.read_csv(source, **options, low_memory=False)
     frame.attrs["source"] = str(path)
     return frame
 
@@ -62,18 +65,68 @@ def iter_frames(
             with reader_errors(file):
                 yield from arrow_frames(batches, str(file))
         return
-    options = _csv_options(path, csv or CsvOptions())
-    check_field_counts(path, options, csv or CsvOptions())
-    with _csv_errors(path):
-        reader = pd.read_csv(path, **options, chunksize=chunk_rows)
-    with reader:
-        while True:
-            with _csv_errors(path):
-                frame = next(reader, None)
-            if frame is None:
-                return
-            frame.attrs["source"] = str(path)
-            yield frame
+    csv = csv or CsvOptions()
+    options = _csv_options(path, csv)
+    check_field_counts(path, options, csv)
+    with _csv_input(path, csv) as source:
+        with _csv_errors(path):
+            reader = pd.read_csv(source, **options, chunksize=chunk_rows)
+        with reader:
+            while True:
+                with _csv_errors(path):
+                    frame = next(reader, None)
+                if frame is None:
+                    return
+                frame.attrs["source"] = str(path)
+                yield frame
+
+
+@contextmanager
+def _csv_input(path: Path, csv: CsvOptions) -> Iterator[Path | io.BufferedReader]:
+    """What every reader of a CSV file reads (pandas, the field-count check): the file itself, or, with
+    [data.csv] `skip_rows` or `comment`, its bytes without those lines. All of them then see the same rows
+    and count them alike: row 0 is the first data row after the skipped lines and the comments."""
+    if not (csv.skip_rows or csv.comment):
+        yield path
+        return
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as file, io.BufferedReader(_KeptLines(file, csv.skip_rows, csv.comment)) as kept:
+        yield kept
+
+
+class _KeptLines(io.RawIOBase):
+    """A binary file's lines without the first `skip` and without those that start with `comment` (a whole
+    line, not the rest of one: pandas' own `comment` would also cut `a,C#` to `a,C`)."""
+
+    def __init__(self, file, skip: int, comment: str):
+        self._lines = self._kept(file, skip, comment.encode())
+        self._buffer = b""
+        self._start = 0
+
+    @staticmethod
+    def _kept(file, skip: int, comment: bytes) -> Iterator[bytes]:
+        for number, line in enumerate(file):
+            if number < skip:
+                continue
+            bare = line.removeprefix(b"\xef\xbb\xbf") if number == 0 else line  # a UTF-8 byte-order mark
+            if comment and bare.startswith(comment):
+                continue
+            yield line
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while len(self._buffer) - self._start < len(target):
+            lines = list(islice(self._lines, 4096))
+            if not lines:
+                break
+            self._buffer = self._buffer[self._start :] + b"".join(lines)
+            self._start = 0
+        n = min(len(target), len(self._buffer) - self._start)
+        target[:n] = memoryview(self._buffer)[self._start : self._start + n]
+        self._start += n
+        return n
 
 
 def check_column_names(names: list, source: str) -> None:
@@ -168,12 +221,12 @@ def check_field_counts(path: Path, options: dict, csv: CsvOptions) -> None:
     key = (str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ino, repr(options), repr(csv))
     if key in _CHECKED:
         return
-    width = len(csv.names) if csv.names else _header_width(path, options)
+    width = len(csv.names) if csv.names else _header_width(path, options, csv)
     sep, header = options["sep"], int(csv.header)
     short: list[tuple[int, int, str]] = []  # (row counted from 0 at the first data row, fields, text)
     count = 0
     with _csv_errors(path):
-        for row, fields, text in _field_counts(path, sep, csv.skipinitialspace, width, header):
+        for row, fields, text in _field_counts(path, csv, sep, width, header):
             if fields < width:
                 count += 1
                 if len(short) < 5:
@@ -194,17 +247,23 @@ def check_field_counts(path: Path, options: dict, csv: CsvOptions) -> None:
 _CHECKED: set[tuple] = set()  # files whose field counts were checked (see check_field_counts)
 
 
-def _header_width(path: Path, options: dict) -> int:
-    with _csv_errors(path):
+def _header_width(path: Path, options: dict, csv: CsvOptions) -> int:
+    with _csv_errors(path), _csv_input(path, csv) as source:
         first = pd.read_csv(
-            path, **{**options, "keep_default_na": False, "na_values": None}, header=None, nrows=1, dtype=str
+            source, **{**options, "keep_default_na": False, "na_values": None}, header=None, nrows=1, dtype=str
         )
     return len(first.columns)
 
 
-def _field_counts(path: Path, sep: str, skipinitialspace: bool, width: int, header: int) -> Iterator[tuple]:
+def _field_counts(path: Path, csv: CsvOptions, sep: str, width: int, header: int) -> Iterator[tuple]:
     """(row, fields, text) of the data rows with a field count other than `width` (Arrow), or of every
-    data row (the `csv` module); blank lines are skipped, as pandas skips them."""
+    data row (the `csv` module); blank lines are skipped, as pandas skips them, and so are the lines
+    [data.csv] skip_rows and comment leave out (`_csv_input`)."""
+    with _csv_input(path, csv) as source:
+        yield from _counted(source, sep, csv.skipinitialspace, width, header)
+
+
+def _counted(source, sep: str, skipinitialspace: bool, width: int, header: int) -> Iterator[tuple]:
     if len(sep) == 1 and not skipinitialspace:
         import pyarrow.csv as pacsv
 
@@ -217,7 +276,7 @@ def _field_counts(path: Path, sep: str, skipinitialspace: bool, width: int, head
 
         names = [f"c{i}" for i in range(width)]
         reader = pacsv.open_csv(
-            path,
+            source,
             read_options=pacsv.ReadOptions(use_threads=False, column_names=names, skip_rows=header),
             parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=odd_row),
             convert_options=pacsv.ConvertOptions(include_columns=names[:1], column_types={names[0]: pa.binary()}),
@@ -227,8 +286,12 @@ def _field_counts(path: Path, sep: str, skipinitialspace: bool, width: int, head
             found.clear()
         yield from found
         return
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
+    if isinstance(source, Path):
+        opener = gzip.open if source.name.lower().endswith(".gz") else open
+        f = opener(source, "rt", newline="", encoding="utf-8")
+    else:
+        f = io.TextIOWrapper(source, encoding="utf-8", newline="")
+    with f:
         if len(sep) == 1:
             rows = ((r, sep.join(r)) for r in csvlib.reader(f, delimiter=sep, skipinitialspace=skipinitialspace))
         else:  # pandas reads a longer separator as a regular expression, without quoting
@@ -272,9 +335,9 @@ def _csv_options(path: Path, csv: CsvOptions) -> dict:
     elif not csv.header:
         raise ValueError(f"Reading {path}: a CSV without a header needs [data.csv] `names`")
     else:
-        with _csv_errors(path):
+        with _csv_errors(path), _csv_input(path, csv) as source:
             header = pd.read_csv(
-                path, **{**options, "keep_default_na": False, "na_values": None}, header=None, nrows=1, dtype=str
+                source, **{**options, "keep_default_na": False, "na_values": None}, header=None, nrows=1, dtype=str
             )
         check_column_names(header.iloc[0].tolist() if len(header) else [], f"the header of {path}")
     return options
@@ -283,7 +346,9 @@ def _csv_options(path: Path, csv: CsvOptions) -> dict:
 def load_splits(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
     """The train / valid / test tables; each keeps its file's row numbers as index, for error messages.
 
-    A single file is shuffled with `split_seed` (default: the experiment seed) and cut by fractions.
+    A single file is shuffled with `split_seed` (default: the experiment seed) and cut by fractions; with
+    a separate `test` file next to it, into train and valid only (the valid split takes what train leaves),
+    and the test split is that file.
     """
     if data.train:
         files = {"train": data.train, "valid": data.valid, "test": data.test}
@@ -297,7 +362,7 @@ def load_splits(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng(seed if data.split_seed is None else data.split_seed)
     order = rng.permutation(len(frame))
     n_train = int(round(data.split[0] * len(frame)))
-    n_valid = int(round(data.split[1] * len(frame)))
+    n_valid = len(frame) - n_train if data.test else int(round(data.split[1] * len(frame)))
     bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, len(frame))}
     tables = {}
     for split, (start, stop) in bounds.items():
@@ -311,6 +376,11 @@ def load_splits(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
                 f"The {split} split of {data.path} is empty ({len(frame)} rows, split {list(data.split)}): "
                 "use more rows or a larger fraction"
             )
+    if data.test:  # the file's own rows, never rows of `path`
+        test = read_table(data.test, data.csv)
+        test.attrs["source"] = data.test
+        _require_rows(test, "the test file")
+        tables["test"] = test
     return tables
 
 

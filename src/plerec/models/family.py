@@ -538,30 +538,37 @@ MODELS: dict[str, ModelSpec] = {
 class MultiTaskModel(nn.Module):
     """Feature input followed by a body from the registry. Returns logits (B, T), never probabilities."""
 
-    def __init__(self, name: str, config: ModelConfig, vocab_sizes, num_dense: int, num_tasks: int):
+    def __init__(self, name: str, config: ModelConfig, vocab_sizes, num_dense: int, num_tasks: int, lists=(), dims=()):
         super().__init__()
         self.name = name
         self.config = config
         copies = num_tasks if MODELS[name].per_task_input else 1
-        self.input = FeatureInput(vocab_sizes, num_dense, config.embedding_dim, config.embedding_init_std, copies)
+        self.input = FeatureInput(
+            vocab_sizes, num_dense, config.embedding_dim, config.embedding_init_std, copies, tuple(lists), tuple(dims)
+        )
         self.body = MODELS[name].build(config, self.input.out_dim, num_tasks)
         # A regression task trained on standardised labels predicts σ·out + μ, in the label's units; (1, 0) for
         # the others. Set by training from the training labels (train.set_output_scale), saved with the weights.
         self.register_buffer("output_scale", torch.ones(num_tasks))
         self.register_buffer("output_shift", torch.zeros(num_tasks))
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
-        return torch.addcmul(self.output_shift, self.body(self.input(sparse, dense)), self.output_scale)  # (B, T)
+    def forward(
+        self, sparse: Tensor, dense: Tensor, lists: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
+        x = self.input(sparse, dense, lists, lengths)
+        return torch.addcmul(self.output_shift, self.body(x), self.output_scale)  # (B, T)
 
     def has_gates(self) -> bool:
         return hasattr(self.body, "extract")
 
     @torch.no_grad()
-    def gate_weights(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
+    def gate_weights(
+        self, sparse: Tensor, dense: Tensor, lists: Tensor | None = None, lengths: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Every gate's softmax weights over its experts, (B, E) each; empty for models without gates."""
         if not self.has_gates():
             return {}
-        return self.body.extract(self.input(sparse, dense))[1]
+        return self.body.extract(self.input(sparse, dense, lists, lengths))[1]
 
     def gate_experts(self) -> dict[str, list[str]]:
         """Gate name -> the names of the experts it weighs (`L{level}.task{k}.{i}` or `L{level}.shared{i}`)."""
@@ -616,32 +623,36 @@ def _level(j: int, level) -> LevelConfig:
     return LevelConfig(**{k: _typed(v, hints[k], f"[model] levels[{j}] `{k}`") for k, v in level.items()})
 
 
-def build_model(name: str, config: ModelConfig | dict | None, vocab_sizes, num_dense: int, num_tasks: int):
-    """A MultiTaskModel for `num_tasks` tasks over the given sparse vocabularies and dense width."""
+def build_model(
+    name: str, config: ModelConfig | dict | None, vocab_sizes, num_dense: int, num_tasks: int, lists=(), dims=()
+) -> MultiTaskModel:
+    """A MultiTaskModel for `num_tasks` tasks over the given sparse vocabularies, dense width, list fields
+    (ListSpec) and per-field embedding widths (0: embedding_dim); `Encoder.model_inputs()` gives them all."""
     if not isinstance(config, ModelConfig):
         config = model_config(name, config)
     if num_tasks < 1:
         raise ValueError(f"Expected at least one task, but got {num_tasks}")
-    state_shapes(name, config, vocab_sizes, num_dense, num_tasks)  # the size limits, before any allocation
-    return MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks)
+    state_shapes(name, config, vocab_sizes, num_dense, num_tasks, lists, dims)  # the limits, before any allocation
+    return MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks, lists, dims)
 
 
 def state_shapes(
-    name: str, config: ModelConfig, vocab_sizes, num_dense: int, num_tasks: int
+    name: str, config: ModelConfig, vocab_sizes, num_dense: int, num_tasks: int, lists=(), dims=()
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The shape and dtype of every tensor of the model's state dict, with nothing allocated: the model is
     built on the meta device, after its embedding rows are checked against MAX_EMBEDDING_ROWS (the config's
     own limits bound the rest), and its parameter count is checked against MAX_PARAMETERS."""
     copies = num_tasks if MODELS[name].per_task_input else 1
-    rows = copies * sum(vocab_sizes)
+    ids = sum(vocab_sizes) + sum(s.vocab_size for s in lists)
+    rows = copies * ids
     if rows > MAX_EMBEDDING_ROWS:
         raise ValueError(
             f"Expected at most {MAX_EMBEDDING_ROWS} embedding rows in all, but the vocabularies and hash buckets "
-            f"({sum(vocab_sizes)} ids{f' for each of {copies} tasks' if copies > 1 else ''}) need {rows}; "
+            f"({ids} ids{f' for each of {copies} tasks' if copies > 1 else ''}) need {rows}; "
             "lower [features] hash_buckets or max_vocab"
         )
     with torch.device("meta"):
-        state = MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks).state_dict()
+        state = MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks, lists, dims).state_dict()
     count = sum(t.numel() for t in state.values())
     if count > MAX_PARAMETERS:
         raise ValueError(
@@ -651,13 +662,13 @@ def state_shapes(
     return {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
 
 
-def stack_single_task(models, vocab_sizes, num_dense: int) -> MultiTaskModel:
+def stack_single_task(models, vocab_sizes, num_dense: int, lists=(), dims=()) -> MultiTaskModel:
     """The K-task `single` model assembled from K one-task `single` models (task order): every parameter of
     the K-task model is the one-task models' parameters stacked along its first axis (the embedding copies,
     the banks of task networks), so it computes exactly what each one-task model computes."""
     if not models or any(m.name != "single" or m.config != models[0].config for m in models):
         raise ValueError("Expected one-task `single` models with one config to stack, but got others")
-    stacked = MultiTaskModel("single", models[0].config, vocab_sizes, num_dense, len(models))
+    stacked = MultiTaskModel("single", models[0].config, vocab_sizes, num_dense, len(models), lists, dims)
     states = [m.state_dict() for m in models]
     stacked.load_state_dict({key: torch.cat([s[key] for s in states]) for key in stacked.state_dict()})
     return stacked.to(next(models[0].parameters()).device)

@@ -5,21 +5,45 @@ Shape letters: B batch, S sparse fields, D dense features, T (or K) tasks, E exp
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 
+@dataclass(frozen=True, slots=True)
+class ListSpec:
+    """A list field as the input layer takes it: a bag of ids of a table, pooled into one embedding."""
+
+    name: str
+    table: int  # the sparse field whose embedding rows the ids index; -1: rows of its own
+    vocab_size: int  # its own rows (reserved id 0 included); 0 when it shares a field's
+    pooling: str  # mean | sum | max | attention
+    max_length: int  # its width in the padded (B, L) ids
+    target: int = -1  # attention: the sparse field every element is scored against
+    attention_dims: tuple[int, ...] = (36,)
+    dim: int = 0  # the width of its own embeddings (0: the model's embedding_dim); a shared field's otherwise
+
+
 class FeatureInput(nn.Module):
     """Concatenated feature embeddings and dense features: the input representation `x` of DESIGN.md §2.
 
-    All sparse fields share one embedding table; field f's ids live at rows offsets[f] + id, so one
-    lookup serves every field. Id 0 of every field is the reserved "unseen or missing" id.
+    Sparse fields of one embedding width share one table; field f's ids live at rows offsets[f] + id, so
+    one lookup serves every field of the table. Id 0 of every field is the reserved "unseen or missing"
+    id. The fields of the model's `embedding_dim` (all of them, unless `dims` says otherwise) are in
+    `embedding`; the fields of each other width in `tables["w{width}"]`.
 
-    With `copies` = C > 1 the table holds C independent sets of embeddings (copy c at rows c·V + …, V the
+    List fields (`lists`, ListSpec) come as padded ids (B, L), each field's `max_length` columns side by
+    side, and their lengths (B, F). A list field looks its ids up in the rows of the field it shares, or in
+    rows of its own after the sparse fields', and pools the first `length` of them into one embedding:
+    their mean, sum or element-wise max (an empty list gives zeros), or attention as in DIN (Zhou et al.
+    2018): an MLP scores every element e against the target field's embedding t from [e, t, e·t, e − t],
+    the scores' softmax over the real elements weighs the sum. Padded positions are masked, so their ids
+    never change the output (they point at the field's id 0, whose gradient from them is zero).
+
+    With `copies` = C > 1 each table holds C independent sets of embeddings (copy c at rows c·V + …, V the
     rows of one set) and the output is (C, B, d), one input representation per copy: the single-task
     baseline gives every task embeddings of its own, so no task's gradient reaches another's.
     """
@@ -31,6 +55,8 @@ class FeatureInput(nn.Module):
         embedding_dim: int,
         init_std: float = 1e-4,
         copies: int = 1,
+        lists: Sequence[ListSpec] = (),
+        dims: Sequence[int] = (),
     ):
         super().__init__()
         if copies < 1:
@@ -39,42 +65,158 @@ class FeatureInput(nn.Module):
         self.num_dense = num_dense
         self.embedding_dim = embedding_dim
         self.copies = copies
-        self.rows_per_copy = max(sum(vocab_sizes), 1)
-        rows = copies * self.rows_per_copy
+        self.lists = tuple(lists)
+        if dims and len(dims) != self.num_sparse:
+            raise ValueError(f"Expected one width per sparse field ({self.num_sparse}), but got {list(dims)}")
+        field_dims = [d or embedding_dim for d in dims] if dims else [embedding_dim] * self.num_sparse
+        for spec in self.lists:
+            if not (-1 <= spec.table < self.num_sparse and -1 <= spec.target < self.num_sparse):
+                raise ValueError(f"Expected list field `{spec.name}` to use sparse fields, but got {spec}")
+        self.list_dims = [field_dims[s.table] if s.table >= 0 else s.dim or embedding_dim for s in self.lists]
+        for spec, dim in zip(self.lists, self.list_dims, strict=True):
+            if spec.pooling == "attention" and field_dims[spec.target] != dim:
+                raise ValueError(
+                    f"Expected list field `{spec.name}` and its attention target to have one embedding width, but "
+                    f"got {dim} and {field_dims[spec.target]}"
+                )
+        # Tables by width, the model's own first; the rows of each: its sparse fields', then own lists'.
+        widths = list(dict.fromkeys([embedding_dim, *field_dims, *self.list_dims]))
+        self.field_table = [widths.index(d) for d in field_dims]
+        self.list_table = [widths.index(d) for d in self.list_dims]
+        rows = [0] * len(widths)
+        self.field_rows = []  # each field's first row in its table (plain ints: the module builds on "meta")
+        for f, size in enumerate(vocab_sizes):
+            self.field_rows.append(rows[self.field_table[f]])
+            rows[self.field_table[f]] += size
+        self.list_rows = []
+        for spec, t in zip(self.lists, self.list_table, strict=True):
+            if spec.table >= 0:
+                self.list_rows.append(self.field_rows[spec.table])
+            else:
+                self.list_rows.append(rows[t])
+                rows[t] += spec.vocab_size
+        self.table_rows = [max(n, 1) for n in rows]  # rows of one copy
+        self.rows_per_copy = self.table_rows[0]
         # Built on "meta" to size a model (models.state_shapes), random initialisation is skipped: on meta
         # tensors it imports torch._dynamo, tens of MiB that training and serving never need.
         sizing = _on_meta()
-        self.embedding = nn.Embedding(rows, embedding_dim, _weight=torch.empty(rows, embedding_dim) if sizing else None)
-        if not sizing:
-            # Small: with Adam each row moves by about lr per update, so a rarely seen id keeps mostly its
-            # initial value; a small one keeps rare ids near neutral instead of random.
-            nn.init.normal_(self.embedding.weight, std=init_std)
-        starts = [0, *itertools.accumulate(vocab_sizes)]  # plain ints, so the module also builds on "meta"
-        self.register_buffer("offsets", torch.tensor(starts[: self.num_sparse], dtype=torch.long), persistent=False)
-        self.out_dim = self.num_sparse * embedding_dim + num_dense
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        def table(rows: int, dim: int) -> nn.Embedding:
+            rows *= copies
+            embedding = nn.Embedding(rows, dim, _weight=torch.empty(rows, dim) if sizing else None)
+            if not sizing:
+                # Small: with Adam each row moves by about lr per update, so a rarely seen id keeps mostly its
+                # initial value; a small one keeps rare ids near neutral instead of random.
+                nn.init.normal_(embedding.weight, std=init_std)
+            return embedding
+
+        self.embedding = table(self.table_rows[0], embedding_dim)
+        self.tables = nn.ModuleDict(
+            {f"w{w}": table(n, w) for w, n in zip(widths[1:], self.table_rows[1:], strict=True)}
+        )
+        # The sparse fields of each table, in field order (a field's position there: field_position).
+        self.table_fields = [
+            [f for f in range(self.num_sparse) if self.field_table[f] == t] for t in range(len(widths))
+        ]
+        self.field_position = [self.table_fields[self.field_table[f]].index(f) for f in range(self.num_sparse)]
+        self.one_table = len(widths) == 1
+        for t, members in enumerate(self.table_fields):
+            offsets = torch.tensor([self.field_rows[f] for f in members], dtype=torch.long)
+            self.register_buffer(f"offsets{t or ''}", offsets, persistent=False)
+            self.register_buffer(f"fields{t or ''}", torch.tensor(members, dtype=torch.long), persistent=False)
+        # One bank of `copies` scoring MLPs per attention field: every task of the single-task baseline its own.
+        self.attention = nn.ModuleList(
+            ParallelMLP(copies, 4 * dim, (*s.attention_dims, 1), final_activation=False)
+            for s, dim in zip(self.lists, self.list_dims, strict=True)
+            if s.pooling == "attention"
+        )
+        self.out_dim = sum(field_dims) + sum(self.list_dims) + num_dense
+
+    def embedding_tables(self) -> list[nn.Embedding]:
+        """Every embedding table, the one of the model's `embedding_dim` first."""
+        return [self.embedding, *self.tables.values()]
+
+    def set_sparse(self, sparse: bool) -> None:
+        """Sparse or dense embedding gradients, for every table."""
+        for table in self.embedding_tables():
+            table.sparse = sparse
+
+    def forward(
+        self, sparse: Tensor, dense: Tensor, lists: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
         """(B, d), or (C, B, d) with C copies."""
-        if self.copies > 1:
-            return self._forward_copies(sparse, dense)
-        parts = []
-        if self.num_sparse:
-            emb = self.embedding(sparse.long() + self.offsets)  # (B, S, dim)
-            parts.append(emb.flatten(1))  # (B, S*dim)
-        if self.num_dense:
-            parts.append(dense)
-        return torch.cat(parts, dim=1)  # (B, d)
-
-    def _forward_copies(self, sparse: Tensor, dense: Tensor) -> Tensor:
         c, b = self.copies, dense.shape[0]
-        parts = []
-        if self.num_sparse:
-            starts = torch.arange(c, device=sparse.device).mul_(self.rows_per_copy).view(c, 1, 1)  # (C, 1, 1)
-            emb = self.embedding((sparse.long() + self.offsets).unsqueeze(0) + starts)  # (C, B, S, dim)
-            parts.append(emb.flatten(2))  # (C, B, S*dim)
+        starts = None if c == 1 else torch.arange(c, device=dense.device).view(c, 1, 1)  # (C, 1, 1)
+        embs = self._sparse(sparse, starts)  # per table (C, B, S_t, dim_t)
+        parts = [emb.flatten(-2) for emb in embs if emb.shape[-2]]
+        if self.lists:
+            parts += [pooled for pooled, _ in self._pooled(embs, lists, lengths, starts)]
         if self.num_dense:
             parts.append(dense.unsqueeze(0).expand(c, b, self.num_dense))  # (C, B, D)
-        return torch.cat(parts, dim=2)  # (C, B, d)
+        x = torch.cat(parts, dim=-1)  # (C, B, d)
+        return x.squeeze(0) if c == 1 else x
+
+    def list_weights(self, sparse: Tensor, dense: Tensor, lists: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        """Each list field's weights over its padded elements, (B, max_length) (copy 0 with copies): the
+        attention weights, or the pooling's own (1/length for mean, 1 for sum, 1 at the argmax for max)."""
+        with torch.no_grad():
+            pooled = self._pooled(self._sparse(sparse, None), lists, lengths, None)
+            return {s.name: w[0] for s, (_, w) in zip(self.lists, pooled, strict=True)}
+
+    def _sparse(self, sparse: Tensor, starts: Tensor | None) -> list[Tensor]:
+        """Every table's lookup of its sparse fields, (C, B, S_t, dim_t); C = 1 without copies."""
+        ids = sparse.long()
+        out = []
+        for t, table in enumerate(self.embedding_tables()):
+            rows = (ids if self.one_table else ids.index_select(1, getattr(self, f"fields{t or ''}"))) + getattr(
+                self, f"offsets{t or ''}"
+            )  # (B, S_t)
+            rows = rows.unsqueeze(0) if starts is None else rows.unsqueeze(0) + starts * self.table_rows[t]
+            out.append(table(rows))
+        return out
+
+    def _pooled(self, embs: list[Tensor], lists: Tensor | None, lengths: Tensor | None, starts: Tensor | None):
+        """Per list field: its pooled embeddings (C, B, dim) and its weights over the elements (C, B, M);
+        C = 1 without copies (`starts` None), else the copies' numbers (C, 1, 1)."""
+        if lists is None or lengths is None:
+            raise ValueError(
+                f"Expected the list fields {[s.name for s in self.lists]} with their lengths, but got none"
+            )
+        column, attention, tables = 0, iter(self.attention), self.embedding_tables()
+        for f, spec in enumerate(self.lists):
+            t = self.list_table[f]
+            ids = (lists[:, column : column + spec.max_length].long() + self.list_rows[f]).unsqueeze(0)  # (1, B, M)
+            column += spec.max_length
+            if starts is not None:
+                ids = ids + starts * self.table_rows[t]  # (C, B, M)
+            elements = tables[t](ids)  # (C, B, M, dim)
+            length = lengths[:, f : f + 1].long()  # (B, 1)
+            real = torch.arange(spec.max_length, device=ids.device) < length  # (B, M)
+            if spec.pooling == "attention":
+                target = embs[self.field_table[spec.target]][:, :, self.field_position[spec.target]]  # (C, B, dim)
+                weights = _attention_weights(next(attention), elements, target, real)  # (C, B, M)
+                yield (weights.unsqueeze(-1) * elements).sum(-2), weights
+            elif spec.pooling == "max":
+                masked = elements.masked_fill(~real.unsqueeze(-1), float("-inf"))
+                best = masked.amax(-2)  # (C, B, dim)
+                pooled = torch.where(length > 0, best, torch.zeros_like(best))
+                weights = (masked == best.unsqueeze(-2)).to(elements.dtype).mean(-1)  # the share of dims at max
+                yield pooled, weights * real
+            else:
+                weights = real.to(elements.dtype).unsqueeze(0)  # (1, B, M)
+                if spec.pooling == "mean":
+                    weights = weights / length.clamp(min=1).to(elements.dtype)
+                yield (weights.unsqueeze(-1) * elements).sum(-2), weights.expand(elements.shape[:-1])
+
+
+def _attention_weights(mlp: ParallelMLP, elements: Tensor, target: Tensor, real: Tensor) -> Tensor:
+    """Softmax over the real elements of the MLP's scores of [e, t, e·t, e − t]; 0 at padding (all 0 for an
+    empty list). elements (C, B, M, dim), target (C, B, dim), real (B, M) -> (C, B, M)."""
+    c, b, m, d = elements.shape
+    t = target.unsqueeze(-2).expand_as(elements)
+    scores = mlp(torch.cat([elements, t, elements * t, elements - t], dim=-1).reshape(c, b * m, 4 * d)).view(c, b, m)
+    scores = scores.masked_fill(~real, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) * real
 
 
 def _on_meta() -> bool:
