@@ -16,8 +16,9 @@ from plerec.checkpoint import read_checkpoint_file
 from plerec.cli import main
 from plerec.config import experiment_from_dict, load_experiment
 from plerec.data.batches import InMemoryBatches
-from plerec.data.encode import EncodedTable, fit_encoder_chunked
+from plerec.data.fitter import fit_encoder_chunked
 from plerec.data.stream import ParquetBatches, local_eval_chunks, row_groups
+from plerec.data.tables import EncodedTable
 from plerec.distributed import DistContext, check_batch_size, init_distributed, shard_bounds
 from plerec.train import evaluate_split, fit, load_checkpoint, prepare_data
 

@@ -6,16 +6,12 @@ import pytest
 import torch
 
 from plerec.config import Condition, CsvOptions, DataConfig, TaskConfig, experiment_from_dict
-from plerec.data.encode import (
-    EncodedTable,
-    Encoder,
-    encode_labels,
-    evaluate_condition,
-    pack_ids,
-    select_features,
-    wide_fields,
-)
+from plerec.data.conditions import evaluate_condition
+from plerec.data.encode import Encoder
+from plerec.data.fitter import select_features
+from plerec.data.labels import encode_labels
 from plerec.data.table import load_splits, read_table
+from plerec.data.tables import EncodedTable, pack_ids, wide_fields
 
 CSV = "age,city,click,buy\n31,paris,1,0\n45,rome,0,\n,paris,1,1\n22,oslo,0,0\n"
 
@@ -190,7 +186,7 @@ def test_integer_columns_take_the_array_path_with_the_same_vocabulary_and_ids():
     """Plain integer columns are counted and looked up as arrays; the result must be that of the per-value
     text keys the other columns use: same order (count, then the key's text: "10" < "9"), same ids, 7 in
     the data matching a vocabulary entry 7, 7.0 or "7", the first such entry winning, and chunks."""
-    from plerec.data.encode import EncoderFitter
+    from plerec.data.fitter import EncoderFitter
 
     exp = make_exp({"categorical": ["n"]})
     rng = np.random.default_rng(0)
@@ -624,8 +620,10 @@ def _typed_exp(path):
 
 
 def test_parquet_chunks_read_without_pandas_encode_exactly_as_through_pandas(tmp_path, monkeypatch):
-    import plerec.data.encode as encode_module
-    from plerec.data.encode import encode_file, fit_encoder_chunked
+    import plerec.data.columns as columns_module
+    import plerec.data.labels as labels_module
+    from plerec.data.encode import encode_file
+    from plerec.data.fitter import fit_encoder_chunked
     from plerec.data.stream import ParquetBatches
 
     path = tmp_path / "typed.parquet"
@@ -640,7 +638,8 @@ def test_parquet_chunks_read_without_pandas_encode_exactly_as_through_pandas(tmp
 
     fast = run()
     with monkeypatch.context() as patch:  # every column through pandas, as before the plain-number path
-        patch.setattr(encode_module, "plain_column", lambda frame, col: None)
+        patch.setattr(columns_module, "plain_column", lambda frame, col: None)
+        patch.setattr(labels_module, "plain_column", lambda frame, col: None)
         reference = run()
     assert fast[0] == reference[0]
     for name in ("sparse", "dense", "labels", "label_mask"):
@@ -716,7 +715,7 @@ print("pandas imported:", "pandas" in sys.modules)
     ],
 )
 def test_bad_values_in_plain_parquet_columns_name_the_file_row(tmp_path, column, value, message):
-    from plerec.data.encode import fit_encoder_chunked
+    from plerec.data.fitter import fit_encoder_chunked
 
     table = _typed_table(3_000)
     table.loc[1234, column] = value
@@ -747,7 +746,7 @@ def test_labels_are_stored_as_uint8_when_every_task_is_binary_and_batches_carry_
 def test_integer_vocabularies_are_arrays_that_read_and_serialise_as_lists():
     import json
 
-    from plerec.data.encode import IntegerVocabulary
+    from plerec.data.vocab import IntegerVocabulary
 
     values = np.array([5, 9, 5, 2, 9, 9, -3, 2**40])
     data = frame(n=values, click=[0, 1] * 4)
@@ -779,7 +778,8 @@ def test_integer_vocabularies_are_arrays_that_read_and_serialise_as_lists():
 def test_a_constant_column_standardises_alike_read_whole_or_a_row_at_a_time(tmp_path):
     """Found by hypothesis: three equal values have a rounding-noise std (1e-10) when averaged at once and
     exactly 0 when merged row by row; both must give the same encoding."""
-    from plerec.data.encode import encode_file, fit_encoder_chunked
+    from plerec.data.encode import encode_file
+    from plerec.data.fitter import fit_encoder_chunked
     from plerec.data.table import read_table
 
     path = tmp_path / "t.csv"

@@ -14,7 +14,8 @@ import pytest
 from plerec.cli import main
 from plerec.config import Combination, Condition, CsvOptions, DataConfig, TaskConfig, experiment_from_dict
 from plerec.data.conditions import evaluate_condition, known_rows, plain_condition
-from plerec.data.encode import encode_labels, fit_encoder_chunked
+from plerec.data.fitter import fit_encoder_chunked
+from plerec.data.labels import encode_labels
 from plerec.data.stream import check_stream
 from plerec.data.table import iter_frames, load_splits, read_table
 from plerec.train import prepare_data

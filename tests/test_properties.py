@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from plerec.config import Experiment, experiment_from_dict, experiment_to_dict, load_experiment
-from plerec.data.encode import Encoder, encode_file, fit_encoder_chunked
+from plerec.data.encode import Encoder, encode_file
+from plerec.data.fitter import fit_encoder_chunked
 from plerec.data.table import read_table
 from plerec.train import prepare_data
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import plerec.train as train_module
 from plerec.checkpoint import read_checkpoint_file
 from plerec.config import experiment_from_dict
-from plerec.data.encode import EncodedTable
+from plerec.data.tables import EncodedTable
 from plerec.models import build_model
 from plerec.train import (
     evaluate,

@@ -20,9 +20,11 @@ import torch
 from plerec.cli import main
 from plerec.config import experiment_from_dict
 from plerec.data.coverage import LabelCounts
-from plerec.data.encode import Encoder, category_key, encode_file, fit_encoder_chunked, stable_bucket
+from plerec.data.encode import Encoder, encode_file
+from plerec.data.fitter import fit_encoder_chunked
 from plerec.data.stream import ParquetBatches, count_labels, load_encoder, local_eval_chunks, save_encoder
 from plerec.data.table import iter_frames, load_splits, read_table
+from plerec.data.vocab import category_key, stable_bucket
 from plerec.train import prepare_data
 
 
@@ -533,7 +535,7 @@ def test_hashed_ids_are_the_same_in_memory_chunked_streaming_and_after_save_load
 
 def test_hashed_ids_do_not_depend_on_the_process_hash_seed():
     values = ("a", "é", "42", "user 1")
-    script = f"from plerec.data.encode import stable_bucket; print([stable_bucket(v, 1000) for v in {values!r}])"
+    script = f"from plerec.data.vocab import stable_bucket; print([stable_bucket(v, 1000) for v in {values!r}])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # this process has another (random) seed
     other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert other.stdout.strip() == str([stable_bucket(v, 1000) for v in values])

@@ -301,7 +301,7 @@ def _resumed_encoder(out: Path):
 
 def _prepare(args) -> int:
     from plerec.config import load_experiment
-    from plerec.data.encode import fit_encoder_chunked
+    from plerec.data.fitter import fit_encoder_chunked
     from plerec.data.stream import save_encoder
     from plerec.train import prepare_data
 

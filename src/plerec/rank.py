@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from plerec.config import Experiment, RankConfig, TaskConfig
-from plerec.data.encode import EncodedTable, Encoder
+from plerec.data.encode import Encoder
+from plerec.data.tables import EncodedTable
 from plerec.models import MultiTaskModel
 from plerec.safe_io import atomic_write
 

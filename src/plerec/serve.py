@@ -49,8 +49,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from plerec import jsonio
-from plerec.data.encode import EncodedTable, category_key, stable_bucket
 from plerec.data.lists import Elements, padded
+from plerec.data.tables import EncodedTable
+from plerec.data.vocab import category_key, stable_bucket
 from plerec.errors import did_you_mean
 from plerec.rank import Scorer, rank_within_groups
 

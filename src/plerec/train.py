@@ -30,7 +30,8 @@ from plerec.checkpoint import (
 from plerec.config import Experiment, experiment_to_dict, write_experiment
 from plerec.data.batches import InMemoryBatches, local_rows
 from plerec.data.coverage import LabelCounts, check_label_counts
-from plerec.data.encode import EncodedTable, Encoder, encode_file, fit_encoder_chunked
+from plerec.data.encode import Encoder, encode_file
+from plerec.data.fitter import fit_encoder_chunked
 from plerec.data.stream import (
     ParquetBatches,
     check_stream,
@@ -40,6 +41,7 @@ from plerec.data.stream import (
     save_encoder,
 )
 from plerec.data.table import load_splits
+from plerec.data.tables import EncodedTable
 from plerec.distributed import (
     SINGLE_PROCESS,
     DistContext,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from plerec.data.encode import Batch, EncodedTable
+from plerec.data.tables import Batch, EncodedTable
 from plerec.distributed import SINGLE_PROCESS, DistContext, shard_bounds
 
 

@@ -23,9 +23,11 @@ import torch
 
 from plerec.config import Experiment, TaskConfig
 from plerec.data.coverage import LabelCounts
-from plerec.data.encode import Batch, EncodedTable, Encoder, empty_table, encode_labels, fill_table
+from plerec.data.encode import Encoder, empty_table
 from plerec.data.frames import ArrowFrame, arrow_frames
+from plerec.data.labels import encode_labels
 from plerec.data.table import check_column_names, open_parquet, reader_errors
+from plerec.data.tables import Batch, EncodedTable, fill_table
 from plerec.distributed import SINGLE_PROCESS, DistContext
 from plerec.jsonio import write_json
 
