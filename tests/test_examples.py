@@ -28,3 +28,19 @@ def test_ali_ccp_cvr_is_learnt_on_clicked_rows_only():
     assert test["cvr"]["n"] == 2
     assert result.metrics["valid"]["cvr"]["n"] == 3  # 3 clicks among the 50 validation rows
     assert "auc" in test["ctr"]
+
+
+def test_the_history_example_trains_on_the_history_generator(tmp_path):
+    from plerec.data.synth_history import HistoryConfig, write_parquet
+
+    data = write_parquet(HistoryConfig(rows=3_000, num_users=100, num_items=300), tmp_path / "data.parquet")
+    exp = load_experiment(
+        ROOT / "examples" / "history.toml", [f"data.path={data}", "train.epochs=1", "train.progress=false"]
+    )
+    assert {name: spec.pooling for name, spec in exp.features.lists.items()} == {
+        "hist_item_ids": "attention",
+        "hist_cat_ids": "attention",
+    }
+    result = fit(exp)
+    assert result.model.input.attention and len(result.model.input.attention) == 2
+    assert result.metrics["test"]["purchase"]["n"] < result.metrics["test"]["click"]["n"]  # clicked rows only
