@@ -157,6 +157,53 @@ def test_a_run_without_a_fingerprint_or_interrupted_under_another_experiment_sta
     assert not any("resumed from" in m for m in said)
 
 
+def _drop_keys(record: dict, keys: list[tuple[str, ...]]) -> dict:
+    """An experiment record as a plerec without those keys wrote it."""
+    for path in keys:
+        node = record
+        for part in path[:-1]:
+            node = node[part]
+        del node[path[-1]]
+    return record
+
+
+NEWER_KEYS = [("features", "lists"), ("features", "embedding_dims"), ("data", "csv", "comment")]
+
+
+def test_a_run_recorded_before_a_key_existed_is_kept_while_the_key_is_at_its_default(csv_experiment, tmp_path):
+    exp = load_experiment(csv_experiment)
+    out = tmp_path / "cmp"
+    compare(exp, ["mmoe"], 1, out)
+    run = out / "runs" / "mmoe" / "seed0"
+    record = json.loads((run / "run.json").read_text())
+    _drop_keys(record["fingerprint"]["experiment"], NEWER_KEYS)
+    for task in record["fingerprint"]["experiment"]["tasks"]:
+        del task["standardize"]
+    (run / "run.json").write_text(json.dumps(record))
+    said = []
+    compare(exp, ["mmoe"], 1, out, log=said.append)
+    assert any("mmoe seed 0: already done, skipped" in m for m in said), said
+    assert not (out / "runs" / "mmoe" / "seed0.previous").exists()
+    # set to another value than the default, the key is a change
+    wider = load_experiment(csv_experiment, ["features.embedding_dims={cat = 3}"])
+    said = []
+    compare(wider, ["mmoe"], 1, out, log=said.append)
+    assert any("changed since it ran (features.embedding_dims: (absent) -> {'cat': 3})" in m for m in said), said
+
+
+def test_resume_from_a_checkpoint_written_before_a_key_existed(csv_experiment, tmp_path):
+    from plerec.checkpoint import read_checkpoint_file, write_checkpoint_file
+
+    exp = load_experiment(csv_experiment)
+    fit(exp, out_dir=tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    state = read_checkpoint_file(last)
+    _drop_keys(state["experiment"], NEWER_KEYS)
+    write_checkpoint_file(last, state)
+    longer = load_experiment(csv_experiment, ["train.epochs=3"])
+    assert len(fit(longer, out_dir=tmp_path / "run", resume=True).history) == 3
+
+
 # --- --resume: refused when the data changed ------------------------------------------------------------
 
 

@@ -191,28 +191,35 @@ def _check_weights(path: Path, key: str, weights: dict, shapes: dict, model_name
         )
 
 
-def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+def differences(saved: Any, current: Any, prefix: str = "", defaults: Any = None) -> list[str]:
     """Every key whose value differs between two experiment dictionaries, as `key: saved -> current`.
 
     Lists of tables with a `name` (the tasks) are compared by name, so a reordering is reported clearly.
+    `defaults` (config.key_defaults(), or its part for `prefix`) holds every key's default: a key that
+    `saved` lacks and `current` holds at its default is not a change (a record written before plerec had
+    the key was computed as the default computes).
     """
     if isinstance(saved, dict) and isinstance(current, dict):
         found = []
+        defaults = defaults if isinstance(defaults, dict) else {}
         for key in sorted(set(saved) | set(current), key=str):
             where = f"{prefix}.{key}" if prefix else str(key)
             if key not in saved:
-                found.append(f"{where}: (absent) -> {current[key]!r}")
+                if key not in defaults or _normalise(defaults[key]) != _normalise(current[key]):
+                    found.append(f"{where}: (absent) -> {current[key]!r}")
             elif key not in current:
                 found.append(f"{where}: {saved[key]!r} -> (absent)")
             else:
-                found.extend(differences(saved[key], current[key], where))
+                found.extend(differences(saved[key], current[key], where, defaults.get(key)))
         return found
     if _named_tables(saved) and _named_tables(current):
         saved_names = [t["name"] for t in saved]
         current_names = [t["name"] for t in current]
         if saved_names != current_names:
             return [f"{prefix} names: {saved_names} -> {current_names}"]
-        return [d for a, b in zip(saved, current, strict=True) for d in differences(a, b, f"{prefix}.{a['name']}")]
+        return [
+            d for a, b in zip(saved, current, strict=True) for d in differences(a, b, f"{prefix}.{a['name']}", defaults)
+        ]
     if _normalise(saved) != _normalise(current):
         return [f"{prefix}: {saved!r} -> {current!r}"]
     return []
@@ -225,6 +232,8 @@ def _named_tables(value: Any) -> bool:
 def _normalise(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     return value

@@ -321,7 +321,7 @@ def _prepare(args) -> int:
 
 def _evaluate(args) -> int:
     from plerec.checkpoint import differences
-    from plerec.config import experiment_to_dict, load_experiment
+    from plerec.config import experiment_to_dict, key_defaults, load_experiment
     from plerec.train import evaluate_split, load_checkpoint, prepare_data, write_json
 
     exp = load_experiment(args.experiment, args.overrides)
@@ -331,7 +331,12 @@ def _evaluate(args) -> int:
     saved, now = experiment_to_dict(trained), experiment_to_dict(exp)
     for side in (saved, now):
         side["tasks"] = [{k: v for k, v in t.items() if k in scored} for t in side["tasks"]]
-    differ = [d for part in ("features", "tasks", "model") for d in differences(saved[part], now[part], part)]
+    defaults = key_defaults()
+    differ = [
+        d
+        for part in ("features", "tasks", "model")
+        for d in differences(saved[part], now[part], part, defaults.get(part))
+    ]
     if differ:
         raise ValueError(
             f"The checkpoint {args.checkpoint} was made for another schema or model than {args.experiment} "

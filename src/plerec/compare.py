@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from plerec.checkpoint import differences
-from plerec.config import Experiment
+from plerec.config import Experiment, key_defaults
 from plerec.errors import did_you_mean
 from plerec.fingerprint import data_changes, data_fingerprint, run_fingerprint
 from plerec.models import MODELS, MultiTaskModel
@@ -191,7 +191,7 @@ def _changes_since(run_dir: Path, fingerprint: dict) -> list[str]:
         return []
     if not isinstance(saved, dict):
         return ["it records no fingerprint of its experiment and data (written by an older plerec)"]
-    changes = differences(saved.get("experiment") or {}, fingerprint["experiment"])
+    changes = differences(saved.get("experiment") or {}, fingerprint["experiment"], defaults=key_defaults())
     changes += [f"data file {file}: {what}" for file, what in data_changes(saved.get("data"), fingerprint["data"])]
     return changes
 

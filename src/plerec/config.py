@@ -567,6 +567,41 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     }
 
 
+def key_defaults() -> dict[str, Any]:
+    """Every section's keys with their defaults, shaped like `experiment_to_dict` (tasks: one task's keys;
+    model keys are left out, their defaults depend on the model)."""
+
+    def defaults(cls: type) -> dict[str, Any]:
+        from dataclasses import MISSING
+
+        found = {}
+        for f in fields(cls):
+            if f.default is not MISSING:
+                found[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                found[f.name] = f.default_factory()
+        return {k: _plain(v) for k, v in found.items() if v is not None}
+
+    return {
+        "data": {**defaults(DataConfig), "csv": defaults(CsvOptions)},
+        "features": defaults(FeaturesConfig),
+        "tasks": defaults(TaskConfig),
+        "train": defaults(TrainConfig),
+        "rank": defaults(RankConfig),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A default as `experiment_to_dict` writes it: tables as dicts, tuples as lists."""
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def write_experiment(exp: Experiment, path: str | Path) -> None:
     atomic_write_text(path, tomli_w.dumps(experiment_to_dict(exp)))
 

@@ -27,7 +27,7 @@ from plerec.checkpoint import (
     read_checkpoint_file,
     write_checkpoint_file,
 )
-from plerec.config import Experiment, experiment_to_dict, write_experiment
+from plerec.config import Experiment, experiment_to_dict, key_defaults, write_experiment
 from plerec.data.batches import InMemoryBatches, local_rows
 from plerec.data.coverage import LabelCounts, check_label_counts
 from plerec.data.encode import Encoder, encode_file
@@ -551,7 +551,9 @@ def _saved_state(folder: Path | None, exp: Experiment, resume: bool) -> dict | N
     if saved.get("format") != STATE_FORMAT:
         raise ValueError(f"Expected {path} to be a plerec training state ({STATE_FORMAT}), but it is not")
     changed = [
-        d for d in differences(saved["experiment"], experiment_to_dict(exp)) if not d.startswith(RESUMABLE_CHANGES)
+        d
+        for d in differences(saved["experiment"], experiment_to_dict(exp), defaults=key_defaults())
+        if not d.startswith(RESUMABLE_CHANGES)
     ]
     if changed:
         raise ValueError(
