@@ -220,6 +220,34 @@ def test_pooling_equals_a_loop_over_rows_and_ignores_the_padding(pooling):
     torch.testing.assert_close(layer(sparse, dense, changed, lengths), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+@pytest.mark.parametrize("copies", [1, 2])
+def test_training_pools_the_real_ids_alone_exactly_as_the_padded_sum(monkeypatch, pooling, copies):
+    import plerec.models.layers as layers
+
+    torch.manual_seed(0)
+    layer = _input(pooling, copies=copies)
+    layer.set_sparse(True)
+    b = 16
+    sparse, dense = torch.randint(0, 4, (b, 2)), torch.randn(b, 2)
+    lengths, lists = torch.randint(0, 6, (b, 1)), torch.randint(0, 30, (b, 5))
+    lengths[:2] = torch.tensor([[0], [5]])
+    used = []
+    real_bags = layers._bags
+    monkeypatch.setattr(layers, "_bags", lambda *args: used.append(1) or real_bags(*args))
+    results = []
+    for ragged in (True, False):
+        monkeypatch.setattr(layers, "_training", (lambda w: True) if ragged else (lambda w: False))
+        layer.zero_grad()
+        out = layer(sparse, dense, lists, lengths)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out.detach(), layer.embedding.weight.grad.to_dense()))
+    assert used == [1]  # the ragged path ran once, the padded one once
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][1].abs().max() > 0
+
+
 def test_attention_weights_sum_to_one_over_the_real_elements_and_ignore_padding():
     torch.manual_seed(0)
     layer = _input("attention")
