@@ -10,6 +10,11 @@ interactions; the numeric fields enter linearly and through non-linear transform
 logit (given a click) shares part of the click logit and adds effects of its own. Intercepts are
 calibrated on the generated rows so that the expected positive rates are 15 % and 3 %.
 
+With `--history` (the benchmark's sequence case) the rows also carry `hist_item_ids`, a Parquet
+list<int64> of up to 50 ids of the item field `c01` (oldest first; about 10 % of the rows have an empty
+history), and the click logit gets a term from the history's match with the row's item (see
+`_history`). Without it the data set is exactly the one it always was.
+
 Rows are generated as one stream and cut into train / valid / test, so a larger --rows keeps the same
 hidden model. Ids are compacted over the whole stream: field f's vocabulary is the set of ids that
 occur anywhere in the data set, numbered 0..V_f-1 in an order unrelated to frequency.
@@ -36,6 +41,12 @@ TASKS = ("click", "conversion")
 CLICK_RATE, CONVERSION_RATE = 0.15, 0.03
 LATENT = 4
 USER_FIELDS, ITEM_FIELDS = (0, 3), (1, 2)
+HISTORY = "hist_item_ids"
+HISTORY_FIELD = 1  # c01: the history holds ids of this item field and shares its vocabulary
+HISTORY_MAX = 50
+HISTORY_EMPTY = 0.1  # share of rows with an empty history
+HISTORY_CANDIDATES = 4  # each element is the best of this many popularity-drawn items for the row's intent
+HISTORY_MATCH, HISTORY_REPEAT = 3.0, 0.5  # weights of the history's terms in the click logit
 
 
 def split_sizes(rows: int, test_rows: int | None = None) -> dict[str, int]:
@@ -98,8 +109,50 @@ def _calibrate(logits: np.ndarray, target: float, weight: np.ndarray | None = No
     return (lo + hi) / 2
 
 
-def generate(rows: int, seed: int = 0, test_rows: int | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
-    """The splits as column dicts, and the metadata (realised vocabularies, positive rates)."""
+def _history(seed: int, ranks: np.ndarray, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Histories of the item field and their click-logit term, from a random stream of their own.
+
+    Every row has a hidden intent (a latent vector of the item field's space) that no column carries. Its
+    history is 0 (10 % of the rows) to 50 items, each the best-aligned with the intent of 4 items drawn
+    by the field's own popularity, so the history reveals the intent. The term is
+    3 · mean_j <v(h_j), v(item)> (v the item field's hidden latent vectors; 0 for an empty history),
+    plus 0.5 when the row's item is in its history.
+    Returns the element ranks (flat), offsets (N + 1), the term (N,) and a description."""
+    rng = np.random.default_rng([seed, 3])
+    n, size = len(ranks), len(latents)
+    lengths = np.where(rng.random(n) < HISTORY_EMPTY, 0, rng.integers(1, HISTORY_MAX + 1, n))
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    intent = rng.normal(0, 1, size=(n, latents.shape[1]))
+    rows = np.repeat(np.arange(n), lengths)
+    elements = np.empty(len(rows), dtype=np.int64)
+    chunk = 1 << 21  # elements at a time: the (chunk, candidates, latent) gather stays ~256 MiB
+    for start in range(0, len(rows), chunk):
+        r = rows[start : start + chunk]
+        candidates = _zipf_ids(rng, size, 0.9, len(r) * HISTORY_CANDIDATES).reshape(len(r), HISTORY_CANDIDATES)
+        fit = np.einsum("nkd,nd->nk", latents[candidates], intent[r])
+        elements[start : start + chunk] = candidates[np.arange(len(r)), fit.argmax(1)]
+    target = ranks[rows]
+    match = np.einsum("nd,nd->n", latents[elements], latents[target])
+    term = HISTORY_MATCH * np.bincount(rows, weights=match, minlength=n) / np.maximum(lengths, 1)
+    repeat = np.bincount(rows, weights=elements == target, minlength=n) > 0
+    term += HISTORY_REPEAT * repeat
+    described = {
+        "field": CATEGORICAL[HISTORY_FIELD],
+        "max_length": HISTORY_MAX,
+        "mean_length": float(lengths.mean()),
+        "empty_share": float((lengths == 0).mean()),
+        "item_in_history_share": float(repeat.mean()),
+        "term_std": float(term.std()),
+    }
+    return elements, offsets, term, described
+
+
+def generate(
+    rows: int, seed: int = 0, test_rows: int | None = None, history: bool = False
+) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """The splits as column dicts, and the metadata (realised vocabularies, positive rates); with `history`
+    also the list column `hist_item_ids` (a pyarrow list array) and its click term."""
     sizes = split_sizes(rows, test_rows)
     n = sum(sizes.values())
     hidden = _hidden_model(seed)
@@ -120,6 +173,10 @@ def generate(rows: int, seed: int = 0, test_rows: int | None = None) -> tuple[di
             click_logit += 0.5 * np.einsum("nd,nd->n", lu, li)
     w_lin, w_nonlin = hidden["numeric_weights"]
     click_logit += standard @ w_lin + np.sin(2 * standard) @ w_nonlin + 0.2 * np.maximum(standard[:, 0], 0) ** 2
+    if history:
+        f = HISTORY_FIELD
+        hist_ranks, hist_offsets, hist_term, hist_meta = _history(seed, ranks[:, f], hidden["latents"][f])
+        click_logit += hist_term
 
     conv_logit = 0.6 * (click_logit - click_logit.mean())
     for f, effects in hidden["conv_effects"].items():
@@ -137,9 +194,14 @@ def generate(rows: int, seed: int = 0, test_rows: int | None = None) -> tuple[di
     vocab = {}
     for f, name in enumerate(CATEGORICAL):
         ids = hidden["id_order"][f][ranks[:, f]]
+        if history and f == HISTORY_FIELD:  # one vocabulary over the field and its histories
+            ids = np.concatenate([ids, hidden["id_order"][f][hist_ranks]])
         _, compact = np.unique(ids, return_inverse=True)  # ids that occur, numbered 0..V-1
-        columns[name] = compact.astype(np.int32)
         vocab[name] = int(compact.max()) + 1
+        if history and f == HISTORY_FIELD:
+            compact, elements = compact[:n], compact[n:]
+            columns[HISTORY] = pa.ListArray.from_arrays(pa.array(hist_offsets.astype(np.int32)), pa.array(elements))
+        columns[name] = compact.astype(np.int32)
     for j, name in enumerate(NUMERIC):
         columns[name] = raw[:, j].astype(np.float32)
     columns["click"] = click.astype(np.int8)
@@ -165,6 +227,8 @@ def generate(rows: int, seed: int = 0, test_rows: int | None = None) -> tuple[di
             "conversion": _auc(splits["test"]["conversion"], (p_click * p_conv)[-sizes["test"] :]),
         },
     }
+    if history:
+        meta["lists"] = {HISTORY: hist_meta}
     return splits, meta
 
 
@@ -180,12 +244,17 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def write(
-    out: Path, rows: int, seed: int = 0, heads: dict[str, int] | None = None, test_rows: int | None = None
+    out: Path,
+    rows: int,
+    seed: int = 0,
+    heads: dict[str, int] | None = None,
+    test_rows: int | None = None,
+    history: bool = False,
 ) -> dict:
     """Write train/valid/test Parquet files, meta.json, and for each NAME: N in `heads` a file
     NAME.parquet holding the first N training rows."""
     out.mkdir(parents=True, exist_ok=True)
-    splits, meta = generate(rows, seed, test_rows)
+    splits, meta = generate(rows, seed, test_rows, history)
     for split, cols in splits.items():
         pq.write_table(pa.table(cols), out / f"{split}.parquet", row_group_size=1 << 18)
     for name, count in (heads or {}).items():
@@ -205,6 +274,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head", action="append", default=[], help="NAME=ROWS: also write NAME.parquet")
     parser.add_argument("--test-rows", type=int, default=None)
+    parser.add_argument("--history", action="store_true", help=f"also write the list column {HISTORY}")
     args = parser.parse_args()
     heads = {name: int(n) for name, n in (h.split("=", 1) for h in args.head)}
-    print(json.dumps(write(args.out, args.rows, args.seed, heads, args.test_rows)))
+    print(json.dumps(write(args.out, args.rows, args.seed, heads, args.test_rows, args.history)))

@@ -6,7 +6,11 @@ import statistics
 
 PLEREC = "plerec"
 PLEREC_BF16 = "plerec-bf16"
+PEERS = ("torch-rechub", "deepctr-torch")  # the peers' own trainers
 MiB = 2**20
+SIMD_FLAGS = ("sse4", "avx", "amx", "fma", "f16c", "asimd", "sve")  # the CPU flags that matter for torch's kernels
+SEQUENCE_TRAIN_GOAL = 2.0  # the sequence case: plerec's training >= 2 x the faster peer's
+AUC_TOLERANCE = 0.002  # "equal" AUC, as the main targets count it
 
 
 def summarise(library: str, model: str, batch_size: int, runs: list[dict]) -> dict:
@@ -87,10 +91,13 @@ def _load(values: list[float] | None) -> str:
 def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> str:
     data, versions, m = context["data"], context["versions"], context["machine"]
     rows = data["rows"]
+    sequence = context.get("case") == "sequence"
+    simd = [f for f in m.get("cpu_flags", []) if f.startswith(SIMD_FLAGS)]
     lines = [
-        "# plerec speed benchmark",
+        "# plerec speed benchmark" + (": the sequence case" if sequence else ""),
         "",
-        f"{context['date']} · {m['cpu']} · {m['cores']} cores, {context['threads']} torch threads · "
+        f"{context['date']} · {m['cpu']} (flags: {' '.join(simd) or '—'}) · {m['cores']} cores, "
+        f"{context['threads']} torch threads · "
         f"plerec {versions['plerec']}, torch {versions['torch']}, torch-rechub {versions['torch-rechub']}, "
         f"deepctr-torch {versions['deepctr-torch']}, Python {versions['python']} · "
         f"wall time {_minutes(context.get('wall_seconds'))} · load average before/after "
@@ -108,6 +115,7 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
         f"conversion {data['positive_rate']['train']['conversion']:.3f}; AUC of the hidden model itself on the test "
         f"split: click {data['oracle_test_auc']['click']:.4f}, conversion {data['oracle_test_auc']['conversion']:.4f}.",
         "",
+        *history_lines(data),
         "Protocol: every number comes from its own process. A configuration runs "
         f"{context['repeats']} times: once one epoch over all {rows['train']:,} training rows (libraries: "
         f"{', '.join(context['full_epoch_libraries'])}), then on the first {context['short_rows']:,} rows. "
@@ -116,8 +124,14 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
         "(torch-rechub: `MTLTrainer.train_one_epoch` inside `fit`; DeepCTR-Torch: `fit` less its `evaluate`); "
         "median [min–max] over the runs. Inference: the whole test split at the same batch size with the "
         "library's predict call, median over the runs. AUC (test) and peak RSS of the process: from the full-epoch "
-        "run. `X+plerec-batching`: the peer's model class trained on plerec's encoded tensors and plerec's batch "
-        "source by a plain loop. Ratios are plerec ÷ that row, same model and batch size, same invocation.",
+        "run. "
+        + (
+            ""
+            if sequence
+            else "`X+plerec-batching`: the peer's model class trained on plerec's encoded tensors and plerec's "
+            "batch source by a plain loop. "
+        )
+        + "Ratios are plerec ÷ that row, same model and batch size, same invocation.",
         "",
     ]
     models = sorted({r["model"] for r in records}, key=["ple", "mmoe"].index)
@@ -157,9 +171,80 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
         lines += [f"¹ from a short run ({context['short_rows']:,} training rows): not comparable with the others.", ""]
 
     lines += ceiling_markdown(records, ceiling)
-    lines += targets_markdown(records, ceiling)
-    lines += runs_markdown(records)
+    if sequence:
+        lines += sequence_markdown(records)
+        for model in models:
+            for bs in sizes:
+                lines += runs_markdown(records, model, bs)
+    else:
+        lines += targets_markdown(records, ceiling)
+        lines += runs_markdown(records)
     return "\n".join(lines) + "\n"
+
+
+def history_lines(data: dict) -> list[str]:
+    """The sequence case's list field, as datagen.py describes it in meta.json."""
+    lines = []
+    for name, h in data.get("lists", {}).items():
+        lines += [
+            f"Sequence case: the list field `{name}` (Parquet list<int64>, ids of `{h['field']}`, oldest first, up to "
+            f"{h['max_length']}; mean length {h['mean_length']:.1f}, {h['empty_share']:.0%} empty, the row's "
+            f"`{h['field']}` in its history in {h['item_in_history_share']:.1%} of the rows; its click-logit term "
+            f"has std {h['term_std']:.2f}), mean-pooled over `{h['field']}`'s embedding table by every library: "
+            f'plerec `[features.lists.{name}] share = "{h["field"]}", pooling = "mean"`, torch-rechub '
+            f'`SequenceFeature(pooling="mean", shared_with="{h["field"]}")`, DeepCTR-Torch '
+            f'`VarLenSparseFeat(SparseFeat(embedding_name="{h["field"]}"), combiner="mean", length_name=...)`.',
+            "",
+        ]
+    return lines
+
+
+def sequence_markdown(records: list[dict]) -> list[str]:
+    """The sequence case's comparison: plerec against the better peer on each measure, per model and batch
+    size; the target is training >= 2 x the faster peer's at equal (within AUC_TOLERANCE) or better AUC."""
+    lines = [
+        "## Sequence case: plerec against the better peer",
+        "",
+        f"For each measure the better of the peers' own trainers on it (faster, smaller, more accurate). Target: "
+        f"training ≥ {SEQUENCE_TRAIN_GOAL:g} × the faster peer's at equal or better test AUC (equal: within "
+        f"{AUC_TOLERANCE} of the best peer's, as the main targets count it). Medians; the best runs (least "
+        "disturbed by the machine) in brackets.",
+        "",
+        "| model | batch | measure | plerec | better peer | value | plerec ÷ peer | verdict |",
+        "|---|---:|---|---:|---|---:|---:|---|",
+    ]
+    for model in sorted({r["model"] for r in records}, key=["ple", "mmoe"].index):
+        for bs in sorted({r["batch_size"] for r in records}):
+            ours = _find(records, PLEREC, model, bs)
+            peers = [p for p in (_find(records, lib, model, bs) for lib in PEERS) if p and p["train_samples_per_s"]]
+            if not ours or not ours["train_samples_per_s"] or not peers:
+                lines.append(f"| {model.upper()} | {bs} | — | failed or missing |||||")
+                continue
+            for key, what in (("train_samples_per_s", "train samples/s"), ("infer_samples_per_s", "infer samples/s")):
+                peer = max(peers, key=lambda p: p[key])
+                ratio, best = ours[key] / peer[key], ours[key + "_max"] / peer[key + "_max"]
+                verdict = ""
+                if key == "train_samples_per_s":
+                    verdict = "pass" if ratio >= SEQUENCE_TRAIN_GOAL else "FAIL"
+                    verdict += f" ({ratio / SEQUENCE_TRAIN_GOAL:.2f}× of the goal)"
+                lines.append(
+                    f"| {model.upper()} | {bs} | {what} | {_num(ours[key])} | {peer['library']} | {_num(peer[key])} "
+                    f"| {ratio:.2f}× [{best:.2f}×] | {verdict} |"
+                )
+            peer = min(peers, key=lambda p: p["peak_rss_bytes"])
+            lines.append(
+                f"| {model.upper()} | {bs} | peak RSS MiB | {ours['peak_rss_bytes'] / MiB:,.0f} | {peer['library']} "
+                f"| {peer['peak_rss_bytes'] / MiB:,.0f} | {ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}× | |"
+            )
+            for task in ours["auc"]:
+                peer = max((p for p in peers if task in p["auc"]), key=lambda p: p["auc"][task])
+                gap = ours["auc"][task] - peer["auc"][task]
+                verdict = "pass" if gap >= -AUC_TOLERANCE else "FAIL"
+                lines.append(
+                    f"| {model.upper()} | {bs} | AUC {task} | {ours['auc'][task]:.4f} | {peer['library']} "
+                    f"| {peer['auc'][task]:.4f} | {gap:+.4f} | {verdict} |"
+                )
+    return lines + [""]
 
 
 def ceiling_markdown(records: list[dict], ceiling: dict) -> list[str]:

@@ -3,6 +3,7 @@
 
     python benchmarks/run.py --out DIR [--rows N]          # the comparison: DIR/results.json, DIR/results.md
     python benchmarks/run.py --out DIR --scaling           # plerec's training time at 250k, 1M and 4M rows
+    python benchmarks/run.py --out DIR --sequence          # the sequence case: one 50-element history field
 
 Runs with any Python >= 3.11: it creates benchmarks/.venv-peers (torch pinned by the repository's
 constraints.txt, the PyPI releases of the peers, plerec installed editable) and runs every
@@ -44,6 +45,10 @@ ARCH = {  # mirrored in worker.py, which builds every model from its own copy
     "mmoe": {"num_experts": 3},
 }
 SCALING_ROWS = (250_000, 1_000_000, 4_000_000)
+# The sequence case: the data set gets the history column hist_item_ids (datagen.py --history) and every
+# library its own sequence feature, mean-pooled over the item field's table; only the libraries' own trainers.
+SEQUENCE_LIBRARIES = ("plerec", "plerec-bf16", "torch-rechub", "deepctr-torch")
+SEQUENCE_DEFAULT_LIBRARIES = ("plerec", "torch-rechub", "deepctr-torch")
 
 
 def main() -> int:
@@ -56,7 +61,7 @@ def main() -> int:
     parser.add_argument(
         "--short-rows", type=int, default=None, help="training rows of the repeat runs (default: rows / 10, >= 1000)"
     )
-    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--libraries", default=None, help="default: all (with --sequence: plerec and the peers)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     parser.add_argument(
@@ -66,6 +71,11 @@ def main() -> int:
     )
     parser.add_argument("--scaling", action="store_true", help="time plerec's training at 250k, 1M and 4M rows instead")
     parser.add_argument("--scaling-rows", default=",".join(map(str, SCALING_ROWS)))
+    parser.add_argument(
+        "--sequence",
+        action="store_true",
+        help="the sequence case: a 50-element history field beside the others, mean-pooled by every library",
+    )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds before one measurement is abandoned")
     parser.add_argument("--report-only", action="store_true", help="rebuild DIR/results.* from DIR/work, run nothing")
     parser.add_argument(
@@ -150,13 +160,23 @@ def log(message: str) -> None:
 # Data
 
 
-def make_data(python: Path, folder: Path, rows: int, seed: int, heads: dict[str, int], test_rows: int | None) -> dict:
-    """Generate the data set unless `folder` already holds the same one (same rows, seed and heads)."""
+def make_data(
+    python: Path,
+    folder: Path,
+    rows: int,
+    seed: int,
+    heads: dict[str, int],
+    test_rows: int | None,
+    history: bool = False,
+) -> dict:
+    """Generate the data set unless `folder` already holds the same one (same rows, seed, heads and
+    history column or none)."""
     meta_path = folder / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         wanted = {"train": rows, **heads}
-        if meta["seed"] == seed and all(meta["rows"].get(k) == v for k, v in wanted.items()):
+        same = meta["seed"] == seed and bool(meta.get("lists")) == history
+        if same and all(meta["rows"].get(k) == v for k, v in wanted.items()):
             if test_rows is None or meta["rows"]["test"] == test_rows:
                 log(f"reusing the data set in {folder}")
                 return meta
@@ -165,6 +185,8 @@ def make_data(python: Path, folder: Path, rows: int, seed: int, heads: dict[str,
     cmd += [f"--head={name}={n}" for name, n in heads.items()]
     if test_rows is not None:
         cmd += ["--test-rows", str(test_rows)]
+    if history:
+        cmd.append("--history")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(meta_path.read_text())
 
@@ -208,18 +230,22 @@ def measure(python: Path, spec: dict, work: Path, name: str, timeout: int, resum
 
 
 def run_comparison(args: argparse.Namespace, python: Path, started: float) -> None:
-    libraries = split(args.libraries, LIBRARIES)
+    if args.sequence:
+        libraries = split(args.libraries or ",".join(SEQUENCE_DEFAULT_LIBRARIES), SEQUENCE_LIBRARIES)
+    else:
+        libraries = split(args.libraries or ",".join(LIBRARIES), LIBRARIES)
     models = split(args.models, MODELS)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    full_epoch = set(split(args.full_epoch, LIBRARIES))
+    full_epoch = set(split(args.full_epoch, LIBRARIES)) & set(libraries)
     short_rows = args.short_rows or max(1_000, args.rows // 10)
     work = args.out / "work"
     work.mkdir(exist_ok=True)
     load_before = os.getloadavg()
     source_digest = snapshot_plerec(work, args.resume)
 
-    meta = make_data(python, args.out / "data", args.rows, args.seed, {"train_head": short_rows}, None)
-    in_dim = len(meta["categorical"]) * ARCH["embedding_dim"] + len(meta["numeric"])
+    meta = make_data(python, args.out / "data", args.rows, args.seed, {"train_head": short_rows}, None, args.sequence)
+    fields = len(meta["categorical"]) + len(meta.get("lists", {}))  # a list field pools into one embedding
+    in_dim = fields * ARCH["embedding_dim"] + len(meta["numeric"])
 
     ceiling_spec = {
         "threads": args.threads,
@@ -304,6 +330,7 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
         "load_average_after": os.getloadavg(),
         "wall_seconds": time.perf_counter() - started,
         "resumed": args.resume,
+        "case": "sequence" if args.sequence else "main",
     }
     write_comparison(args.out, configs, runs, ceiling_runs, context)
 
@@ -319,6 +346,8 @@ def write_comparison(out: Path, configs: list, runs: dict, ceiling_runs: list[di
             ceilings[model] = dict(max(candidates, key=lambda c: c["ceiling_samples_per_s"]))
             ceilings[model]["ceiling_samples_per_s_measured"] = [c["ceiling_samples_per_s"] for c in candidates]
     records = [summarise(lib, model, bs, runs[(lib, model, bs)]) for (lib, model, bs) in configs]
+    for record in records:
+        record["case"] = context.get("case", "main")
     ple = ceilings.get("ple", {})
     ceiling_record = {
         "ceiling_samples_per_s": ple.get("ceiling_samples_per_s"),
@@ -379,6 +408,7 @@ def report_only(out: Path, python: Path) -> None:
         "load_average_after": previous.get("load_average_after"),
         "wall_seconds": previous.get("wall_seconds"),
         "rebuilt_from_work_files": True,
+        "case": previous.get("case") or ("sequence" if meta.get("lists") else "main"),
     }
     write_comparison(out, configs, runs, ceiling_runs, context)
 
@@ -446,8 +476,22 @@ def machine() -> dict:
                 break
     except OSError:
         model = platform.processor()
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    return {"cpu": model, "cores": os.cpu_count(), "memory_bytes": memory, "platform": platform.platform()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_bytes": memory,
+        "platform": platform.platform(),
+        "cpu_flags": flags,
+    }
 
 
 def versions(python: Path) -> dict:

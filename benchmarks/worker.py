@@ -14,6 +14,12 @@ validation pass, checkpointing or final evaluation): for torch-rechub the time o
 `evaluate` call it makes for the validation data. Reading the Parquet files and turning them into the
 arrays each library takes is not timed. Inference is timed separately over the whole test split at
 the same batch size, with each library's own predict call.
+
+The sequence case (a data set written by `datagen.py --history`, whose meta.json has `lists`): every
+library also gets the list field `hist_item_ids`, mean-pooled over the embedding table of the item field
+it holds ids of (`c01`): plerec `[features.lists.hist_item_ids]` with `share`, torch-rechub
+`SequenceFeature(pooling="mean", shared_with=...)`, DeepCTR-Torch `VarLenSparseFeat(SparseFeat(...,
+embedding_name=...), combiner="mean", length_name=...)`.
 """
 
 from __future__ import annotations
@@ -88,7 +94,14 @@ def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
             "valid": str(data_dir / "valid.parquet"),
             "test": str(data_dir / "test.parquet"),
         },
-        "features": {"categorical": meta["categorical"], "numeric": meta["numeric"]},
+        "features": {
+            "categorical": meta["categorical"],
+            "numeric": meta["numeric"],
+            "lists": {
+                name: {"share": h["field"], "pooling": "mean", "max_length": h["max_length"]}
+                for name, h in meta.get("lists", {}).items()
+            },
+        },
         "tasks": [{"name": t, "kind": "binary", "label": t} for t in meta["tasks"]],
         "model": model,
         "train": {
@@ -148,16 +161,35 @@ def save_encoder(spec: dict, meta: dict, data_dir: Path, path: Path) -> None:
 # Peers: arrays as their own examples prepare them (ids as given, numeric features standardised)
 
 
-def read_columns(path: Path, meta: dict) -> dict[str, np.ndarray]:
+def read_columns(path: Path, meta: dict, pad: int = 0) -> dict[str, np.ndarray]:
+    """Every column as a numpy array; a list column as padded ids (N, max_length) (a row's last max_length
+    elements first, oldest first, then `pad`) and its lengths (N,) under NAME_length."""
     table = pq.read_table(path)
-    return {name: table.column(name).to_numpy() for name in table.column_names}
+    lists = meta.get("lists", {})
+    out = {name: table.column(name).to_numpy() for name in table.column_names if name not in lists}
+    for name, h in lists.items():
+        out[name], out[f"{name}_length"] = padded_list(table.column(name).combine_chunks(), h["max_length"], pad)
+    return out
 
 
-def peer_arrays(spec: dict, meta: dict, data_dir: Path):
+def padded_list(array, max_length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.asarray(array.offsets, dtype=np.int64)
+    values = np.asarray(array.values, dtype=np.int64)  # a fresh list array: values start at offsets[0] = 0
+    lengths = np.minimum(np.diff(offsets), max_length)
+    positions = np.arange(max_length)
+    keep = positions < lengths[:, None]  # (N, L)
+    ids = np.full((len(lengths), max_length), pad, dtype=np.int64)
+    ids[keep] = values[((offsets[1:] - lengths)[:, None] + positions)[keep]]
+    return ids, lengths
+
+
+def peer_arrays(spec: dict, meta: dict, data_dir: Path, pad: int = 0, lengths: bool = False):
+    """(x, y) per split. A list field comes as padded ids (padding `pad`) and, with `lengths`, its
+    lengths as one more input NAME_length."""
     splits = {
-        "train": read_columns(data_dir / spec["train_file"], meta),
-        "valid": read_columns(data_dir / "valid.parquet", meta),
-        "test": read_columns(data_dir / "test.parquet", meta),
+        "train": read_columns(data_dir / spec["train_file"], meta, pad),
+        "valid": read_columns(data_dir / "valid.parquet", meta, pad),
+        "test": read_columns(data_dir / "test.parquet", meta, pad),
     }
     # Standardise with the statistics of the whole training file (like plerec's encoder); the head
     # of the file gives nearly the same, but the full file keeps short and full runs identical.
@@ -171,17 +203,39 @@ def peer_arrays(spec: dict, meta: dict, data_dir: Path):
     out = {}
     for split, cols in splits.items():
         x = {c: cols[c] for c in meta["categorical"]}
+        for name in meta.get("lists", {}):
+            x[name] = cols[name]
+            if lengths:
+                x[f"{name}_length"] = cols[f"{name}_length"]
         x.update({n: ((cols[n] - stats[n][0]) / stats[n][1]).astype(np.float32) for n in meta["numeric"]})
         y = np.stack([cols[t] for t in meta["tasks"]], axis=1).astype(np.float32)
         out[split] = (x, y)
     return out
 
 
-def rechub_model(name: str, vocab_sizes: dict[str, int], numeric: list[str]):
-    from torch_rechub.basic.features import DenseFeature, SparseFeature
+def rechub_model(name: str, vocab_sizes: dict[str, int], numeric: list[str], lists: dict | None = None):
+    """With `lists` (meta.json's), each list field is a SequenceFeature, mean-pooled over the table of the
+    field it shares (`shared_with`). torch-rechub masks the padding by a padding id (`padding_idx`, which
+    it only uses for the mask): the padding is id V of the shared field, one row more than its ids use, so
+    no real id is masked (its ids start at 0)."""
+    from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
     from torch_rechub.models.multi_task import MMOE, PLE
 
-    features = [SparseFeature(c, vocab_size=v, embed_dim=ARCH["embedding_dim"]) for c, v in vocab_sizes.items()]
+    lists = lists or {}
+    padded = {h["field"] for h in lists.values()}
+    sizes = {c: v + (c in padded) for c, v in vocab_sizes.items()}
+    features = [SparseFeature(c, vocab_size=v, embed_dim=ARCH["embedding_dim"]) for c, v in sizes.items()]
+    features += [
+        SequenceFeature(
+            name,
+            vocab_size=sizes[h["field"]],
+            embed_dim=ARCH["embedding_dim"],
+            pooling="mean",
+            shared_with=h["field"],
+            padding_idx=vocab_sizes[h["field"]],
+        )
+        for name, h in lists.items()
+    ]
     features += [DenseFeature(n) for n in numeric]
     task_types = ["classification", "classification"]
     towers = [{"dims": ARCH["tower_dims"]} for _ in task_types]
@@ -207,9 +261,11 @@ def run_rechub(spec: dict, meta: dict, data_dir: Path) -> dict:
     from torch_rechub.trainers import MTLTrainer
     from torch_rechub.utils.data import DataGenerator, PredictDataset
 
-    arrays = peer_arrays(spec, meta, data_dir)
+    lists = meta.get("lists", {})
+    pad = meta["vocab_sizes"][next(iter(lists.values()))["field"]] if lists else 0  # see rechub_model
+    arrays = peer_arrays(spec, meta, data_dir, pad=pad)
     (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = arrays["train"], arrays["valid"], arrays["test"]
-    model = rechub_model(spec["model"], meta["vocab_sizes"], meta["numeric"])
+    model = rechub_model(spec["model"], meta["vocab_sizes"], meta["numeric"], lists)
     bs = spec["batch_size"]
     train_dl, valid_dl, _ = DataGenerator(x_train, y_train).generate_dataloader(
         x_valid, y_valid, x_test, y_test, batch_size=bs
@@ -279,12 +335,25 @@ def import_deepctr():
     return deepctr_torch
 
 
-def deepctr_model(name: str, vocab_sizes: dict[str, int], numeric: list[str], seed: int):
+def deepctr_model(name: str, vocab_sizes: dict[str, int], numeric: list[str], seed: int, lists: dict | None = None):
+    """With `lists` (meta.json's), each list field is a VarLenSparseFeat whose SparseFeat names the shared
+    field's table (`embedding_name`: DeepCTR builds one nn.Embedding per embedding name), mean-pooled with
+    the lengths given as an input (`length_name`): without them DeepCTR masks id 0, a real id here."""
     import_deepctr()
-    from deepctr_torch.inputs import DenseFeat, SparseFeat
+    from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
     from deepctr_torch.models.multitask import MMOE, PLE
 
     columns = [SparseFeat(c, vocabulary_size=v, embedding_dim=ARCH["embedding_dim"]) for c, v in vocab_sizes.items()]
+    for list_name, h in (lists or {}).items():
+        ids = SparseFeat(
+            list_name,
+            vocabulary_size=vocab_sizes[h["field"]],
+            embedding_dim=ARCH["embedding_dim"],
+            embedding_name=h["field"],
+        )
+        columns.append(
+            VarLenSparseFeat(ids, maxlen=h["max_length"], combiner="mean", length_name=f"{list_name}_length")
+        )
     columns += [DenseFeat(n, 1) for n in numeric]
     # The same objective as the others: no L2 terms (DeepCTR's defaults add 1e-5 on embeddings), and
     # gates that are a single linear layer (DeepCTR's default puts a 64-unit hidden layer in each gate).
@@ -313,9 +382,9 @@ def deepctr_model(name: str, vocab_sizes: dict[str, int], numeric: list[str], se
 
 
 def run_deepctr(spec: dict, meta: dict, data_dir: Path) -> dict:
-    arrays = peer_arrays(spec, meta, data_dir)
+    arrays = peer_arrays(spec, meta, data_dir, lengths=True)
     (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = arrays["train"], arrays["valid"], arrays["test"]
-    model = deepctr_model(spec["model"], meta["vocab_sizes"], meta["numeric"], spec["seed"])
+    model = deepctr_model(spec["model"], meta["vocab_sizes"], meta["numeric"], spec["seed"], meta.get("lists"))
     model.compile(
         torch.optim.Adam(model.parameters(), lr=ARCH["lr"]),
         loss=["binary_crossentropy", "binary_crossentropy"],
