@@ -66,7 +66,7 @@ def rows_frame(rows: int, seed: int) -> pd.DataFrame:
     return out
 
 
-def experiment(lists: dict = LISTS, tasks=("click", "watch")) -> Experiment:
+def experiment(lists: dict = LISTS, tasks=("click", "watch"), widths: dict | None = None) -> Experiment:
     return experiment_from_dict(
         {
             "data": {"path": "train.csv"},
@@ -75,6 +75,7 @@ def experiment(lists: dict = LISTS, tasks=("click", "watch")) -> Experiment:
                 "numeric": ["a"],
                 "hash_buckets": {"shop": 16},
                 "lists": lists,
+                "embedding_dims": widths or {},
             },
             "tasks": [
                 {"name": tasks[0], "kind": "binary", "label": "click"},
@@ -88,7 +89,7 @@ def experiment(lists: dict = LISTS, tasks=("click", "watch")) -> Experiment:
 def random_model(encoder: Encoder, exp) -> torch.nn.Module:
     """An untrained model whose outputs vary from row to row well beyond the tolerance."""
     torch.manual_seed(0)
-    model = build_model("ple", exp.model, encoder.vocab_sizes, len(encoder.dense_names), 2, encoder.list_specs)
+    model = build_model("ple", exp.model, num_tasks=2, **encoder.model_inputs())
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.5)
@@ -154,6 +155,16 @@ def check_parity(fmt: str, path, model, encoder, frame) -> None:
 def test_export_with_every_pooling_gives_the_eager_outputs(fitted, tmp_path, fmt):
     encoder, exp, model = fitted
     assert {s.pooling for s in encoder.list_specs} == {"mean", "sum", "max", "attention"}
+    path, _ = export_model(model, encoder, exp, fmt, tmp_path / f"m.{fmt}")
+    check_parity(fmt, path, model, encoder, ragged())
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_with_embedding_widths_per_field_gives_the_eager_outputs(tmp_path, fmt):
+    exp = experiment(widths={"item": 6, "tags": 3, "cats": 2})
+    encoder = Encoder.fit(exp, rows_frame(200, seed=0))
+    model = random_model(encoder, exp)
+    assert sorted(t.embedding_dim for t in model.input.embedding_tables()) == [2, 3, 4, 6]
     path, _ = export_model(model, encoder, exp, fmt, tmp_path / f"m.{fmt}")
     check_parity(fmt, path, model, encoder, ragged())
 

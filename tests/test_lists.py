@@ -397,6 +397,26 @@ def test_training_with_lists_moves_the_list_rows_and_checkpoints_round_trip(tmp_
     assert streamed.metrics["test"]["click"]["n"] == 41
 
 
+def test_prepare_then_a_streamed_run_reuses_the_list_vocabularies_and_lengths(tmp_path):
+    import json
+
+    from plerec.cli import main
+
+    path = write_list_splits(tmp_path, "mean")
+    assert main(["prepare", str(path), "--out", str(tmp_path / "prep"), "--set", "data.streaming=true"]) == 0
+    saved = json.loads((tmp_path / "prep" / "encoder.json").read_text())
+    assert saved["lists"]["hist"]["max_length"] == 4 and saved["lists"]["tags"]["max_length"] == 3
+    assert saved["lists"]["tags"]["elements"] == "text" and saved["lists"]["hist"]["elements"] == "integer"
+    argv = ["train", str(path), "--out", str(tmp_path / "run"), "--quiet", "--set", "data.streaming=true"]
+    assert main([*argv, "--set", f"data.prepared={tmp_path / 'prep'}"]) == 0
+    _, encoder, _ = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert encoder.lists == saved["lists"] and list(encoder.vocabs["tags"]) == saved["vocabs"]["tags"]
+    saved["lists"]["hist"]["share"] = "nope"
+    (tmp_path / "prep" / "encoder.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"encoder `lists` `hist` `share` to name a categorical column"):
+        fit(load_experiment(path, ["data.streaming=true", f"data.prepared={tmp_path / 'prep'}"]))
+
+
 def test_a_resumed_run_with_lists_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
     path = write_list_splits(tmp_path, extra="checkpoint_every = 5")
     exp = load_experiment(path)

@@ -35,18 +35,13 @@ The generative story, all of it vectorised and fixed by `seed`:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from plerec import jsonio
-from plerec.data.synth import _expect, _is_int, _is_real
-from plerec.safe_io import atomic_write
+from plerec.data.synth import _expect, _is_int, _is_real, read_config, write_with_config
 
 METADATA_KEY = b"plerec.synth_history"
 
@@ -374,29 +369,9 @@ def generate(config: HistoryConfig) -> pa.Table:
 def write_parquet(config: HistoryConfig, path: str | Path) -> Path:
     """Write `generate(config)` to Parquet, with the config as JSON in the schema metadata under
     `METADATA_KEY` (read back by `read_history_metadata`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = generate(config)
-    metadata = {**(table.schema.metadata or {}), METADATA_KEY: _to_json(config).encode()}
-    table = table.replace_schema_metadata(metadata)
-    atomic_write(path, lambda handle: pq.write_table(table, handle, write_page_checksum=True))
-    return path
+    return write_with_config(generate(config), path, METADATA_KEY, config)
 
 
 def read_history_metadata(path: str | Path) -> HistoryConfig | None:
     """The config a file was written with by `write_parquet`, or None if it carries none."""
-    from plerec.data.table import reader_errors
-
-    with reader_errors(path):
-        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        return None
-    fields = json.loads(raw)
-    try:
-        return HistoryConfig(**fields)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"Expected valid history-generator metadata in {path}, but got: {error}") from error
-
-
-def _to_json(config: HistoryConfig) -> str:
-    return jsonio.dumps(dataclasses.asdict(config), sort_keys=True)
+    return read_config(path, METADATA_KEY, HistoryConfig, "history-generator")
