@@ -543,27 +543,17 @@ def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
 
 def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     """Every key with its resolved value: what `plerec train` writes next to its results."""
-
-    def clean(value: Any) -> Any:
-        if is_dataclass(value):
-            return {f.name: clean(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
-        if isinstance(value, tuple | list):
-            return [clean(v) for v in value]
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if v is not None}
-        return value
-
-    model = clean(exp.model)
+    model = _plain(exp.model)
     if not model.get("levels"):
         model.pop("levels", None)
     return {
         "seed": exp.seed,
-        "data": clean(exp.data),
-        "features": clean(exp.features),
-        "tasks": [clean(t) for t in exp.tasks],
+        "data": _plain(exp.data),
+        "features": _plain(exp.features),
+        "tasks": [_plain(t) for t in exp.tasks],
         "model": {"name": exp.model_name, **model},
-        "train": clean(exp.train),
-        "rank": clean(exp.rank),
+        "train": _plain(exp.train),
+        "rank": _plain(exp.rank),
     }
 
 
@@ -592,13 +582,13 @@ def key_defaults() -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """A default as `experiment_to_dict` writes it: tables as dicts, tuples as lists."""
+    """A value as the experiment's dictionary holds it: tables as dicts, tuples as lists, None left out."""
     if is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v) for k, v in value.items() if v is not None}
     return value
 
 
