@@ -186,7 +186,7 @@ class RowReader:
         self.lists = dict(encoder.lists)  # list column -> its settings (`elements`: "integer" or "text")
         for column, spec in self.lists.items():
             # The encoder builds its lookups on first use: built here, before threads share them.
-            encoder._element_ids(column, _elements(spec, [[]]), range(1), "the model")
+            encoder.element_ids(column, _elements(spec, [[]]), range(1), "the model")
         self.length = rank.length
         self.ids = [c for c in (rank.group, rank.item) if c]
         features = self.categorical + self.numeric + list(self.lists)
@@ -286,7 +286,7 @@ class RowReader:
                         "id, but got blank text",
                     )
             try:
-                ids = encoder._element_ids(column, elements, range(n), f"the request's `{what}`")
+                ids = encoder.element_ids(column, elements, range(n), f"the request's `{what}`")
             except ValueError as err:  # checked rows should never get here; a 422 rather than a 500 if they do
                 raise RequestError(422, _clip(" ".join(str(err).split()), 400)) from None
             stop = start + spec["max_length"]

@@ -139,7 +139,7 @@ class Encoder:
         start = 0
         for f, (col, spec) in enumerate(self.lists.items()):
             elements = read_elements(frame, col, spec["separator"], source)
-            ids = self._element_ids(col, elements, frame.index, source)
+            ids = self.element_ids(col, elements, frame.index, source)
             stop = start + spec["max_length"]
             lists[:, start:stop], lengths[:, f] = padded(ids, elements.offsets, spec["max_length"])
             start = stop
@@ -179,7 +179,7 @@ class Encoder:
             wide=wide_fields(sizes),
         )
 
-    def _element_ids(self, col: str, elements: Elements, index, source: str) -> np.ndarray:
+    def element_ids(self, col: str, elements: Elements, index, source: str) -> np.ndarray:
         """Ids of a list column's elements, looked up in its vocabulary (its own, or the shared field's)."""
         vocab = self.vocab_column(col)
         if elements.integer:
