@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException
 from plerec import jsonio
 from plerec.data.lists import Elements, padded
 from plerec.data.tables import EncodedTable
-from plerec.data.vocab import category_key, stable_bucket
+from plerec.data.vocab import category_key
 from plerec.errors import did_you_mean
 from plerec.rank import Scorer, rank_within_groups
 
@@ -167,7 +167,7 @@ class RowReader:
         self.max_rows = max_rows
         self.numeric = list(encoder.numeric)
         self.categorical = list(encoder.categorical)
-        self.hashed = {c: encoder.hash_buckets[c] for c in self.categorical if c in encoder.hash_buckets}
+        self.hashed = {c for c in self.categorical if c in encoder.hash_buckets}
         # The JSON types a categorical column accepts: those of its training values (any, for a hashed
         # column, which keeps no vocabulary: the encoder hashes every value's text).
         self.kinds = {
@@ -257,15 +257,15 @@ class RowReader:
         )
 
     def _hashed_ids(self, column: str, values: list) -> list[int]:
-        """A hashed column's ids as the Encoder gives them: 1 + the bucket of the value's text (its category
-        key), 0 for null or blank text; one hash per distinct value (true and 1 kept apart)."""
-        buckets, ids = self.hashed[column], {}
+        """A hashed column's ids by the Encoder's own lookup of category keys (1 + the bucket of the value's
+        text), 0 for null or blank text; one key per distinct value (true and 1 kept apart)."""
+        distinct: dict[tuple[bool, Any], Any] = {}
         for value in values:
-            key = (type(value) is bool, value)
-            if key not in ids:
-                blank = value is None or (type(value) is str and not value.strip())
-                ids[key] = 0 if blank else stable_bucket(category_key(value), buckets)
-        return [ids[(type(value) is bool, value)] for value in values]
+            distinct.setdefault((type(value) is bool, value), value)
+        present = [k for k, v in distinct.items() if not (v is None or (type(v) is str and not v.strip()))]
+        found = self.encoder.key_ids(column, [category_key(distinct[k]) for k in present]).tolist()
+        ids = dict(zip(present, found, strict=True))
+        return [ids.get((type(value) is bool, value), 0) for value in values]
 
     def _encode_lists(self, rows: list[dict[str, Any]], what: str) -> tuple[np.ndarray, np.ndarray]:
         """The list fields of checked rows as `Encoder.transform` gives them: (N, L) padded ids, (N, F) lengths.

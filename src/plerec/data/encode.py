@@ -57,6 +57,16 @@ class Encoder:
         sizes = [self.hash_buckets[c] if c in self.hash_buckets else len(self.vocabs[c]) for c in self.categorical]
         return [n + 1 for n in sizes]  # +1: the reserved id 0
 
+    @property
+    def task_columns(self) -> list[str]:
+        """The label, condition and space columns of the tasks (every column a condition reads), once each."""
+        return list(dict.fromkeys(col for task in self.tasks for col in TaskConfig(**task).columns))
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column a transform reads: features, list features and the tasks' columns, once each."""
+        return list(dict.fromkeys([*self.categorical, *self.numeric, *self.lists, *self.task_columns]))
+
     def vocab_column(self, name: str) -> str:
         """The column whose vocabulary a categorical or list column's values are looked up in."""
         return self.lists[name]["share"] or name if name in self.lists else name
@@ -197,7 +207,7 @@ class Encoder:
                 raise bad_element(
                     col, source, elements, bad_keys[codes], index, "integer elements (the training lists hold integers)"
                 )
-        return self._key_ids(vocab, keys)[codes]
+        return self.key_ids(vocab, keys)[codes]
 
     def _category_ids(self, col: str, frame: pd.DataFrame, source: str) -> np.ndarray:
         """Ids of one categorical column: 1 + the vocabulary index (0: unseen or missing), or 1 + a bucket.
@@ -210,13 +220,13 @@ class Encoder:
         column = frame[col]
         missing = _missing(column)
         codes, uniques = pd.factorize(hashable(column, col, source))
-        ids = self._key_ids(col, [category_key(v) for v in uniques])
+        ids = self.key_ids(col, [category_key(v) for v in uniques])
         out = np.zeros(len(column), dtype=np.int64)
         present = (codes >= 0) & ~missing
         out[present] = ids[codes[present]]
         return out
 
-    def _key_ids(self, col: str, keys: list[str]) -> np.ndarray:
+    def key_ids(self, col: str, keys: list[str]) -> np.ndarray:
         """The ids of category keys in column `col`'s vocabulary (0: unseen) or hash buckets."""
         if col in self.hash_buckets:
             return np.array([stable_bucket(k, self.hash_buckets[col]) for k in keys], dtype=np.int64)
@@ -280,11 +290,7 @@ def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 32_768)
     from plerec.data.table import count_rows, iter_frames
 
     total = count_rows(path)
-    columns = None
-    if total is not None:
-        columns = list(
-            dict.fromkeys(encoder.categorical + encoder.numeric + list(encoder.lists) + _task_columns(encoder))
-        )
+    columns = encoder.columns if total is not None else None
     chunks = (encoder.transform(frame) for frame in iter_frames(path, csv, chunk_rows, columns))
     if total is None:
         parts = [p for p in chunks if len(p)]
@@ -315,10 +321,3 @@ def empty_table(encoder: Encoder, rows: int, source: str) -> EncodedTable:
         source=source,
         wide=wide,
     )
-
-
-def _task_columns(encoder: Encoder) -> list[str]:
-    columns = []
-    for task in (TaskConfig(**t) for t in encoder.tasks):
-        columns.extend(task.columns)
-    return columns

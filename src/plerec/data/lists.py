@@ -37,7 +37,7 @@ class Elements:
 
     def row_of(self, element: int) -> int:
         """The position (from 0 in the chunk) of the row holding flat element `element`."""
-        return int(np.searchsorted(self.offsets, element, side="right") - 1)
+        return _row(self.offsets, element)
 
 
 def read_elements(frame, col: str, separator: str, source: str) -> Elements:
@@ -57,9 +57,10 @@ def read_elements(frame, col: str, separator: str, source: str) -> Elements:
         )
     if values.null_count:
         element = int(np.flatnonzero(np.asarray(values.is_null()))[0])
+        row = _row(offsets, element)
         raise ValueError(
-            f"List column `{col}` of {source}, row {index[_row(offsets, element)]}: expected every element to be "
-            f"an id, but element {element - offsets[_row(offsets, element)]} is null"
+            f"List column `{col}` of {source}, row {index[row]}: expected every element to be "
+            f"an id, but element {element - offsets[row]} is null"
         )
     if pa.types.is_null(kind):  # every list empty: Arrow cannot tell their type
         return Elements(np.zeros(0, dtype=np.int64), offsets, True)

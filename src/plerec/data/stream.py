@@ -123,7 +123,7 @@ def check_stream(path: str | Path, encoder: Encoder) -> None:
     agree on schema, and it holds every column the encoder reads (features, labels, conditions)."""
     file = row_groups(parquet_files(path))[0].file  # every file has this file's schema (row_groups checks)
     names = set(open_parquet(Path(file)).schema_arrow.names)
-    missing = [c for c in _needed_columns(encoder) if c not in names]
+    missing = [c for c in encoder.columns if c not in names]
     if missing:
         raise ValueError(
             f"Expected {file} to have the column(s) {', '.join(map(repr, missing))} (features, labels and "
@@ -135,7 +135,7 @@ def count_labels(path: str | Path, encoder: Encoder) -> LabelCounts:
     """Each task's rows in its space and positive rows in a streamed split, in one pass that reads only the
     label, condition and space columns, encoded as training encodes them (`encode_labels`)."""
     tasks = [TaskConfig(**t) for t in encoder.tasks]
-    columns = _task_columns(encoder)
+    columns = encoder.task_columns
     counts = LabelCounts.zeros(len(tasks))
     for group in row_groups(parquet_files(path)):
         for frame in read_slices(group, columns):
@@ -172,15 +172,6 @@ def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
     return encoder
 
 
-def _needed_columns(encoder: Encoder) -> list[str]:
-    return list(dict.fromkeys([*encoder.categorical, *encoder.numeric, *encoder.lists, *_task_columns(encoder)]))
-
-
-def _task_columns(encoder: Encoder) -> list[str]:
-    """The label, condition and space columns of the tasks (every column a condition reads)."""
-    return list(dict.fromkeys(col for task in encoder.tasks for col in TaskConfig(**task).columns))
-
-
 class ParquetBatches:
     """Training batches streamed from Parquet row groups; same interface as InMemoryBatches."""
 
@@ -194,7 +185,7 @@ class ParquetBatches:
     ):
         self.groups = row_groups(parquet_files(path))
         self.encoder = encoder
-        self.columns = _needed_columns(encoder)
+        self.columns = encoder.columns
         self.local_batch = batch_size // ctx.world_size
         self.seed = seed
         self.ctx = ctx
@@ -269,7 +260,7 @@ class ParquetBatches:
 def local_eval_chunks(path: str | Path, encoder: Encoder, ctx: DistContext = SINGLE_PROCESS) -> Iterator[EncodedTable]:
     """This rank's share of an evaluation split: every row group once over all ranks."""
     groups = row_groups(parquet_files(path))
-    columns = _needed_columns(encoder)
+    columns = encoder.columns
     for group in groups[ctx.rank :: ctx.world_size]:
         for frame in read_slices(group, columns):
             yield encoder.transform(frame)
