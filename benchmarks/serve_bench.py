@@ -1,15 +1,27 @@
 """Throughput and latency of `plerec serve` under load from a client on the same machine. Not a test.
 
 Trains the benchmark's PLE (embedding 16, experts [256, 128], towers [64]; datagen.py's 20 categorical and
-8 numeric fields) for one epoch on a small generated table, starts `plerec serve` on a free localhost port
-in its own process, and drives it with a closed-loop load generator (asyncio + httpx, keep-alive
-connections, N requests in flight): every request carries 100 candidates. For each scenario it reports
-requests/s, candidates/s and latency percentiles over the measured window (after a warm-up).
+8 numeric fields) for one epoch on a small generated table, then in one run measures, each server in its
+own process on a free localhost port, driven by a closed-loop load generator (asyncio + httpx, keep-alive
+connections, N requests in flight) with /rank requests of one user's C candidates (top 10):
 
-    python benchmarks/serve_bench.py --out benchmarks/results/serve            # ~1 min on 2 cores
-    python benchmarks/serve_bench.py --out DIR --seconds 20 --concurrency 1,4,16
+- `baseline`: today's server, the plerec of `--baseline-rev` (git archive of that commit), row form;
+- `rows`, `columns`: this plerec, one worker, the row form and the columnar form of the same requests;
+- `columns, 2 workers`: this plerec with `workers=2` (one torch thread each);
+- `columns, onnx`: this plerec with `backend="onnx"` (ONNX Runtime on the model exported at start);
+- `columns, batch W ms`: this plerec with micro-batching (`batch_window`), one worker;
+- `forward (torch)`, `forward (onnx)`: the model's own cost, the forward pass alone (one thread) on the
+  same rows already encoded: the limit a server could reach with that backend.
 
-Needs plerec with its serve extra and httpx (`pip install -c constraints.txt -e '.[dev]'`).
+at 1, 4 and 16 requests in flight and 100 and 500 candidates: requests/s, candidates/s, latency percentiles,
+errors, with the CPU (model, flags), the load average around every scenario, and a check that every server
+ranks the first request alike.
+
+    python benchmarks/serve_bench.py --out benchmarks/results/serve          # ~6 min on 2 cores
+    python benchmarks/serve_bench.py --out /tmp/smoke --smoke               # a few seconds' check that it runs
+
+Needs plerec with its serve extra and httpx (`pip install -c constraints.txt -e '.[dev]'`), and git for the
+baseline (`--baseline-rev ''` skips it).
 """
 
 from __future__ import annotations
@@ -19,8 +31,11 @@ import asyncio
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from datetime import date
 from pathlib import Path
@@ -31,8 +46,17 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datagen import CATEGORICAL, NUMERIC, generate  # noqa: E402
 
-CANDIDATES = 100
 TOP_K = 10
+BASELINE_REV = "16ecf685929e4a525ca29fa4d2c7433e2f57baa6"  # the server before issue 19 (row form only)
+LAUNCHER = """
+import functools, json, sys
+from plerec.config import load_experiment
+from plerec.rank import Scorer
+from plerec.serve import serve
+checkpoint, experiment, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+load = functools.partial(Scorer.from_checkpoint, checkpoint, load_experiment(experiment))
+serve(load(), port=0, load=load, **options, on_ready=lambda h, p: print(f"serving on http://{h}:{p}", flush=True))
+"""
 
 EXPERIMENT = """\
 seed = 0
@@ -78,8 +102,9 @@ length_transform = "log"
 """
 
 
-def prepare(work: Path, rows: int) -> tuple[Path, Path, pd.DataFrame]:
-    """A trained checkpoint, its experiment file, and a pool of candidate rows (from the test split)."""
+def prepare(work: Path, rows: int, baseline: Path | None = None) -> tuple[Path, Path, pd.DataFrame]:
+    """A trained checkpoint, its experiment file, and a pool of candidate rows (from the test split). With a
+    baseline, the baseline's plerec trains it: a checkpoint of older code is one both servers can read."""
     splits, _ = generate(rows, seed=0, test_rows=20_000)
     rng = np.random.default_rng(1)
     frames = {}
@@ -98,28 +123,31 @@ def prepare(work: Path, rows: int) -> tuple[Path, Path, pd.DataFrame]:
         subprocess.run(
             [sys.executable, "-m", "plerec", "train", str(experiment), "--out", str(work / "run"), "--quiet"],
             check=True,
+            env={**os.environ, **({"PYTHONPATH": str(baseline)} if baseline is not None else {})},
         )
     return checkpoint, experiment, frames["test"]
 
 
-def request_bodies(pool: pd.DataFrame, count: int) -> tuple[list[bytes], list[bytes]]:
-    """`count` /rank bodies (one user, 100 candidates, top 10) and as many /score bodies (100 rows)."""
+def request_bodies(pool: pd.DataFrame, count: int, candidates: int) -> dict[str, list[bytes]]:
+    """`count` /rank bodies of one user's `candidates` (top 10), in the row form and the columnar form."""
     rng = np.random.default_rng(2)
-    rank, score = [], []
+    bodies: dict[str, list[bytes]] = {"rows": [], "columns": []}
     features = [*CATEGORICAL, *NUMERIC, "duration"]
     for i in range(count):
-        rows = pool.iloc[rng.choice(len(pool), CANDIDATES, replace=False)]
+        rows = pool.iloc[rng.choice(len(pool), candidates, replace=False)]
         records = [
             {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
             for r in rows[features].to_dict("records")
         ]
-        candidates = [{**r, "item": j} for j, r in enumerate(records)]
-        rank.append(json.dumps({"user": {"user": f"u{i}"}, "candidates": candidates, "top_k": TOP_K}).encode())
-        score.append(json.dumps({"rows": records}).encode())
-    return rank, score
+        cands = [{**r, "item": j} for j, r in enumerate(records)]
+        user = {"user": f"u{i}"}
+        bodies["rows"].append(json.dumps({"user": user, "candidates": cands, "top_k": TOP_K}).encode())
+        columns = {k: [c[k] for c in cands] for k in cands[0]}
+        bodies["columns"].append(json.dumps({"user": user, "columns": columns, "top_k": TOP_K}).encode())
+    return bodies
 
 
-async def load(url: str, bodies: list[bytes], concurrency: int, warmup: float, seconds: float) -> dict:
+async def load(url: str, bodies: list[bytes], concurrency: int, warmup: float, seconds: float, size: int) -> dict:
     """Closed loop: `concurrency` workers, each sending its next request as soon as the last is answered."""
     import httpx
 
@@ -138,38 +166,58 @@ async def load(url: str, bodies: list[bytes], concurrency: int, warmup: float, s
                 sent = time.perf_counter()
                 if sent >= stop:
                     return
-                response = await client.post(url, content=bodies[i % len(bodies)], headers=headers)
+                try:
+                    response = await client.post(url, content=bodies[i % len(bodies)], headers=headers)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
                 done = time.perf_counter()
                 i += concurrency
                 if sent >= measure_from and done <= stop:
-                    if response.status_code == 200:
+                    if ok:
                         latencies.append(done - sent)
                     else:
                         errors += 1
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    ms = np.array(latencies) * 1000
+    return summary(latencies, seconds, size, concurrency, errors)
+
+
+def summary(latencies: list[float], seconds: float, size: int, concurrency: int, errors: int = 0) -> dict:
+    ms = np.array(latencies or [np.nan]) * 1000
     return {
         "concurrency": concurrency,
+        "candidates": size,
         "seconds": seconds,
         "requests": len(latencies),
         "errors": errors,
         "requests_per_s": len(latencies) / seconds,
-        "candidates_per_s": len(latencies) * CANDIDATES / seconds,
-        "latency_ms": {
-            "mean": float(ms.mean()),
-            "p50": float(np.percentile(ms, 50)),
-            "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)),
-            "max": float(ms.max()),
-        },
+        "candidates_per_s": len(latencies) * size / seconds,
+        "latency_ms": {q: float(np.percentile(ms, p)) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
+        | {"mean": float(ms.mean()), "max": float(ms.max())},
     }
 
 
-def start_server(checkpoint: Path, experiment: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "plerec", "serve", "--checkpoint", str(checkpoint)]
-    command += ["--experiment", str(experiment), "--port", "0", "--threads", str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def baseline_source(work: Path, rev: str) -> Path | None:
+    """The plerec package of commit `rev` (`git archive`, read-only), or None without git or that commit."""
+    target = work / f"baseline-{rev[:12]}"
+    if (target / "plerec").exists():
+        return target
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "src/plerec"], capture_output=True)
+    if archive.returncode != 0:
+        print(f"no baseline: git archive {rev} failed: {archive.stderr.decode().strip()}", flush=True)
+        return None
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    (work / "baseline.tar").write_bytes(archive.stdout)
+    with tarfile.open(work / "baseline.tar") as tar:
+        tar.extractall(target, filter="data")
+    shutil.move(str(target / "src" / "plerec"), str(target / "plerec"))
+    return target
+
+
+def start_server(command: list[str], env: dict, log: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
     line = process.stdout.readline()
     if " on http://" not in line:
@@ -178,99 +226,208 @@ def start_server(checkpoint: Path, experiment: Path, threads: int, log: Path) ->
     url = line.split(" on ")[1].split()[0]
     import httpx
 
-    for _ in range(600):
+    pids: set[str] = set()
+    for _ in range(1200):
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + "/health").status_code == 200 and workers == 1:
                 return process, url
+            if workers > 1:  # every worker started: each answers /metrics with its pid
+                pids.update(re.findall(r'pid="(\d+)"', httpx.get(url + "/metrics").text))
+                if len(pids) == workers:
+                    return process, url
         except httpx.TransportError:
             time.sleep(0.1)
     process.kill()
     raise SystemExit("the server did not answer /health")
 
 
+def servers(checkpoint: Path, experiment: Path, baseline: Path | None, window_ms: float) -> list[tuple]:
+    """(name, form, command, extra env) of every server measured."""
+    env = {"OMP_NUM_THREADS": "1"}
+    out = []
+    if baseline is not None:
+        command = [sys.executable, "-m", "plerec", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
+        command += ["--experiment", str(experiment), "--threads", "1"]
+        out.append(("baseline", "rows", command, {**env, "PYTHONPATH": str(baseline)}))
+    launch = [sys.executable, "-c", LAUNCHER, str(checkpoint), str(experiment)]
+    out.append(("rows", "rows", [*launch, json.dumps({"threads": 1})], env))
+    out.append(("columns", "columns", [*launch, json.dumps({"threads": 1})], env))
+    out.append(("columns, 2 workers", "columns", [*launch, json.dumps({"threads": 1, "workers": 2})], env))
+    out.append(("columns, onnx", "columns", [*launch, json.dumps({"threads": 1, "backend": "onnx"})], env))
+    if window_ms:
+        options = {"threads": 1, "batch_window": window_ms / 1000}
+        out.append((f"columns, batch {window_ms:g} ms", "columns", [*launch, json.dumps(options)], env))
+    return out
+
+
+def forward_limit(
+    checkpoint: Path, experiment: Path, bodies: list[bytes], seconds: float, size: int, backend: str = "torch"
+) -> dict:
+    """The forward pass alone (one thread) on the rows of the requests, encoded before timing."""
+    import torch
+
+    from plerec.config import load_experiment
+    from plerec.rank import Scorer
+    from plerec.serve import Served, loads
+
+    torch.set_num_threads(1)
+    served = Served(Scorer.from_checkpoint(checkpoint, load_experiment(experiment)), 10_000, backend=backend)
+    tables = [served.job("/rank", loads(body)).table for body in bodies[:50]]
+    for table in tables[:10]:
+        served.forward(table)
+    latencies, stop, i = [], time.perf_counter() + seconds, 0
+    while time.perf_counter() < stop:
+        start = time.perf_counter()
+        served.forward(tables[i % len(tables)])
+        latencies.append(time.perf_counter() - start)
+        i += 1
+    return summary(latencies, sum(latencies), size, 1)
+
+
+def cpu() -> dict:
+    """The CPU's model and the vector instruction sets torch can use."""
+    info = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and "model" not in info:
+            info["model"] = value.strip()
+        if key.strip() == "flags" and "flags" not in info:
+            wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+            info["flags"] = [f for f in wanted if f in value.split()]
+    import torch
+
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=50_000, help="training rows of the served model")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario")
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--concurrency", default="1,4", help="requests in flight, one /rank scenario each")
-    parser.add_argument("--score-concurrency", type=int, default=4, help="requests in flight for /score; 0 skips")
-    parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario")
+    parser.add_argument("--warmup", type=float, default=1.5)
+    parser.add_argument("--concurrency", default="1,4,16", help="requests in flight")
+    parser.add_argument("--candidates", default="100,500", help="candidates per /rank request")
+    parser.add_argument("--batch-window-ms", type=float, default=2.0, help="micro-batching server; 0 skips it")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV, help="commit of today's server; '' skips it")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: small model data, short scenarios")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.seconds, args.warmup = 3_000, 0.5, 0.2
+        args.concurrency, args.candidates = "1,4", "100"
 
     work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     began = time.time()
     load_before = os.getloadavg()
-    checkpoint, experiment, pool = prepare(work, args.rows)
-    rank_bodies, score_bodies = request_bodies(pool, 200)
-    process, url = start_server(checkpoint, experiment, args.server_threads, work / "serve.log")
-    try:
-        import httpx
+    baseline = baseline_source(work, args.baseline_rev) if args.baseline_rev else None
+    checkpoint, experiment, pool = prepare(work, args.rows, baseline)
+    sizes = [int(c) for c in args.candidates.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    bodies = {size: request_bodies(pool, 100, size) for size in sizes}
+    scenarios, first_answers = [], {}
+    for size in sizes:
+        for backend in ("torch", "onnx"):
+            result = forward_limit(checkpoint, experiment, bodies[size]["columns"], args.seconds, size, backend)
+            row = {"server": f"forward ({backend})", "form": "-", **result, "load_avg_1min": os.getloadavg()[0]}
+            scenarios.append(row)
+            print(_line(row), flush=True)
+    for name, form, command, env in servers(checkpoint, experiment, baseline, args.batch_window_ms):
+        workers = json.loads(command[-1]).get("workers", 1) if name != "baseline" else 1
+        log = work / f"serve-{name.replace(' ', '_').replace(',', '')}.log"
+        process, url = start_server(command, {**os.environ, **env}, log, workers)
+        try:
+            import httpx
 
-        answer = httpx.post(url + "/rank", content=rank_bodies[0], headers={"Content-Type": "application/json"})
-        assert answer.status_code == 200 and len(answer.json()["items"]) == TOP_K, answer.text
-        scenarios = []
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            result = asyncio.run(load(url + "/rank", rank_bodies, concurrency, args.warmup, args.seconds))
-            scenarios.append({"endpoint": "/rank", **result, "load_avg_1min": os.getloadavg()[0]})
-            print(_line(scenarios[-1]), flush=True)
-        if args.score_concurrency:
-            result = asyncio.run(load(url + "/score", score_bodies, args.score_concurrency, args.warmup, args.seconds))
-            scenarios.append({"endpoint": "/score", **result, "load_avg_1min": os.getloadavg()[0]})
-            print(_line(scenarios[-1]), flush=True)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+            for size in sizes:
+                answer = httpx.post(
+                    url + "/rank", content=bodies[size][form][0], headers={"Content-Type": "application/json"}
+                )
+                assert answer.status_code == 200 and len(answer.json()["items"]) == TOP_K, answer.text
+                first_answers[name, size] = [(i["item"], i["log_score"]) for i in answer.json()["items"]]
+                for concurrency in levels:
+                    result = asyncio.run(
+                        load(url + "/rank", bodies[size][form], concurrency, args.warmup, args.seconds, size)
+                    )
+                    scenarios.append({"server": name, "form": form, **result, "load_avg_1min": os.getloadavg()[0]})
+                    print(_line(scenarios[-1]), flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    agree = {size: _alike([v for (_, s), v in first_answers.items() if s == size]) for size in sizes}
     import torch
 
     context = {
         "date": date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": cpu(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "server_threads": args.server_threads,
+        "server_threads": 1,
         "model": "ple, embedding 16, experts [256, 128], towers [64], 20 categorical + 8 numeric fields",
         "training_rows": args.rows,
-        "candidates_per_request": CANDIDATES,
         "top_k": TOP_K,
+        "baseline_rev": args.baseline_rev if baseline is not None else None,
+        "servers_rank_alike": agree,
         "load_avg_before": load_before,
         "load_avg_after": os.getloadavg(),
         "wall_seconds": round(time.time() - began, 1),
+        "smoke": args.smoke,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps({"context": context, "scenarios": scenarios}, indent=2) + "\n")
     (args.out / "serve.md").write_text(_markdown(context, scenarios))
+    print(f"servers rank the first request alike: {agree}")
     print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.md'}")
+
+
+def _alike(answers: list[list[tuple]]) -> bool:
+    """The same items in the same order, log scores within float32 rounding (the onnx backend's)."""
+    first = answers[0]
+    return all(
+        [i for i, _ in a] == [i for i, _ in first]
+        and np.allclose([x for _, x in a], [x for _, x in first], rtol=1e-5, atol=1e-6)
+        for a in answers
+    )
 
 
 def _line(s: dict) -> str:
     lat = s["latency_ms"]
     return (
-        f"{s['endpoint']} concurrency {s['concurrency']}: {s['requests_per_s']:.1f} req/s, "
-        f"{s['candidates_per_s']:,.0f} candidates/s, p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
-        f"{s['errors']} errors"
+        f"{s['server']} ({s['form']}) {s['candidates']} candidates, {s['concurrency']} in flight: "
+        f"{s['requests_per_s']:.1f} req/s, {s['candidates_per_s']:,.0f} candidates/s, p50 {lat['p50']:.2f} ms, "
+        f"p99 {lat['p99']:.2f} ms, {s['errors']} errors"
     )
 
 
 def _markdown(context: dict, scenarios: list[dict]) -> str:
+    machine = context["machine"]
     lines = [
         f"# plerec serve: throughput and latency ({context['date']})",
         "",
-        f"{context['model']}; {context['candidates_per_request']} candidates per request (/rank returns the top "
-        f"{context['top_k']}); server with {context['server_threads']} torch thread(s); load generator "
-        f"(asyncio + httpx, closed loop) on the same {context['machine']['cpus']}-core machine; torch "
-        f"{context['torch']}, Python {context['python']}. Load average before {context['load_avg_before'][0]:.2f}, "
-        f"after {context['load_avg_after'][0]:.2f}.",
+        f"{context['model']}; /rank of one user's candidates, top {context['top_k']}; every server with one torch "
+        f"thread per process; load generator (asyncio + httpx, closed loop) on the same machine: "
+        f"{machine.get('model', machine['processor'])}, {machine['cpus']} CPUs, flags "
+        f"{' '.join(machine.get('flags', []))}, torch {context['torch']} ({machine.get('torch_cpu_capability', '?')}), "
+        f"Python {context['python']}. Load average before {context['load_avg_before'][0]:.2f}, after "
+        f"{context['load_avg_after'][0]:.2f}. Baseline: {context['baseline_rev'] or 'not run'}. `forward` is the "
+        "forward pass alone on the encoded rows (one thread, no HTTP): the limit. All servers rank the first "
+        f"request alike: {context['servers_rank_alike']}."
+        + (" SMOKE RUN: not a measurement." if context["smoke"] else ""),
         "",
-        "| endpoint | in flight | requests/s | candidates/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | form | candidates | in flight | requests/s | candidates/s | p50 ms | p90 ms | p99 ms | errors "
+        "| load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scenarios:
         lat = s["latency_ms"]
         lines.append(
-            f"| {s['endpoint']} | {s['concurrency']} | {s['requests_per_s']:.1f} | {s['candidates_per_s']:,.0f} | "
-            f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | {lat['max']:.1f} | {s['errors']} |"
+            f"| {s['server']} | {s['form']} | {s['candidates']} | {s['concurrency']} | {s['requests_per_s']:.1f} | "
+            f"{s['candidates_per_s']:,.0f} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {s['errors']} | "
+            f"{s['load_avg_1min']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

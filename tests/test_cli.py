@@ -92,7 +92,7 @@ def test_train_writes_metrics_json_checkpoint_and_experiment(trained, capsys):
     assert isinstance(record["train_seconds"], float) and record["train_seconds"] > 0
     assert set(record["tasks"]) == {"click", "watch"}
     click, watch = record["tasks"]["click"], record["tasks"]["watch"]
-    assert set(click) == {"auc", "logloss", "n"}
+    assert set(click) == {"auc", "logloss", "pcoc", "ece", "n"}
     assert set(watch) == {"mse", "n"}
     test = pd.read_csv(trained / "test.csv")
     assert click["n"] == len(test) == 60

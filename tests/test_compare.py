@@ -63,17 +63,18 @@ def test_compare_writes_every_file_with_documented_columns(tiny, tmp_path):
     assert sorted((r.model, r.seed) for r in runs) == sorted(
         (m, s) for m in ("single", "mmoe", "ple", "cross_stitch") for s in (0, 1)
     )
-    for name in ("results.csv", "summary.md", "report.html", "seesaw.png", "experts.csv", "experts.png", "curves.png"):
+    files = ("results.csv", "summary.md", "report.html", "seesaw.png", "experts.csv", "experts.png", "curves.png")
+    for name in (*files, "reliability.png"):
         assert (out / name).stat().st_size > 0, name
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == ["model", "seed", "task", "metric", "split", "value"]
     assert set(results["split"]) == {"test", "valid"}
     measured = results[~results.metric.str.startswith(("gain_", "p_"))]
-    assert set(measured.loc[measured.task == "click", "metric"]) == {"auc", "logloss"}
+    assert set(measured.loc[measured.task == "click", "metric"]) == {"auc", "logloss", "pcoc", "ece"}
     assert set(measured.loc[measured.task == "watch", "metric"]) == {"mse"}
     # one row per (model, seed, task, metric, split)
     assert not results.duplicated(["model", "seed", "task", "metric", "split"]).any()
-    assert len(measured) == 4 * 2 * 3 * 2
+    assert len(measured) == 4 * 2 * 5 * 2
     # MTL gains on the primary metric: per seed, then seed "all" with mean, sd and the interval
     per_seed = results[results.seed != "all"]
     assert set(per_seed.loc[per_seed.metric.str.startswith("gain_"), "metric"]) == {"gain_auc", "gain_mse"}
@@ -100,7 +101,7 @@ def test_compare_writes_every_file_with_documented_columns(tiny, tmp_path):
     ple_gates = set(experts.loc[experts.model == "ple", "gate"])
     assert {"L0.click", "L0.watch", "L0.shared", "L1.click", "L1.watch"} == ple_gates  # tasks by name
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4  # seesaw, experts, curves, reliability
     summary = (out / "summary.md").read_text()
     assert "MTL gain" in summary and "Verdict rule" in summary and "Verdicts (seesaw check)" in summary
     # Runs of every model share one split: identical test row counts.

@@ -476,3 +476,22 @@ def test_random_list_values_never_get_a_5xx(client):
         if response.status_code == 200:
             assert all(math.isfinite(v) for v in response.json()["predictions"][0].values())
     assert statuses == {200, 422}
+
+
+def test_columnar_requests_with_lists_give_the_row_forms_answers(client):
+    """Issue 19: list fields as columns of arrays (and in the /rank user, given once) encode as the rows do."""
+    rows = json_rows(ragged(8).drop(columns=["click", "watch"]))
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    by_rows = client.post("/score", json={"rows": rows}).json()
+    by_columns = client.post("/score", json={"columns": columns}).json()
+    for name in ("click", "watch", "score", "log_score"):
+        assert by_columns["columns"][name] == [p[name] for p in by_rows["predictions"]], name
+    user = {"user": "u1", "hist": [1, 2, 3, 4], "tags": ["red"], "clicks": None, "cats": [100]}
+    candidates = [{"item": i, "shop": 3, "a": 0.1 * i} for i in range(1, 6)]
+    as_rows = client.post("/rank", json={"user": user, "candidates": candidates}).json()
+    cand_columns = {key: [c[key] for c in candidates] for key in candidates[0]}
+    as_columns = client.post("/rank", json={"user": user, "columns": cand_columns}).json()
+    assert as_columns == as_rows and len(as_rows["items"]) == 5
+    bad = client.post("/score", json={"columns": {**columns, "hist": [[1], [2, "x"], *columns["hist"][2:]]}})
+    assert bad.status_code == 422
+    assert "`columns` row 1: expected `hist` element 1 to be an integer" in bad.json()["error"]

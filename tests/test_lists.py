@@ -248,6 +248,30 @@ def test_training_pools_the_real_ids_alone_exactly_as_the_padded_sum(monkeypatch
     assert results[0][1].abs().max() > 0
 
 
+@pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+def test_training_reads_a_table_once_for_its_fields_and_lists_and_gets_one_gradient_of_their_rows(monkeypatch, pooling):
+    """Two lookups of one table would leave autograd to add two sparse gradients every step; one call reads the
+    fields and the list together, and its gradient holds the fields' rows and the real (mean) or padded (max,
+    attention) elements, each once."""
+    torch.manual_seed(0)
+    layer = _input(pooling)
+    layer.set_sparse(True)
+    b = 8
+    sparse, dense = torch.randint(0, 4, (b, 2)), torch.randn(b, 2)
+    lengths, lists = torch.randint(0, 6, (b, 1)), torch.randint(0, 30, (b, 5))
+    calls = []
+    for name in ("embedding", "embedding_bag"):
+        real = getattr(torch.nn.functional, name)
+        monkeypatch.setattr(
+            torch.nn.functional, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k)
+        )
+    layer(sparse, dense, lists, lengths).sum().backward()
+    assert len(calls) == 1
+    grad = layer.embedding.weight.grad
+    elements = int(lengths.sum()) if pooling == "mean" else lists.numel()
+    assert grad.is_sparse and grad._nnz() == sparse.numel() + elements
+
+
 def test_attention_weights_sum_to_one_over_the_real_elements_and_ignore_padding():
     torch.manual_seed(0)
     layer = _input("attention")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -98,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
         default="single,shared_bottom,omoe,mmoe,cgc,ple",
         help="comma-separated registry names; the single-task baseline is always trained",
     )
+    p.add_argument(
+        "--balancing",
+        help="comma-separated [train] balancing methods to train every model with, e.g. fixed,uncertainty,pcgrad; "
+        "a run of a method other than fixed is named MODEL+METHOD (default: the experiment's own method)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (the experiment's seed, +1, …)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seesaw", help="the two tasks of the seesaw chart, e.g. ctr,cvr (default: the first two)")
@@ -145,6 +151,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, help="require `Authorization: Bearer TOKEN` (else $PLEREC_SERVE_TOKEN)")
     p.add_argument("--docs", action="store_true", help="serve the OpenAPI schema at /openapi.json")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--workers", type=int, default=1, help="server processes on one port, each loading the checkpoint")
+    p.add_argument(
+        "--batch-window",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="score requests arriving within MS ms in one forward pass (0: off)",
+    )
+    p.add_argument("--max-batch-rows", type=int, default=4096, help="rows of one micro-batch, about")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="what runs the forward pass")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("demo", help="the main job: synthetic data, five models, per-task metrics and MTL gains")
@@ -354,6 +370,7 @@ def _evaluate(args) -> int:
             f"{args.checkpoint} was trained on the split {_split_of(trained)}: its {args.split} split would "
             "hold training rows. Pass the run's experiment.toml or the same `--set` overrides"
         )
+    encoder.group = exp.evaluate.group  # GAUC's groups: this experiment's evaluation setting, not the checkpoint's
     data = prepare_data(exp, encoder=encoder)
     if not data.has(args.split):
         raise ValueError(f"The experiment {args.experiment} has no {args.split} split")
@@ -379,15 +396,16 @@ def _split_of(exp) -> tuple[list[float], int]:
 
 
 def _compare(args) -> int:
-    from plerec.compare import check_seesaw_tasks, compare, parse_models, write_comparison
+    from plerec.compare import check_seesaw_tasks, compare, parse_balancing, parse_models, write_comparison
     from plerec.config import load_experiment
 
     exp = load_experiment(args.experiment, [*args.overrides, *(["train.progress=false"] if args.quiet else [])])
     models = parse_models(args.models)
+    balancing = parse_balancing(args.balancing) if args.balancing is not None else None
     seesaw = args.seesaw.split(",") if args.seesaw else None
     check_seesaw_tasks(exp, seesaw)  # fail before training, not after
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    runs = compare(exp, models, args.seeds, args.out, log=log)
+    runs = compare(exp, models, args.seeds, args.out, log=log, balancing=balancing)
     write_comparison(runs, exp, args.out, seesaw)
     print((args.out / "summary.md").read_text())
     print(f"wrote {args.out}/results.csv, summary.md, report.html, seesaw.png, experts.csv, experts.png, curves.png")
@@ -469,9 +487,14 @@ def _serve(args) -> int:
     scorer = Scorer.from_checkpoint(args.checkpoint, exp)
 
     def announce(host: str, port: int) -> None:
-        print(f"plerec serving {args.checkpoint} on http://{host}:{port} (/score, /rank, /health)", flush=True)
+        print(
+            f"plerec serving {args.checkpoint} on http://{host}:{port} (/score, /rank, /health, /metrics)", flush=True
+        )
 
-    options = {"limits": limits, "token": token, "docs": args.docs, "threads": args.threads}
+    load = functools.partial(Scorer.from_checkpoint, args.checkpoint, exp)  # picklable: workers and SIGHUP reloads
+    options = {"limits": limits, "token": token, "docs": args.docs, "threads": args.threads, "workers": args.workers}
+    options.update(load=load, batch_window=args.batch_window / 1000, max_batch_rows=args.max_batch_rows)
+    options["backend"] = args.backend
     serve(scorer, args.host, args.port, **options, on_ready=announce)
     return 0
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plerec.balancing import check_balancing
 from plerec.checkpoint import differences
-from plerec.config import Experiment, key_defaults
+from plerec.config import BALANCING_METHODS, Experiment, key_defaults
+from plerec.distributed import SINGLE_PROCESS
 from plerec.errors import did_you_mean
 from plerec.fingerprint import data_changes, data_fingerprint, run_fingerprint
 from plerec.models import MODELS, MultiTaskModel
@@ -55,6 +57,26 @@ def parse_models(text: str | Sequence[str]) -> list[str]:
             )
     ordered = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
     return ordered
+
+
+def parse_balancing(text: str | Sequence[str]) -> list[str]:
+    """Balancing methods from `a,b,c` (--balancing), validated against [train] balancing's methods."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not names:
+        raise ValueError(f"Expected --balancing to name methods such as fixed,uncertainty, but got {text!r}")
+    for name in names:
+        if name not in BALANCING_METHODS:
+            raise ValueError(
+                f"Unknown balancing method `{name}` in --balancing.{did_you_mean(name, BALANCING_METHODS)} "
+                f"Expected any of: {', '.join(BALANCING_METHODS)}"
+            )
+    return list(dict.fromkeys(names))
+
+
+def run_name(model: str, balancing: str) -> str:
+    """How a comparison names a run (its folder runs/NAME/seedS and its rows): the model, and `+METHOD` when
+    it is trained with a balancing method other than `fixed` (`ple+pcgrad`)."""
+    return model if balancing == "fixed" else f"{model}+{balancing}"
 
 
 def model_params(exp: Experiment, name: str, overrides: dict[str, dict] | None = None) -> dict:
@@ -118,27 +140,40 @@ def compare(
     model_overrides: dict[str, dict] | None = None,
     data: PreparedData | None = None,
     log: Callable[[str], None] | None = None,
+    balancing: str | Sequence[str] | None = None,
 ) -> list[Run]:
     """Train every model for `seeds` seeds (exp.seed, exp.seed+1, …) on one split; return every run.
 
     The split and the encoder are made once, so every model sees identical rows; seeds change only
     the initialisation and the shuffling. Finished runs found under `out` are loaded, not retrained, when
     their fingerprint (experiment and data) is this run's; other runs are moved to FOLDER.previous first.
+    With `balancing` (methods of [train] balancing), every model but the single-task baseline is trained
+    with each method, as runs named by `run_name`; without it, with the experiment's own method. The
+    baseline has one task per network, nothing to balance: it is trained with `fixed`.
     """
     say = log or (lambda _msg: None)
     if seeds < 1:
         raise ValueError(f"Expected --seeds >= 1, but got {seeds}")
     models = parse_models(models)
+    methods = parse_balancing(balancing) if balancing is not None else [exp.train.balancing]
+    plan = [
+        (name, method, replace(exp.train, balancing=method))
+        for name in models
+        for method in (["fixed"] if name == BASELINE else methods)
+    ]
+    for _name, _method, train in plan:  # a method this experiment cannot run fails now, not after hours
+        check_balancing(replace(exp, train=train), SINGLE_PROCESS)
     out = Path(out)
     files = data_fingerprint(exp.data)  # before reading: the data as the runs begin
     data = data or prepare_data(exp)
     runs = []
-    for name in models:
-        params = model_params(exp, name, model_overrides)
+    for model, method, train in plan:
+        params = model_params(exp, model, model_overrides)
+        name = run_name(model, method)
         for seed in range(exp.seed, exp.seed + seeds):
             run_dir = out / "runs" / name / f"seed{seed}"
             record = run_dir / "run.json"
-            run_exp = replace(exp.with_model(name, params), seed=seed)
+            run_exp = replace(exp.with_model(model, params), seed=seed, train=train)
             fingerprint = run_fingerprint(run_exp, files)
             changes = _changes_since(run_dir, fingerprint)
             if record.exists() and not changes:
@@ -288,13 +323,14 @@ def check_seesaw_tasks(exp: Experiment, tasks: Sequence[str] | None) -> list[str
 
 
 def write_comparison(runs: Sequence[Run], exp: Experiment, out: str | Path, seesaw_tasks: Sequence[str] | None = None):
-    """Write results.csv, experts.csv, summary.md, seesaw.png, experts.png, curves.png and report.html.
+    """Write results.csv, experts.csv, summary.md, seesaw.png, experts.png, curves.png, reliability.png (binary
+    tasks, with [evaluate] calibration_bins) and report.html.
 
     Per-seed significance tests read each run's out/runs/MODEL/seedS/test_predictions.npz; runs
     without one keep their gains and intervals, and their verdicts say they are untested.
     """
     from plerec.report.html import write_report
-    from plerec.report.plots import curves_plot, experts_plot, seesaw_plot
+    from plerec.report.plots import curves_plot, experts_plot, reliability_plot, reliability_records, seesaw_plot
     from plerec.report.summary import predictions_loader, summarize, summary_markdown
 
     out = Path(out)
@@ -314,6 +350,10 @@ def write_comparison(runs: Sequence[Run], exp: Experiment, out: str | Path, sees
     images.append(("Expert utilisation", out / "experts.png"))
     curves_plot(runs, out / "curves.png")
     images.append(("Training curves", out / "curves.png"))
+    if exp.evaluate.calibration_bins:
+        records = reliability_records(out, runs, exp.task_kinds, exp.evaluate.calibration_bins)
+        if reliability_plot(records, out / "reliability.png"):
+            images.append(("Reliability of the predicted probabilities (test split)", out / "reliability.png"))
     write_report(out / "report.html", "plerec comparison", markdown, images)
     return summary
 

@@ -18,6 +18,7 @@ import tomli_w
 from plerec.data.conditions import Combination, Condition, parse_condition
 from plerec.errors import did_you_mean, unknown_key
 from plerec.models import MODELS, ModelConfig, model_config
+from plerec.models.funnel import FUNNEL_MODELS, check_funnel_tasks
 from plerec.safe_io import atomic_write_text
 
 TASK_KINDS = ("binary", "regression")
@@ -306,6 +307,36 @@ class TaskConfig:
         return f"column{'s' if len(self.label_columns) > 1 else ''} {names}"
 
 
+BALANCING_METHODS = ("fixed", "uncertainty", "gradnorm", "dwa", "pcgrad")  # plerec.balancing implements each
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GradNormConfig:
+    """[train.gradnorm]: GradNorm's asymmetry α and the learning rate of its task weights (their own Adam)."""
+
+    alpha: float = 1.5
+    lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"Expected [train.gradnorm] `alpha` to be a finite number >= 0, but got {self.alpha}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Expected [train.gradnorm] `lr` to be a finite number > 0, but got {self.lr}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DWAConfig:
+    """[train.dwa]: the temperature T of Dynamic Weight Average's softmax over the losses' rates of change."""
+
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"Expected [train.dwa] `temperature` to be a finite number > 0, but got {self.temperature}"
+            )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
     lr: float = 1e-3
@@ -324,8 +355,16 @@ class TrainConfig:
     bf16: bool = False
     checkpoint_every: int = 10_000
     check_finite: bool = True
+    balancing: str = "fixed"  # how the task losses are combined: BALANCING_METHODS, README "Loss balancing"
+    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)  # read when balancing = "gradnorm"
+    dwa: DWAConfig = field(default_factory=DWAConfig)  # read when balancing = "dwa"
 
     def __post_init__(self) -> None:
+        if self.balancing not in BALANCING_METHODS:
+            raise ValueError(
+                f"Expected [train] `balancing` to be one of {', '.join(BALANCING_METHODS)}, but got "
+                f"{self.balancing!r}.{did_you_mean(self.balancing, BALANCING_METHODS)}"
+            )
         if self.checkpoint_every < 0:
             raise ValueError(
                 "Expected [train] `checkpoint_every` >= 0 (steps; 0 = at epoch ends only), "
@@ -399,6 +438,31 @@ class RankConfig:
             raise ValueError(f"Expected [rank] `top_k` >= 0 (0 keeps every item), but got {self.top_k}")
 
 
+MAX_CALIBRATION_BINS = 1_000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvaluateConfig:
+    """What the evaluation adds to each task's metrics (plerec.metrics): GAUC over the groups of the column
+    `group` (e.g. the user id; "" = no GAUC), and the calibration of binary tasks over `calibration_bins`
+    equal-width probability bins (the predicted-to-observed ratio and the ECE; 0 = no calibration)."""
+
+    group: str = ""
+    calibration_bins: int = 10
+
+    def __post_init__(self) -> None:
+        if self.group != self.group.strip():
+            raise ValueError(
+                f"Expected [evaluate] `group` to be a column name without surrounding spaces (or '' for no GAUC), "
+                f"but got {self.group!r}"
+            )
+        if not 0 <= self.calibration_bins <= MAX_CALIBRATION_BINS:
+            raise ValueError(
+                f"Expected [evaluate] `calibration_bins` in [0, {MAX_CALIBRATION_BINS}] (equal-width probability "
+                f"bins; 0 = no calibration), but got {self.calibration_bins}"
+            )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BaselineConfig:
     """The structure of the single-task baseline that `plerec compare` and `sweep` measure gains against
@@ -427,6 +491,7 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     source: str = field(default="", compare=False)  # the file it was read from, for error messages only
 
     def __post_init__(self) -> None:
@@ -455,11 +520,19 @@ class Experiment:
                 f"Expected task names other than the [rank] group and item columns ({', '.join(sorted(columns))}), "
                 f"which `plerec rank` and `serve` write next to the task predictions, but got {clash}; rename the tasks"
             )
+        labelled_by = [t.name for t in self.tasks if self.evaluate.group in t.label_columns]
+        if labelled_by:  # every group would hold one class: GAUC would skip them all
+            raise ValueError(
+                f"Expected [evaluate] `group` to name a column other than the label columns of the tasks, but got "
+                f"{self.evaluate.group!r}, the label of {', '.join(f'`{n}`' for n in labelled_by)}"
+            )
         if self.train.monitor != "mean" and self.train.monitor not in names:
             raise ValueError(
                 f"Expected [train] `monitor` to be 'mean' or a task name ({', '.join(names)}), "
                 f"but got {self.train.monitor!r}.{did_you_mean(self.train.monitor, names)}"
             )
+        if self.model_name in FUNNEL_MODELS:  # esmm, aitm: binary funnel steps over the entire space
+            check_funnel_tasks(self.model_name, self.tasks)
 
     @property
     def task_kinds(self) -> dict[str, str]:
@@ -537,6 +610,7 @@ def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
         train=_build(TrainConfig, raw.get("train", {}), "[train]"),
         rank=_build(RankConfig, raw.get("rank", {}), "[rank]"),
         baseline=_build(BaselineConfig, raw.get("baseline", {}), "[baseline]"),
+        evaluate=_build(EvaluateConfig, raw.get("evaluate", {}), "[evaluate]"),
         source=source,
     )
 
@@ -554,6 +628,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         "model": {"name": exp.model_name, **model},
         "train": _plain(exp.train),
         "rank": _plain(exp.rank),
+        "evaluate": _plain(exp.evaluate),
     }
 
 
@@ -578,6 +653,7 @@ def key_defaults() -> dict[str, Any]:
         "tasks": defaults(TaskConfig),
         "train": defaults(TrainConfig),
         "rank": defaults(RankConfig),
+        "evaluate": defaults(EvaluateConfig),
     }
 
 

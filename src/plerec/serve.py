@@ -1,10 +1,20 @@
-"""An HTTP JSON service over a trained model (FastAPI on uvicorn): /score, /rank and /health.
+"""An HTTP JSON service over a trained model (FastAPI on uvicorn): /score, /rank, /health and /metrics.
 
 POST /score  {"rows": [{FEATURE: value, …}, …]}
              -> {"tasks": [...], "predictions": [{TASK: p, …, "score": s, "log_score": l}, …]}
+             {"columns": {FEATURE: [value, …], …}}
+             -> {"tasks": [...], "columns": {TASK: [p, …], …, "score": […], "log_score": […]}}
 POST /rank   {"candidates": [{…}, …], "user": {FEATURE: value, …}, "top_k": k}
+             {"columns": {FEATURE: [value, …], …}, "user": {FEATURE: value, …}, "top_k": k}
              -> {"user": id or null, "items": [{"rank": 1, "index": i, ITEM: id, TASK: p, …, "score": s, …}, …]}
-GET  /health -> {"status": "ok", "model": …, "tasks": […], "features": {…}, "rank": {…}}
+GET  /health -> {"status": "ok", "model": …, "tasks": […], "features": {…}, "rank": {…}, "reloads": n}
+GET  /metrics -> Prometheus text: requests by path and status, latency histogram, rows scored, passes, reloads
+
+The columnar form carries the same values as the row form, one array per field (all of one length, one
+value per row); it answers the same predictions, computed from the same tensors. Both forms are checked and
+encoded one whole column at a time (rows are transposed into columns first): a column whose values are all
+fine costs a few C-level passes, and only a column with a problem is gone through value by value, for the
+message naming its first bad row.
 
 Every row must carry every feature column (null marks a missing value), of the JSON type its training
 values had: a number for a numeric column; for a categorical column the type of its vocabulary (a string
@@ -14,7 +24,10 @@ float such as 7.0 is the integer 7, as in a file; 1.5, true or "7" are not) or s
 the field's max_length keeps its last max_length elements, as training did. Fields other than the features
 and the [rank] group, item and length columns are rejected. A bad request gets a 4xx answer whose `error`
 names the row, the field (and a list's element) and what was expected; nothing is coerced. Requests run in
-the server's thread pool, each on its own rows; the model is only read.
+the server's thread pool, each on its own rows; the model is only read. With micro-batching on
+(`batch_window`), requests that arrive within the window are scored in one forward pass, each answered with
+its own rows only. A reload (SIGHUP under `serve`) swaps in a new model for new requests while those in
+flight finish on the old one.
 
 What one client may take is bounded (`Limits`): the body's size (checked against Content-Length before it
 is read, counted while reading a chunked one), the time to send the headers and the body, idle keep-alive
@@ -28,11 +41,15 @@ import asyncio
 import hmac
 import ipaddress
 import itertools
+import json
 import math
 import os
 import socket
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +61,20 @@ import pyarrow.compute as pc
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
 
-from plerec import jsonio
+from plerec import jsonio, train
 from plerec.data.lists import Elements, padded
 from plerec.data.tables import EncodedTable
 from plerec.data.vocab import category_key
 from plerec.errors import did_you_mean
-from plerec.rank import Scorer, rank_within_groups
+from plerec.rank import Scorer, fused_log_score, task_outputs
+from plerec.serve_ops import Batcher, Metrics
 
 TOKEN_ENV = "PLEREC_SERVE_TOKEN"
+BACKENDS = ("torch", "onnx")  # what runs the forward pass
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 SHOWN = 100  # characters of a bad value or name an error message shows at most
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -91,6 +110,18 @@ class ScoreRequest(BaseModel):
 class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     candidates: list[dict[str, Any]]
+    user: dict[str, Any] = Field(default_factory=dict)
+    top_k: StrictInt | None = None
+
+
+class ColumnsScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    columns: dict[str, list[Any]]
+
+
+class ColumnsRankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    columns: dict[str, list[Any]]
     user: dict[str, Any] = Field(default_factory=dict)
     top_k: StrictInt | None = None
 
@@ -157,8 +188,10 @@ _TYPES = {"string": (str,), "number": (int, float), "boolean": (bool,)}  # what 
 class RowReader:
     """Checks request rows against the model's columns and encodes them as the Encoder does.
 
-    Vocabulary lookups are dicts built once, so a request costs a dict lookup per value instead of the
-    DataFrame and index building of `Encoder.transform` (which the tests check it matches exactly).
+    Rows and columns share one path: rows are checked, transposed into columns, and each column is encoded
+    whole by the Encoder's own lookups (`Encoder.key_ids` once per distinct value, `Encoder.element_ids` for
+    list fields) without the DataFrame and index building of `Encoder.transform` (which the tests check it
+    matches exactly).
     """
 
     def __init__(self, scorer: Scorer, max_rows: int):
@@ -167,7 +200,6 @@ class RowReader:
         self.max_rows = max_rows
         self.numeric = list(encoder.numeric)
         self.categorical = list(encoder.categorical)
-        self.hashed = {c for c in self.categorical if c in encoder.hash_buckets}
         # The JSON types a categorical column accepts: those of its training values (any, for a hashed
         # column, which keeps no vocabulary: the encoder hashes every value's text).
         self.kinds = {
@@ -175,22 +207,25 @@ class RowReader:
             for c in self.categorical
         }
         self.types = {c: tuple(t for k in sorted(self.kinds[c]) for t in _TYPES[k]) for c in self.categorical}
-        # Where a column holds booleans next to numbers, keys say which is which: Python's True == 1, and
-        # true must not find the id of 1 (the Encoder keeps them apart).
-        self.tagged = {c: "boolean" in self.kinds[c] and len(self.kinds[c]) > 1 for c in self.categorical}
-        self.ids_of = {
-            c: {((type(v) is bool, v) if self.tagged[c] else v): i + 1 for i, v in enumerate(encoder.vocabs[c])}
-            for c in self.categorical
-            if c not in self.hashed
-        }
+        for column in self.categorical:  # the encoder builds its lookups on first use: built here, before threads
+            encoder.key_ids(column, [])
         self.lists = dict(encoder.lists)  # list column -> its settings (`elements`: "integer" or "text")
         for column, spec in self.lists.items():
-            # The encoder builds its lookups on first use: built here, before threads share them.
             encoder.element_ids(column, _elements(spec, [[]]), range(1), "the model")
         self.length = rank.length
         self.ids = [c for c in (rank.group, rank.item) if c]
         features = self.categorical + self.numeric + list(self.lists)
         self.required = list(dict.fromkeys(features + ([self.length] if self.length else [])))
+        self.required_set = set(self.required)
+        self.means = np.array([[encoder.means[c]] for c in self.numeric], dtype=np.float64).reshape(-1, 1)  # (D, 1)
+        self.stds = np.array([[encoder.stds[c]] for c in self.numeric], dtype=np.float64).reshape(-1, 1)
+        self.list_width, self.list_dtype = encoder.list_width, encoder.list_dtype
+        none = type(None)
+        self.value_kinds = {c: {*self.types[c], none} for c in self.categorical}  # the JSON types each field takes
+        self.value_kinds |= {c: {int, float, none} for c in self.numeric}
+        self.value_kinds |= {c: {str, int, float, bool, none} for c in self.ids}
+        self.value_kinds |= {self.length: {int, float}} if self.length else {}
+        self.id_cache: dict[tuple[str, type], dict] = {}  # (column, value type) -> {value: id}, see `_category_ids`
         self.allowed = set(self.required) | set(self.ids)
 
     def check(self, rows: list[dict[str, Any]], what: str) -> None:
@@ -207,44 +242,131 @@ class RowReader:
             self._check_name(key, where)
             self._check_value(key, value, where)
 
+    def check_columns(
+        self, columns: dict[str, list], what: str, where: Callable[[int], str], given: Collection[str] = ()
+    ) -> int:
+        """A columnar request's columns (`what` names them; `where(i)` names row i): known names, every field
+        the model reads present (but those in `given`, the /rank user's), one length for all, each value what
+        `check` asks of it. Returns the number of rows."""
+        for key in columns:
+            self._check_name(key, f"`{what}`")
+            if key in given:
+                raise RequestError(422, f"`{what}`: `{key}` is already given in `user`")
+        for column in self.required:
+            if column not in columns and column not in given:
+                raise RequestError(
+                    422,
+                    f"`{what}`: missing field `{column}` (every feature must be present; null marks a missing value)",
+                )
+        if not columns:
+            raise RequestError(422, f"Expected at least one column in `{what}`, but got none")
+        first, n = next((k, len(v)) for k, v in columns.items())
+        for key, values in columns.items():
+            if len(values) != n:
+                raise RequestError(
+                    422,
+                    f"`{what}`: expected every column to have one value per row, {n} as `{first}` has, but `{key}` "
+                    f"has {len(values)}",
+                )
+        self.check_count(n, what)
+        for key, values in columns.items():
+            self.check_column(key, values, where)
+        return n
+
+    def check_count(self, n: int, what: str) -> None:
+        if not n:
+            raise RequestError(422, f"Expected at least one row in `{what}`, but got none")
+        if n > self.max_rows:
+            raise RequestError(413, f"Expected at most {self.max_rows} rows in `{what}`, but got {n}")
+
+    def check_column(self, column: str, values: list, where: Callable[[int], str]) -> None:
+        """One known field's values, row i named by `where(i)`: what `_check_value` asks of each, at C speed
+        where every value is fine (the common case); otherwise the per-value check finds the first bad one."""
+        if column in self.lists:
+            for i, value in enumerate(values):
+                self._check_list(column, value, where(i))
+            return
+        if self._column_fine(column, values):
+            return
+        for i, value in enumerate(values):  # the first bad value, if any (the sum may overflow from good ones)
+            self._check_value(column, value, where(i))
+
+    def _column_fine(self, column: str, values: list) -> bool:
+        """Whether every value passes `_check_value` (False: some may not), without Python per value."""
+        kinds = set(map(type, values))
+        if not kinds <= self.value_kinds[column]:
+            return False
+        if str in kinds:
+            if kinds - {str, type(None)}:
+                return False  # text next to numbers (an id column): left to the per-value check
+            return _text("".join(filter(None, values)))
+        if kinds & {int, float}:
+            try:  # NaN and ±Infinity make the sum so; filter(None) drops nulls (and zeros, which are finite)
+                return math.isfinite(math.fsum(filter(None, values)))
+            except OverflowError:  # an integer beyond float range, or finite values whose sum is not
+                return False
+        return True
+
     def encode(self, rows: list[dict[str, Any]], what: str) -> EncodedTable:
         """The checked rows as the model's inputs: what `Encoder.transform` gives for the same values."""
-        n, encoder = len(rows), self.encoder
+        return self.encode_columns(self.columns_of(rows), len(rows), lambda i: f"{what}[{i}]", f"`{what}`")
+
+    def columns_of(self, rows: list[dict[str, Any]], given: Collection[str] = ()) -> dict[str, list]:
+        """Checked rows as columns, one list per field (a C-level transpose); the fields in `given` (the /rank
+        user's) are left out, the [rank] ids are None where a row has none."""
+        names = [c for c in self.required if c not in given]
+        if len(names) > 1:
+            values = zip(*map(itemgetter(*names), rows), strict=True)  # (F, N)
+        else:
+            values = [[row[name] for row in rows] for name in names]  # itemgetter of one name gives no tuples
+        columns = dict(zip(names, map(list, values), strict=True))
+        for column in self.ids:
+            if column not in given:
+                columns[column] = [row.get(column) for row in rows]
+        return columns
+
+    def encode_columns(
+        self, columns: dict[str, list], n: int, where: Callable[[int], str], what: str, shared: Collection[str] = ()
+    ) -> EncodedTable:
+        """Checked columns as the model's inputs, each a list of n values, or of one value for the columns in
+        `shared` (the /rank user's fields, encoded once and broadcast to every row). `where(i)` names row i in
+        a message ("user" for a shared column); `what` names the request's rows."""
+        encoder = self.encoder
+
+        def at(column: str, i: int) -> str:
+            return "user" if column in shared else where(i)
+
         sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for j, column in enumerate(self.categorical):
-            if column in self.hashed:
-                sparse[:, j] = self._hashed_ids(column, [row[column] for row in rows])
-                continue
-            ids = self.ids_of[column]
-            if self.tagged[column]:
-                sparse[:, j] = [ids.get((type(row[column]) is bool, row[column]), 0) for row in rows]
-            else:
-                sparse[:, j] = [ids.get(row[column], 0) for row in rows]
-        dense = np.zeros((n, len(encoder.dense_names)), dtype=np.float32)
-        for j, column in enumerate(self.numeric):
-            values = np.array([np.nan if row[column] is None else row[column] for row in rows], dtype=np.float64)
-            missing = np.isnan(values)
-            if missing.any() and encoder.missing_numeric == "error":
-                raise RequestError(
-                    422,
-                    f"{what}[{int(missing.argmax())}]: `{column}` is null, but the model was trained with "
-                    "[data] missing_numeric = 'error'",
-                )
-            mean, std = encoder.means[column], encoder.stds[column]
-            with np.errstate(over="ignore", invalid="ignore"):
-                standard = (np.where(missing, mean, values) - mean) / std  # float64: checked before float32 takes it
-            out = ~(np.abs(standard) <= FLOAT32_MAX)
-            if out.any():
-                i = int(out.argmax())
-                raise RequestError(
-                    422,
-                    f"{what}[{i}]: expected `{column}` to be a number whose standardised value (x - {mean:.6g}) / "
-                    f"{std:.6g} is within float32's ±{FLOAT32_MAX:.3g}, but got {_show(rows[i][column])}",
-                )
-            dense[:, j] = standard
-            if column in encoder.indicators:
-                dense[:, len(self.numeric) + encoder.indicators.index(column)] = missing
-        lists, lengths = self._encode_lists(rows, what)
+            sparse[:, j] = self._category_ids(column, columns[column])
+        numeric, dense = self.numeric, np.zeros((n, len(encoder.dense_names)), dtype=np.float32)
+        values = np.empty((len(numeric), n))  # (D, N) float64: checked before float32 takes it
+        for j, column in enumerate(numeric):
+            values[j] = columns[column]  # null: NaN (checked values are finite numbers); one value: broadcast
+        missing = np.isnan(values)
+        if missing.any() and encoder.missing_numeric == "error":
+            j, i = (int(k) for k in np.argwhere(missing)[0])
+            raise RequestError(
+                422,
+                f"{at(numeric[j], i)}: `{numeric[j]}` is null, but the model was trained with "
+                "[data] missing_numeric = 'error'",
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            standard = (np.where(missing, self.means, values) - self.means) / self.stds  # (D, N)
+        out = ~(np.abs(standard) <= FLOAT32_MAX)
+        if out.any():
+            j, i = (int(k) for k in np.argwhere(out)[0])  # the first column's first bad row, as one by one
+            mean, std = self.means[j, 0], self.stds[j, 0]
+            raise RequestError(
+                422,
+                f"{at(numeric[j], i)}: expected `{numeric[j]}` to be a number whose standardised value (x - "
+                f"{mean:.6g}) / {std:.6g} is within float32's ±{FLOAT32_MAX:.3g}, but got "
+                f"{_show(columns[numeric[j]][i if len(columns[numeric[j]]) > 1 else 0])}",
+            )
+        dense[:, : len(numeric)] = standard.T
+        for k, column in enumerate(encoder.indicators):
+            dense[:, len(numeric) + k] = missing[numeric.index(column)]
+        lists, lengths = self._encode_lists(columns, n, at, what)
         tasks = len(encoder.tasks)
         return EncodedTable(
             sparse=torch.from_numpy(sparse),
@@ -253,44 +375,66 @@ class RowReader:
             label_mask=torch.zeros(n, tasks, dtype=torch.bool),
             lists=torch.from_numpy(lists),
             lengths=torch.from_numpy(lengths),
-            source=f"the request's `{what}`",
+            source=f"the request's {what}",
         )
 
-    def _hashed_ids(self, column: str, values: list) -> list[int]:
-        """A hashed column's ids by the Encoder's own lookup of category keys (1 + the bucket of the value's
-        text), 0 for null or blank text; one key per distinct value (true and 1 kept apart)."""
-        distinct: dict[tuple[bool, Any], Any] = {}
-        for value in values:
-            distinct.setdefault((type(value) is bool, value), value)
-        present = [k for k, v in distinct.items() if not (v is None or (type(v) is str and not v.strip()))]
-        found = self.encoder.key_ids(column, [category_key(distinct[k]) for k in present]).tolist()
-        ids = dict(zip(present, found, strict=True))
-        return [ids.get((type(value) is bool, value), 0) for value in values]
+    def _category_ids(self, column: str, values: list) -> np.ndarray:
+        """A categorical column's ids by the Encoder's own lookup of category keys (`Encoder.key_ids`: 1 + the
+        vocabulary index, 0 if unseen, or 1 + the bucket of a hashed column), 0 for null or blank text.
 
-    def _encode_lists(self, rows: list[dict[str, Any]], what: str) -> tuple[np.ndarray, np.ndarray]:
-        """The list fields of checked rows as `Encoder.transform` gives them: (N, L) padded ids, (N, F) lengths.
-        Each field's elements become one flat array with offsets, looked up by the encoder at once."""
-        n, encoder = len(rows), self.encoder
-        lists = np.zeros((n, encoder.list_width), dtype=encoder.list_dtype)
+        The ids found are kept, per column and JSON type, so that a value seen before costs one dict lookup
+        (C-level, no Python per value) instead of its key's text; the vocabulary never changes under them (a
+        reload builds a new reader). Values of several types are looked up with their type (true is not 1)."""
+        kinds = set(map(type, values)) - {type(None)}
+        typed = len(kinds) > 1
+        if typed:
+            keys, cache = list(zip(map(type, values), values, strict=True)), self._cache(column, tuple)
+        else:
+            keys, cache = values, self._cache(column, next(iter(kinds), type(None)))
+        found = list(map(cache.get, keys))
+        if None in found:
+            missing = [k for k, f in zip(keys, found, strict=True) if f is None]
+            new = list(dict.fromkeys(missing))
+            plain = [k[1] for k in new] if typed else new
+            present = [i for i, v in enumerate(plain) if not (v is None or (type(v) is str and not v.strip()))]
+            ids = self.encoder.key_ids(column, [category_key(plain[i]) for i in present]).tolist()
+            looked = dict.fromkeys(new, 0) | {new[i]: id_ for i, id_ in zip(present, ids, strict=True)}
+            if len(cache) + len(looked) > 100_000:  # bounded: a client sending new values cannot grow it for ever
+                cache.clear()
+            cache.update(looked)
+            found = [looked[k] if f is None else f for k, f in zip(keys, found, strict=True)]
+        return np.array(found, dtype=np.int64)
+
+    def _cache(self, column: str, kind: type) -> dict:
+        return self.id_cache.setdefault((column, kind), {})
+
+    def _encode_lists(
+        self, columns: dict[str, list], n: int, at: Callable[[str, int], str], what: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The list fields of checked columns as `Encoder.transform` gives them: (N, L) padded ids, (N, F)
+        lengths. Each field's elements become one flat array with offsets, looked up by the encoder at once."""
+        encoder = self.encoder
+        lists = np.zeros((n, self.list_width), dtype=self.list_dtype)
         lengths = np.zeros((n, len(self.lists)), dtype=np.int16)
         start = 0
         for f, (column, spec) in enumerate(self.lists.items()):
-            elements = _elements(spec, [row[column] or () for row in rows])  # null: an empty list
+            values = columns[column]
+            elements = _elements(spec, [value or () for value in values])  # null: an empty list
             if not elements.integer:
                 blank = np.flatnonzero(elements.values.to_numpy() == "")
                 if len(blank):  # `_check_list` strips as Python does; Arrow may strip more
                     i = elements.row_of(int(blank[0]))
                     raise RequestError(
                         422,
-                        f"{what}[{i}]: expected `{column}` element {int(blank[0] - elements.offsets[i])} to be an "
-                        "id, but got blank text",
+                        f"{at(column, i)}: expected `{column}` element {int(blank[0] - elements.offsets[i])} to be "
+                        "an id, but got blank text",
                     )
             try:
-                ids = encoder.element_ids(column, elements, range(n), f"the request's `{what}`")
+                ids = encoder.element_ids(column, elements, range(len(values)), f"the request's {what}")
             except ValueError as err:  # checked rows should never get here; a 422 rather than a 500 if they do
                 raise RequestError(422, _clip(" ".join(str(err).split()), 400)) from None
             stop = start + spec["max_length"]
-            lists[:, start:stop], lengths[:, f] = padded(ids, elements.offsets, spec["max_length"])
+            lists[:, start:stop], lengths[:, f] = padded(ids, elements.offsets, spec["max_length"])  # broadcast
             start = stop
         return lists, lengths
 
@@ -422,17 +566,297 @@ def _elements(spec: dict, values: list) -> Elements:
     return Elements(pd.Series(texts, dtype=object), offsets, False)
 
 
+try:  # a fast JSON parser and writer where installed (the `serve` extra); the standard library's otherwise
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
+
+
+def loads(body: bytes) -> Any:
+    """A request body as Python values: orjson's parse where it takes the body, else the standard library's,
+    which also takes NaN, Infinity, lone surrogates and integers beyond 64 bits (then refused with a 422
+    naming the field, as before) and says where invalid JSON goes wrong."""
+    if orjson is not None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as err:
+        raise RequestError(
+            400, f"The request body is not valid JSON (at character {err.pos}): {_clip(err.msg)}"
+        ) from None
+    except (UnicodeDecodeError, RecursionError, ValueError):
+        raise RequestError(
+            400, "The request body is not valid JSON: not UTF-8, nested too deeply, or a number of 1000s of digits"
+        ) from None
+
+
+def dumps(answer: dict) -> bytes:
+    """An answer as JSON bytes (every number in it is finite: outputs are checked before)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(answer)
+        except TypeError:  # an echoed id beyond 64 bits
+            pass
+    return jsonio.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _validated(model: type[BaseModel], body: Any) -> Any:
+    """The body's top level checked by its pydantic model; a 422 naming the fields otherwise."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors()[:3]:
+            where = ".".join(_name(p) for p in e.get("loc", ())) or "the request body"
+            parts.append(f"`{where}`: {_clip(str(e.get('msg')))}")
+        raise RequestError(422, "; ".join(parts)) from None
+
+
+@dataclass(slots=True)
+class Job:
+    """One request, checked and encoded: the rows the model scores, and how its answer is built from them."""
+
+    served: Served
+    path: str
+    table: EncodedTable
+    length: np.ndarray | None  # the [rank] length column, (N,)
+    where: Callable[[int], str]  # names row i in a message
+    answer: Callable[[np.ndarray], dict]  # outputs (N, T + 2): tasks, score, log score -> the JSON answer
+
+    def finish(self, logits: torch.Tensor) -> dict:
+        return self.answer(self.served.outputs(logits, self.length, self.where))
+
+
+class Served:
+    """One loaded model as the service answers with it. A reload builds a new one; a request keeps the one it
+    started with to its end."""
+
+    def __init__(self, scorer: Scorer, max_rows: int, generation: int = 0, backend: str = "torch"):
+        self.scorer, self.rank, self.generation = scorer, scorer.rank, generation
+        self.reader = RowReader(scorer, max_rows)
+        self.names = [*scorer.task_names, "score", "log_score"]  # the columns of `outputs`
+        if backend not in BACKENDS:
+            raise ValueError(f"Expected backend to be one of {', '.join(BACKENDS)}, but got {backend!r}")
+        self.onnx = None
+        if backend == "onnx":
+            from plerec.serve_onnx import OnnxForward
+
+            self.onnx = OnnxForward(scorer, threads=torch.get_num_threads())
+
+    def forward(self, table: EncodedTable) -> torch.Tensor:
+        """The logits (N, T) of encoded rows: train.predict (eval mode, inference mode, in batches), or ONNX
+        Runtime on the exported graph (`backend="onnx"`)."""
+        if self.onnx is not None:
+            return self.onnx(table)
+        return train.predict(self.scorer.model, table, self.scorer.batch_size)
+
+    def job(self, path: str, body: Any) -> Job:
+        if not isinstance(body, dict):  # pydantic says so, naming the model
+            return self._score(_validated(ScoreRequest, body)) if path == "/score" else self._rank(body)
+        if path == "/score":
+            if "columns" in body:
+                return self._score_columns(_validated(ColumnsScoreRequest, body))
+            return self._score(_validated(ScoreRequest, body))
+        return self._rank(body)
+
+    def outputs(self, logits: torch.Tensor, length: np.ndarray | None, where: Callable[[int], str]) -> np.ndarray:
+        """(N, T + 2) float64: each task's probability or value, the fused score and its log (Eq. 1)."""
+        scorer = self.scorer
+        try:
+            log_score = fused_log_score(logits, scorer.tasks, scorer.rank, length)
+        except ValueError as err:  # e.g. a regression value Eq. 1 cannot take the log of
+            raise RequestError(422, _clip(" ".join(str(err).split()), 400)) from None
+        with np.errstate(over="ignore"):
+            out = np.column_stack([task_outputs(logits, scorer.tasks), np.exp(log_score), log_score])
+        bad = ~np.isfinite(out)
+        if bad.any():
+            i, j = (int(k) for k in np.argwhere(bad)[0])
+            raise RequestError(
+                422,
+                f"{where(i)}: expected the model's `{self.names[j]}` to be a finite number, but it is "
+                f"{float(out[i, j])!r}: the row's values are beyond what the model can score",
+            )
+        return out
+
+    def _score(self, body: ScoreRequest) -> Job:
+        rows = body.rows
+        columns = self._row_columns(rows, "rows", {}, lambda: self.reader.check(rows, "rows"))
+        return self._job("/score", columns, len(rows), lambda i: f"rows[{i}]", "`rows`", (), self._predictions)
+
+    def _score_columns(self, body: ColumnsScoreRequest) -> Job:
+        where = _row_in("columns")
+        n = self.reader.check_columns(body.columns, "columns", where)
+        return self._job("/score", body.columns, n, where, "`columns`", (), self._prediction_columns)
+
+    def _predictions(self, out: np.ndarray) -> dict:
+        names = self.names
+        return {
+            "tasks": self.scorer.task_names,
+            "predictions": [dict(zip(names, row, strict=True)) for row in out.tolist()],
+        }
+
+    def _prediction_columns(self, out: np.ndarray) -> dict:
+        return {"tasks": self.scorer.task_names, "columns": dict(zip(self.names, out.T.tolist(), strict=True))}
+
+    def _rank(self, body: Any) -> Job:
+        reader, rank = self.reader, self.rank
+        columnar = isinstance(body, dict) and "columns" in body
+        request = _validated(ColumnsRankRequest if columnar else RankRequest, body)
+        if columnar:
+            what, where = "columns", _row_in("columns")
+        else:
+            what, where = "candidates", (lambda i: f"candidates[{i}]")
+            reader.check_count(len(request.candidates), "candidates")
+        if request.top_k is not None and request.top_k < 1:
+            raise RequestError(422, f"Expected `top_k` >= 1, but got {_show(request.top_k)}")
+        top_k = rank.top_k if request.top_k is None else request.top_k
+        user = request.user
+        reader.check_fields(user, "user")
+        if columnar:
+            n = reader.check_columns(request.columns, "columns", where, given=user.keys())
+            columns = dict(request.columns)
+        else:
+            candidates = request.candidates
+            n = len(candidates)
+            columns = self._row_columns(candidates, "candidates", user, lambda: self._check_merged(user, candidates))
+        shared = {key: [value] for key, value in user.items()}  # given once, broadcast to every candidate
+        columns.update(shared)
+        if rank.item:
+            items = columns.get(rank.item, [None])
+            missing = next((i for i, item in enumerate(items) if item is None), None)
+            if missing is not None:
+                at = "user" if rank.item in shared else where(missing)
+                raise RequestError(422, f"{at}: missing the item id `{rank.item}`")
+        group = None
+        if rank.group:
+            users = set(columns.get(rank.group, [None]))  # hashable: the checks took scalars only
+            if len(users) > 1:
+                raise RequestError(
+                    422, f"Expected the candidates of one user, but `{rank.group}` takes {len(users)} values"
+                )
+            group = users.pop()
+
+        def answer(out: np.ndarray) -> dict:
+            # One user: `rank_within_groups`'s order for one group, best log score first, ties in input order.
+            order = np.argsort(-out[:, -1], kind="stable")
+            keep = (order if not top_k else order[:top_k]).tolist()
+            ranks = range(1, n + 1)
+            items = []
+            for position, (i, values) in enumerate(zip(keep, out[keep].tolist(), strict=True)):
+                item = {"rank": int(ranks[position]), "index": i}
+                if rank.item:
+                    ids = columns[rank.item]
+                    item[rank.item] = ids[i] if len(ids) == n else ids[0]
+                item.update(zip(self.names, values, strict=True))
+                items.append(item)
+            return {"user": group, "items": items}
+
+        return self._job("/rank", columns, n, where, f"`{what}`", shared, answer)
+
+    def _check_merged(self, user: dict, candidates: list[dict]) -> None:
+        """The row-by-row checks of /rank candidates with the user's fields merged in: they name the first bad
+        candidate (run when the column checks found a problem)."""
+        rows = []
+        for i, candidate in enumerate(candidates):
+            repeated = sorted(set(candidate) & set(user))
+            if repeated:
+                raise RequestError(422, f"candidates[{i}]: repeats {_show(repeated)}, already given in `user`")
+            rows.append({**user, **candidate})
+        self.reader.check(rows, "candidates")
+
+    def _row_columns(self, rows: list[dict], what: str, given: dict, check_rows: Callable[[], None]) -> dict:
+        """Request rows as checked columns (the fields in `given` left out). The column checks run at C speed
+        where every value is fine; where one is not, `check_rows` names the first bad row as the row-by-row
+        checks always have."""
+        reader = self.reader
+        reader.check_count(len(rows), what)
+        required, allowed = reader.required_set - given.keys(), reader.allowed - given.keys()
+        try:
+            if not all(required <= row.keys() <= allowed for row in rows):
+                raise RequestError(422, f"Expected the rows of `{what}` to have the fields {sorted(required)}")
+            columns = reader.columns_of(rows, given)
+            for key, values in columns.items():
+                reader.check_column(key, values, lambda i: f"{what}[{i}]")
+        except RequestError:
+            check_rows()  # raises the row-by-row message
+            raise
+        return columns
+
+    def _job(
+        self,
+        path: str,
+        columns: dict,
+        n: int,
+        where: Callable[[int], str],
+        what: str,
+        shared: Collection[str],
+        answer: Callable[[np.ndarray], dict],
+    ) -> Job:
+        table = self.reader.encode_columns(columns, n, where, what, shared)
+        length = None
+        if self.rank.length:
+            length = np.array(columns[self.rank.length], dtype=np.float64)
+            length = np.repeat(length, n) if len(length) != n else length  # a length given once, in `user`
+        return Job(self, path, table, length, where, answer)
+
+
+def _row_in(what: str) -> Callable[[int], str]:
+    return lambda i: f"`{what}` row {i}"
+
+
+class Model:
+    """The model a service answers with, replaced whole by `reload` (requests in flight keep theirs)."""
+
+    def __init__(self, scorer: Scorer, max_rows: int, load: Callable[[], Scorer] | None = None, backend: str = "torch"):
+        self.max_rows, self.load, self.backend = max_rows, load, backend
+        self.current = Served(scorer, max_rows, backend=backend)
+        self.lock = threading.Lock()  # one reload at a time
+
+    def reload(self) -> Served:
+        """Load the checkpoint again (`load()`), then answer every new request with it. A failed load leaves
+        the current model serving and raises."""
+        if self.load is None:
+            raise ValueError("Expected a loader to reload the model with, but the service was started without one")
+        with self.lock:
+            served = Served(self.load(), self.max_rows, self.current.generation + 1, self.backend)
+            self.current = served
+            return served
+
+
+def check_batching(batch_window: float, max_batch_rows: int) -> None:
+    if not (type(batch_window) in (int, float) and 0 <= batch_window <= 1):
+        raise ValueError(f"Expected batch_window in [0, 1] seconds, but got {batch_window!r}")
+    if type(max_batch_rows) is not int or max_batch_rows < 1:
+        raise ValueError(f"Expected max_batch_rows to be an integer >= 1, but got {max_batch_rows!r}")
+
+
 def create_app(
-    scorer: Scorer, limits: Limits | None = None, *, token: str | None = None, docs: bool = False
+    scorer: Scorer,
+    limits: Limits | None = None,
+    *,
+    token: str | None = None,
+    docs: bool = False,
+    load: Callable[[], Scorer] | None = None,
+    batch_window: float = 0.0,
+    max_batch_rows: int = 4096,
+    backend: str = "torch",
 ) -> FastAPI:
-    """The service over one scorer. Handlers are plain functions: FastAPI runs them in its thread pool.
-    `token`: required as `Authorization: Bearer TOKEN` on every endpoint but /health. `docs`: serve the
-    OpenAPI schema at /openapi.json (no HTML pages, which would load scripts from a CDN)."""
+    """The service over one scorer. `token`: required as `Authorization: Bearer TOKEN` on every endpoint but
+    /health. `docs`: serve the OpenAPI schema at /openapi.json (no HTML pages, which would load scripts from a
+    CDN). `load`: what `app.state.model.reload()` calls for a new scorer (SIGHUP under `serve`).
+    `batch_window` > 0 (seconds): requests arriving within it are scored in one forward pass (up to about
+    `max_batch_rows` rows); 0 scores each request on its own, in the thread pool. `backend`: "torch" (eager),
+    or "onnx" (ONNX Runtime on the model exported at start, as `plerec export` does)."""
     limits = limits or Limits()
     if token is not None:
         check_token(token, "the token")
-    reader = RowReader(scorer, limits.max_rows)
-    rank = scorer.rank
+    check_batching(batch_window, max_batch_rows)
+    model = Model(scorer, limits.max_rows, load, backend)
+    metrics = Metrics()
+    batcher = Batcher(batch_window, max_batch_rows, metrics) if batch_window > 0 else None
     app = FastAPI(
         title="plerec",
         description="Multi-task ranking: per-task predictions and the fused score of Eq. 1",
@@ -440,7 +864,8 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
-    app.add_middleware(Guard, limits=limits, token=token)
+    app.state.model, app.state.metrics = model, metrics
+    app.add_middleware(Guard, limits=limits, token=token, metrics=metrics)
 
     @app.exception_handler(RequestError)
     def request_error(request: Request, err: RequestError) -> JSONResponse:
@@ -448,48 +873,44 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        detail = err.detail
-        if err.status_code == 400:  # FastAPI's answer to a body json.loads fails on other than by syntax
-            detail = "The request body is not valid JSON: not UTF-8, nested too deeply, or a number of 1000s of digits"
-        return JSONResponse({"error": _clip(str(detail))}, status_code=err.status_code, headers=err.headers)
+        return JSONResponse({"error": _clip(str(err.detail))}, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
-        errors = err.errors()
-        for e in errors:
-            if e.get("type") == "json_invalid":
-                detail = _clip(str(e.get("ctx", {}).get("error", "")))
-                at = e.get("loc", ("body", "?"))[-1]
-                return JSONResponse({"error": f"The request body is not valid JSON (at character {at}): {detail}"}, 400)
-        parts = []
-        for e in errors[:3]:
-            where = ".".join(_name(p) for p in e.get("loc", ())[1:]) or "the request body"
-            parts.append(f"`{where}`: {_clip(str(e.get('msg')))}")
-        return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+        return JSONResponse({"error": _clip(str(err.errors()[:3]))}, status_code=422)
 
     @app.exception_handler(Exception)
     def internal_error(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse({"error": f"Internal error: {type(err).__name__}: {_clip(str(err))}"}, status_code=500)
 
-    def scored(rows: list[dict[str, Any]], what: str) -> pd.DataFrame:
-        reader.check(rows, what)
-        try:
-            out = scorer.score_table(reader.encode(rows, what), reader.lengths(rows))
-        except ValueError as err:  # e.g. a regression value Eq. 1 cannot take the log of
-            raise RequestError(422, _clip(" ".join(str(err).split()), 400)) from None
-        with np.errstate(over="ignore"):
-            bad = ~np.isfinite(out.to_numpy(dtype=np.float64))  # (N, T + 2): every prediction, score, log score
-        if bad.any():
-            i, j = (int(k) for k in np.argwhere(bad)[0])
-            raise RequestError(
-                422,
-                f"{what}[{i}]: expected the model's `{out.columns[j]}` to be a finite number, but it is "
-                f"{float(out.iat[i, j])!r}: the row's values are beyond what the model can score",
-            )
-        return out
+    def whole(served: Served, path: str, body: bytes) -> bytes:
+        """A request from its body to its answer's bytes, in one thread: parse, check, encode, score."""
+        job = served.job(path, loads(body))
+        logits = served.forward(job.table)
+        metrics.forward(1)
+        answer = dumps(job.finish(logits))
+        metrics.scored(path, len(job.table))
+        return answer
+
+    async def answered(request: Request, path: str) -> Response:
+        served, body = model.current, await request.body()
+        if batcher is None:
+            content = await anyio.to_thread.run_sync(whole, served, path, body)
+        else:
+            batcher.arriving += 1
+            try:
+                job = await anyio.to_thread.run_sync(lambda: served.job(path, loads(body)))
+            finally:
+                batcher.arriving -= 1
+            logits = await batcher.logits(served, served.forward, job.table)
+            content = dumps(job.finish(logits))
+            metrics.scored(path, len(job.table))
+        return Response(content, media_type="application/json")
 
     @app.get("/health")
     def health() -> dict:
+        served = model.current
+        scorer, reader, rank = served.scorer, served.reader, served.rank
         return {
             "status": "ok",
             "model": scorer.model_name,
@@ -497,55 +918,25 @@ def create_app(
             "features": {"categorical": reader.categorical, "numeric": reader.numeric}
             | ({"lists": {c: _list_health(s) for c, s in reader.lists.items()}} if reader.lists else {}),
             "rank": {"group": rank.group, "item": rank.item, "length": rank.length, "top_k": rank.top_k},
+            "reloads": served.generation,
         }
 
     @app.post("/score")
-    def score(body: ScoreRequest) -> dict:
-        out = scored(body.rows, "rows")
-        return {"tasks": scorer.task_names, "predictions": out.to_dict(orient="records")}
+    async def score(request: Request) -> Response:
+        """{"rows": [{FEATURE: value, …}, …]} or {"columns": {FEATURE: [value, …], …}}"""
+        return await answered(request, "/score")
 
     @app.post("/rank")
-    def rank_items(body: RankRequest) -> dict:
-        if not body.candidates:
-            raise RequestError(422, "Expected at least one row in `candidates`, but got none")
-        if len(body.candidates) > reader.max_rows:
-            raise RequestError(
-                413, f"Expected at most {reader.max_rows} rows in `candidates`, but got {len(body.candidates)}"
-            )
-        if body.top_k is not None and body.top_k < 1:
-            raise RequestError(422, f"Expected `top_k` >= 1, but got {_show(body.top_k)}")
-        top_k = rank.top_k if body.top_k is None else body.top_k
-        reader.check_fields(body.user, "user")
-        rows = []
-        for i, candidate in enumerate(body.candidates):
-            repeated = sorted(set(candidate) & set(body.user))
-            if repeated:
-                raise RequestError(422, f"candidates[{i}]: repeats {_show(repeated)}, already given in `user`")
-            rows.append({**body.user, **candidate})
-        reader.check(rows, "candidates")
-        if rank.item:
-            for i, row in enumerate(rows):
-                if row.get(rank.item) is None:
-                    raise RequestError(422, f"candidates[{i}]: missing the item id `{rank.item}`")
-        user = None
-        if rank.group:
-            users = {row.get(rank.group) for row in rows}  # hashable: `check` took scalars only
-            if len(users) > 1:
-                raise RequestError(
-                    422, f"Expected the candidates of one user, but `{rank.group}` takes {len(users)} values"
-                )
-            user = users.pop()
-        out = scored(rows, "candidates")
-        order, ranks = rank_within_groups(np.zeros(len(rows), dtype=np.int64), out["log_score"].to_numpy())
-        keep = order if not top_k else order[:top_k]
-        predictions = out.to_dict(orient="records")
-        items = []
-        for position, i in enumerate(keep):
-            item = {"rank": int(ranks[position]), "index": int(i)}
-            if rank.item:
-                item[rank.item] = rows[i][rank.item]
-            items.append(item | predictions[i])
-        return {"user": user, "items": items}
+    async def rank_items(request: Request) -> Response:
+        """{"user": {…}, "candidates": [{…}, …], "top_k": k} or {"user": {…}, "columns": {FEATURE: […]}, "top_k": k}"""
+        return await answered(request, "/rank")
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        served = model.current
+        info = {"model": served.scorer.model_name, "reloads": str(served.generation), "pid": str(os.getpid())}
+        text = metrics.text(info)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 
@@ -568,27 +959,52 @@ class Guard:
     it passes the limit, a body that takes longer than `body_timeout` is cut off with a 408. Refusals close
     the connection: the rest of the body is never read."""
 
-    def __init__(self, app: Callable, limits: Limits, token: str | None):
-        self.app, self.limits = app, limits
+    def __init__(self, app: Callable, limits: Limits, token: str | None, metrics: Metrics | None = None):
+        self.app, self.limits, self.metrics = app, limits, metrics
         self.expected = token.encode() if token is not None else None
         self.in_flight = 0  # /score and /rank requests past the cap check; one event loop, so a plain int
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        free = scope["path"] == "/health"
+        if self.metrics is None:
+            return await self._guard(scope, receive, send)
+        start, status = time.perf_counter(), 0
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guard(scope, receive, sending)
+        finally:
+            if status:  # 0: the client went away before an answer
+                self.metrics.observe(scope["path"], status, time.perf_counter() - start)
+
+    async def _guard(self, scope: dict, receive: Callable, send: Callable) -> None:
+        free = scope["path"] in ("/health", "/metrics")  # never refused as busy (/metrics still needs the token)
         headers = dict(scope["headers"])  # h11 lowercases names; a repeated header keeps its last value
-        if self.expected is not None and not free and not self._authorised(headers.get(b"authorization", b"")):
+        if (
+            self.expected is not None
+            and scope["path"] != "/health"
+            and not self._authorised(headers.get(b"authorization", b""))
+        ):
             message = "Expected `Authorization: Bearer TOKEN` with the service's token, but got none or another"
             return await _refuse(send, 401, message, [(b"www-authenticate", b"Bearer")])
         if not free and self.in_flight >= self.limits.max_in_flight:
             message = f"The service is busy: {self.in_flight} requests in flight (at most {self.limits.max_in_flight})"
             return await _refuse(send, 503, message, [(b"retry-after", b"1")])
         self.in_flight += 0 if free else 1
+        if self.metrics is not None:
+            self.metrics.in_flight = self.in_flight
         try:
             await self._serve(scope, receive, send, headers)
         finally:
             self.in_flight -= 0 if free else 1
+            if self.metrics is not None:
+                self.metrics.in_flight = self.in_flight
 
     async def _serve(self, scope: dict, receive: Callable, send: Callable, headers: dict) -> None:
         most = self.limits.max_body_bytes
@@ -795,17 +1211,89 @@ def serve(
     token: str | None = None,
     docs: bool = False,
     threads: int = 0,
+    workers: int = 1,
+    load: Callable[[], Scorer] | None = None,
+    batch_window: float = 0.0,
+    max_batch_rows: int = 4096,
+    backend: str = "torch",
     on_ready: Callable[[str, int], None] | None = None,
 ) -> None:
-    """Serve until interrupted (SIGINT or SIGTERM end it gracefully)."""
-    if threads < 0:
-        raise ValueError(f"Expected threads >= 0, but got {threads}")
+    """Serve until SIGINT or SIGTERM, which stop taking connections and finish the requests in flight.
+
+    `load` (a picklable callable giving a Scorer, e.g. `functools.partial(Scorer.from_checkpoint, path, exp)`)
+    makes SIGHUP reload the model: the new checkpoint is loaded beside the old, then answers every new request
+    while the requests in flight finish on the old; a failed load keeps the old model and is logged.
+    `workers` > 1 runs that many processes on one listening socket, each loading its own model with `load`
+    (required then) and sharing nothing else; SIGHUP, SIGINT and SIGTERM reach them all. They are spawned
+    (fresh interpreters), so a script that calls this must do so under `if __name__ == "__main__":`. `threads`: torch
+    threads per process (0: torch's default with one worker, the cores shared out between several).
+    `batch_window`, `max_batch_rows`: micro-batching within each process (see `create_app`)."""
+    if type(threads) is not int or threads < 0:
+        raise ValueError(f"Expected threads >= 0, but got {threads!r}")
+    if type(workers) is not int or not 1 <= workers <= 256:
+        raise ValueError(f"Expected workers in [1, 256], but got {workers!r}")
+    if workers > 1 and load is None:
+        raise ValueError("Expected a loader (`load`) with workers > 1: each worker loads the checkpoint itself")
+    if backend not in BACKENDS:
+        raise ValueError(f"Expected backend to be one of {', '.join(BACKENDS)}, but got {backend!r}")
     check_exposure(host, token)
     limits = limits or Limits()
-    server = make_server(create_app(scorer, limits, token=token, docs=docs), limits)
+    check_batching(batch_window, max_batch_rows)
+    options = {"limits": limits, "token": token, "docs": docs, "backend": backend}
+    options |= {"batch_window": batch_window, "max_batch_rows": max_batch_rows}
+    sock = bind(host, port)
+    if workers == 1:
+        if on_ready is not None:
+            on_ready(*sock.getsockname()[:2])
+        return _serve_on(sock, scorer, load, threads, options)
+    from plerec.serve_workers import run_workers
+
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    run_workers(
+        _worker, (sock, load, threads, options), workers, lambda: on_ready and on_ready(*sock.getsockname()[:2])
+    )
+
+
+def _worker(sock: socket.socket, load: Callable[[], Scorer], threads: int, options: dict) -> None:
+    """One worker process: its own model from the checkpoint, served on the shared socket. A SIGHUP while
+    it loads is kept, and reloads once it serves."""
+    import signal
+
+    pending: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: pending.append(signum))
+    _serve_on(sock, load(), load, threads, options, pending)
+
+
+def _serve_on(
+    sock: socket.socket,
+    scorer: Scorer,
+    load: Callable[[], Scorer] | None,
+    threads: int,
+    options: dict,
+    pending: list | None = None,
+) -> None:
+    import logging
+    import signal
+
     if threads:
         torch.set_num_threads(threads)
-    sock = bind(host, port)
-    if on_ready is not None:
-        on_ready(*sock.getsockname()[:2])
+    app = create_app(scorer, load=load, **options)
+    server = make_server(app, options["limits"])
+    log = logging.getLogger("plerec.serve")
+
+    def reload() -> None:
+        try:
+            served = app.state.model.reload()
+        except Exception as err:  # the old model keeps serving
+            app.state.metrics.reloaded(False)
+            log.error("reload failed, the current model keeps serving: %s: %s", type(err).__name__, err)
+        else:
+            app.state.metrics.reloaded(True)
+            log.warning("reloaded the model (reload %d)", served.generation)
+
+    if load is not None and hasattr(signal, "SIGHUP"):
+        # The handler only starts the load: it runs between two bytecodes of the event loop's thread.
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=reload, daemon=True).start())
+        if pending:
+            threading.Thread(target=reload, daemon=True).start()
     server.run(sockets=[sock])

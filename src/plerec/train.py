@@ -8,7 +8,7 @@ import ctypes
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from plerec import jsonio
+from plerec.balancing import Balancing, check_balancing, describe, loss_weights, make_balancing
 from plerec.checkpoint import MODEL_FORMAT as CHECKPOINT_FORMAT
 from plerec.checkpoint import (
     OPTIONAL_WEIGHTS,
@@ -191,22 +192,22 @@ def set_output_scale(model: MultiTaskModel, exp: Experiment, encoder: Encoder) -
         model.output_shift.copy_(shift)
 
 
-def loss_weights(exp: Experiment, t: int | float) -> torch.Tensor:
-    """Eq. 10: ω_k(t) = ω_k0 · γ_k^t, with t the epoch or the step (train.weight_schedule)."""
-    return torch.tensor([task.weight * task.gamma**t for task in exp.tasks], dtype=torch.float32)
-
-
-def make_optimizers(model: MultiTaskModel, exp: Experiment) -> list[Adam | RowSparseAdam]:
+def make_optimizers(
+    model: MultiTaskModel, exp: Experiment, balancing_params: Sequence[torch.Tensor] = ()
+) -> list[Adam | RowSparseAdam]:
     """Adam for the dense parameters; with sparse embeddings, RowSparseAdam updates only the embedding rows
     a batch touches (a dense Adam step over every row dominates at large vocabularies). Weight decay
-    applies to the dense parameters only when embeddings are sparse."""
+    applies to the dense parameters only when embeddings are sparse. A balancing method's own parameters
+    (uncertainty's log-variances) get an Adam of their own, at train.lr without weight decay."""
     tables = [table.weight for table in model.input.embedding_tables()]
+    own = [Adam(balancing_params, lr=exp.train.lr)] if balancing_params else []
     if not model.input.embedding.sparse:
-        return [Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay)]
+        return [Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay), *own]
     dense = [p for p in model.parameters() if all(p is not t for t in tables)]
     return [
         Adam(dense, lr=exp.train.lr, weight_decay=exp.train.weight_decay),
         RowSparseAdam(tables, lr=exp.train.lr),
+        *own,
     ]
 
 
@@ -229,9 +230,16 @@ def predict(model: MultiTaskModel, table: EncodedTable, batch_size: int = 4096) 
 
 
 def evaluate(model: MultiTaskModel, table: EncodedTable, exp: Experiment) -> dict[str, dict[str, float]]:
-    """Per-task metrics over each task's own sample space (one process, one table in memory)."""
-    metric = TaskMetricAccumulator(exp.task_kinds)
-    metric.update(predict(model, table, exp.train.eval_batch_size), table.labels, table.label_mask)
+    """Per-task metrics over each task's own sample space (one process, one table in memory); with [evaluate]
+    group, GAUC over the group codes the table carries."""
+    if exp.evaluate.group and table.groups is None:
+        raise ValueError(
+            f"Expected the table to carry the group codes of the [evaluate] group column {exp.evaluate.group!r} "
+            "(GAUC), but it has none: encode it with an encoder whose `group` is that column"
+        )
+    metric = TaskMetricAccumulator(exp.task_kinds, exp.evaluate.calibration_bins)
+    groups = table.groups if exp.evaluate.group else None
+    metric.update(predict(model, table, exp.train.eval_batch_size), table.labels, table.label_mask, groups)
     return metric.compute()
 
 
@@ -240,14 +248,24 @@ def evaluate_split(
     model: MultiTaskModel, data: PreparedData, split: str, exp: Experiment, ctx: DistContext = SINGLE_PROCESS
 ) -> tuple[dict[str, dict[str, float]], int]:
     """Per-task metrics of a split, and how many rows were scored. Under DDP each rank scores its own
-    disjoint rows and the predictions are gathered, so the metrics equal the one-process metrics."""
+    disjoint rows and the predictions are gathered, so the metrics equal the one-process metrics.
+
+    Every evaluation, the per-epoch validation included, computes GAUC (with [evaluate] group) and the
+    calibration: both are a sort or a pass over the scored rows (0.7 s and 0.1 s per task at 1M rows),
+    small against scoring them, and the validation history then shows them epoch by epoch."""
     batch_size = exp.train.eval_batch_size
+    grouped = bool(exp.evaluate.group)  # the tables carry group codes (EncodedTable.groups) for GAUC
+    if grouped and data.encoder.group != exp.evaluate.group:
+        raise ValueError(
+            f"Expected the data to be encoded with the [evaluate] group column {exp.evaluate.group!r} (GAUC), but "
+            f"its encoder carries {data.encoder.group!r}: set `encoder.group` to it before prepare_data"
+        )
     if split in data.splits:
         rows = local_rows(data.splits[split], ctx)
-        local = (predict(model, rows, batch_size), rows.labels, rows.label_mask)
+        local = (predict(model, rows, batch_size), rows.labels, rows.label_mask, *([rows.groups] if grouped else []))
     else:
         chunks = [
-            (predict(model, chunk, batch_size), chunk.labels, chunk.label_mask)
+            (predict(model, chunk, batch_size), chunk.labels, chunk.label_mask, *([chunk.groups] if grouped else []))
             for chunk in local_eval_chunks(data.streams[split], data.encoder, ctx)
         ]
         num_tasks = len(exp.tasks)
@@ -255,6 +273,7 @@ def evaluate_split(
             torch.empty(0, num_tasks),
             torch.empty(0, num_tasks, dtype=data.encoder.label_dtype),  # as the other ranks' labels
             torch.empty(0, num_tasks, dtype=torch.bool),
+            *([torch.empty(0, dtype=torch.int64)] if grouped else []),
         )
         local = tuple(torch.cat(parts) for parts in zip(*chunks, strict=True)) if chunks else empty
     sizes = [local[0].shape[0]]
@@ -263,9 +282,24 @@ def evaluate_split(
         counts[ctx.rank] = sizes[0]
         sizes = all_reduce_sum(counts, ctx).tolist()
     gathered = [gather_rows(t, sizes, ctx) for t in local]
-    metric = TaskMetricAccumulator(exp.task_kinds)
+    metric = TaskMetricAccumulator(exp.task_kinds, exp.evaluate.calibration_bins)
     metric.update(*gathered)
-    return metric.compute(), int(sum(sizes))
+    metrics = metric.compute()
+    if hasattr(model.body, "step_logits") and split in data.splits and not ctx.enabled:
+        _add_step_metrics(metrics, model, data.splits[split], exp)
+    return metrics, int(sum(sizes))
+
+
+def _add_step_metrics(metrics: dict[str, dict[str, float]], model: MultiTaskModel, table: EncodedTable, exp) -> None:
+    """A funnel with conditional heads (esmm): each later step's own head (the CVR given the click) scored on
+    the rows where the step before it is 1, as `cvr_auc`, `cvr_logloss` and `cvr_n` of that step's task.
+    In-memory splits in one process only (a streamed or DDP evaluation leaves them out, as the README says)."""
+    from plerec.models.funnel import cvr_metrics
+
+    for t in range(1, len(exp.tasks)):
+        with torch.inference_mode():
+            step = cvr_metrics(model, table, click_task=t - 1, batch_size=exp.train.eval_batch_size)
+        metrics.setdefault(exp.tasks[t].name, {}).update({f"cvr_{key}": value for key, value in step.items()})
 
 
 def monitor_keys(exp: Experiment) -> dict[str, str]:
@@ -378,6 +412,7 @@ def fit(
     monitor_keys(exp)  # a monitor that does not apply to its task would otherwise only fail after an epoch
     ctx = ctx or init_distributed(exp.train.device)
     check_batch_size(exp.train.batch_size, ctx)  # before any work
+    check_balancing(exp, ctx)
     folder = Path(out_dir) if out_dir is not None else None
     # Locked before last.pt is read (another trainer may be writing it), released however fit ends.
     with run_lock(folder) if folder is not None and ctx.is_main else contextlib.nullcontext():
@@ -403,131 +438,211 @@ def _fit(
         write_experiment(exp, out / "experiment.toml")
         if data.streams:
             save_encoder(data.encoder, out)
-
-    torch.manual_seed(exp.seed)
-    model = build_model(exp.model_name, exp.model, num_tasks=len(exp.tasks), **data.encoder.model_inputs())
-    set_output_scale(model, exp, data.encoder)
-    # NCCL has no sparse all-reduce: on GPUs under DDP the embedding gradients stay dense.
-    model.input.set_sparse(exp.train.sparse_embeddings and not (ctx.enabled and ctx.device.type == "cuda"))
-    model.to(ctx.device)
-    optimizers = make_optimizers(model, exp)
-    net = DistributedDataParallel(model) if ctx.enabled else model
-    is_binary = torch.tensor([t.kind == "binary" for t in exp.tasks], device=ctx.device)
-    weights_per_epoch = exp.train.weight_schedule == "epoch"
-    if data.streams:
-        source = ParquetBatches(data.streams["train"], data.encoder, exp.train.batch_size, exp.seed, ctx)
-    else:
-        source = InMemoryBatches(data.splits["train"], exp.train.batch_size, exp.seed, ctx)
-    names = [t.name for t in exp.tasks]
-    autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=exp.train.bf16)
-
-    progress, best_state = Progress(), None
-    running = torch.zeros(len(names), device=ctx.device)
+    run = _Run.start(exp, data, ctx, folder, out, say)
     if saved:
-        progress, best_state, running = _restore(saved, model, optimizers, source, ctx)
-        say(f"resumed from {folder / LAST} at epoch {progress.epoch + 1}, batch {progress.batch}, step {progress.step}")
+        run.restore(saved)
+        p = run.progress
+        say(f"resumed from {folder / LAST} at epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
+    while run.progress.epoch < exp.train.epochs and not run.progress.stopped:
+        run.train_epoch()  # with a checkpoint every train.checkpoint_every steps
+        run.validate()  # the epoch's record, the best epoch so far, early stopping
+        run.checkpoint(run.source.state())
+    return run.finish()
 
-    def checkpoint(epoch_start_state: dict) -> None:
-        # Every rank holds its share of the epoch's losses: rank 0 saves their sum, and resumes with it.
-        total = all_reduce_sum(running.clone(), ctx)
-        if out is not None:
-            _save_state(
-                out / LAST, exp, data.encoder, model, optimizers, best_state, progress, total, epoch_start_state
-            )
 
-    started = time.perf_counter() - (progress.history[-1]["seconds"] if progress.history else 0.0)
-    every = exp.train.checkpoint_every
-    while progress.epoch < exp.train.epochs and not progress.stopped:
-        epoch = progress.epoch
-        if best_state is None and progress.best_epoch:  # the weights about to change are the best so far
-            best_state = copy.deepcopy(model.state_dict())
-        net.train()
-        steps = len(source)
-        source_state = source.state()  # the epoch's shuffle: a checkpoint taken mid-epoch replays it
+@dataclass(slots=True)
+class _Run:
+    """One training run as `_fit` drives it: what it trains with (model, optimisers, the balancing method,
+    the batch source) and where it stands (progress, the best weights, the epoch's summed task losses)."""
+
+    exp: Experiment
+    data: PreparedData
+    ctx: DistContext
+    folder: Path | None  # the output folder (every rank: error messages name it)
+    out: Path | None  # the same on rank 0, which alone writes; None elsewhere
+    say: Callable[[str], None]
+    model: MultiTaskModel
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    optimizers: list
+    balancing: Balancing
+    source: InMemoryBatches | ParquetBatches
+    is_binary: torch.Tensor  # (T,) bool
+    autocast: torch.autocast
+    auxiliary_loss: Callable[[torch.Tensor], torch.Tensor | None] | None  # the model's own penalty, if any
+    progress: Progress = field(default_factory=Progress)
+    best_state: dict | None = None  # the best epoch's weights, copied only once later weights differ
+    running: torch.Tensor | None = None  # (T,) this rank's task losses summed over the epoch's steps
+    started: float = 0.0
+
+    @classmethod
+    def start(cls, exp, data, ctx, folder, out, say) -> _Run:
+        torch.manual_seed(exp.seed)
+        model = build_model(exp.model_name, exp.model, num_tasks=len(exp.tasks), **data.encoder.model_inputs())
+        set_output_scale(model, exp, data.encoder)
+        # NCCL has no sparse all-reduce: on GPUs under DDP the embedding gradients stay dense.
+        model.input.set_sparse(exp.train.sparse_embeddings and not (ctx.enabled and ctx.device.type == "cuda"))
+        model.to(ctx.device)
+        balancing = make_balancing(exp, model, ctx, schedule=loss_weights)
+        if data.streams:
+            source = ParquetBatches(data.streams["train"], data.encoder, exp.train.batch_size, exp.seed, ctx)
+        else:
+            source = InMemoryBatches(data.splits["train"], exp.train.batch_size, exp.seed, ctx)
+        run = cls(
+            exp=exp,
+            data=data,
+            ctx=ctx,
+            folder=folder,
+            out=out,
+            say=say,
+            model=model,
+            net=DistributedDataParallel(model) if ctx.enabled else model,
+            optimizers=make_optimizers(model, exp, balancing.parameters()),
+            balancing=balancing,
+            source=source,
+            is_binary=torch.tensor([t.kind == "binary" for t in exp.tasks], device=ctx.device),
+            autocast=torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=exp.train.bf16),
+            auxiliary_loss=getattr(model, "auxiliary_loss", None),  # looked up once: not a per-step cost
+        )
+        run.running = torch.zeros(len(exp.tasks), device=ctx.device)
+        run.started = time.perf_counter()
+        return run
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.exp.tasks]
+
+    def restore(self, saved: dict) -> None:
+        """Continue from a training state (last.pt): weights, optimisers, balancing, RNG, batch order, progress."""
+        self.progress, self.best_state, self.running = _restore(
+            saved, self.model, self.optimizers, self.source, self.ctx, self.balancing
+        )
+        history = self.progress.history
+        self.started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+
+    def train_epoch(self) -> None:
+        """The rest of the epoch in progress: one `step` per batch, a checkpoint every checkpoint_every steps."""
+        exp, progress = self.exp, self.progress
+        if self.best_state is None and progress.best_epoch:  # the weights about to change are the best so far
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        self.net.train()
+        steps = len(self.source)
+        source_state = self.source.state()  # the epoch's shuffle: a checkpoint taken mid-epoch replays it
         if progress.batch == 0:
-            running.zero_()
+            self.running.zero_()
         bar = tqdm(
             total=steps,
             initial=progress.batch,
-            desc=f"{exp.model_name} epoch {epoch + 1}/{exp.train.epochs}",
-            disable=not (exp.train.progress and ctx.is_main and _on_terminal()),
+            desc=f"{exp.model_name} epoch {progress.epoch + 1}/{exp.train.epochs}",
+            disable=not (exp.train.progress and self.ctx.is_main and _on_terminal()),
             leave=False,
             dynamic_ncols=True,
         )
+        every = exp.train.checkpoint_every
         epoch_start = time.perf_counter()
-        for i, batch in enumerate(source.epoch(skip=progress.batch), start=progress.batch):
-            batch = batch.to(ctx.device, non_blocking=True)
-            with autocast:
-                logits = net(*batch.inputs).float()  # (B, T)
-            counts = None
-            if ctx.enabled:  # each task's mean is over its rows in the whole global batch
-                counts = all_reduce_sum(batch.label_mask.sum(0).float(), ctx)
-            task_losses = masked_task_losses(
-                logits, batch.labels, batch.label_mask, is_binary, counts, model.output_scale
-            )  # (T,)
-            weights = loss_weights(exp, epoch if weights_per_epoch else progress.step).to(ctx.device)
-            loss = (weights * task_losses).sum() * ctx.world_size  # DDP averages gradients over ranks
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if exp.train.check_finite and not _all_finite(task_losses, model):
-                raise _non_finite_error(model, task_losses, names, epoch, i, steps, progress.step, folder)
-            for optimizer in optimizers:
-                optimizer.step()
+        for i, batch in enumerate(self.source.epoch(skip=progress.batch), start=progress.batch):
+            self.running += self.step(batch, i, steps)
             progress.step += 1
             progress.batch = i + 1
-            running += task_losses.detach()
             if bar.disable is False and (i % 50 == 0 or i == steps - 1):
-                shown = (running / (i + 1)).tolist()
-                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(names, shown, strict=True)})
+                shown = (self.running / (i + 1)).tolist()
+                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(self.names, shown, strict=True)})
             bar.update(1)
             if every and progress.step % every == 0 and progress.batch < steps:
                 progress.train_seconds += time.perf_counter() - epoch_start
-                checkpoint(source_state)
+                self.checkpoint(source_state)
                 epoch_start = time.perf_counter()  # writing the checkpoint is not training time
         bar.close()
         progress.train_seconds += time.perf_counter() - epoch_start
 
-        valid_metrics, valid_rows = evaluate_split(model, data, "valid", exp, ctx)
-        value, higher = monitor_value(valid_metrics, exp, data.encoder.label_stats)
+    def step(self, batch, i: int, steps: int) -> torch.Tensor:
+        """One optimiser step on one batch; returns its task losses (T,), detached. The balancing method is
+        the seam: it turns the task losses into the loss and its gradients."""
+        ctx, model, progress = self.ctx, self.model, self.progress
+        batch = batch.to(ctx.device, non_blocking=True)
+        with self.autocast:
+            logits = self.net(*batch.inputs).float()  # (B, T)
+        counts = None
+        if ctx.enabled:  # each task's mean is over its rows in the whole global batch
+            counts = all_reduce_sum(batch.label_mask.sum(0).float(), ctx)
+        task_losses = masked_task_losses(
+            logits, batch.labels, batch.label_mask, self.is_binary, counts, model.output_scale
+        )  # (T,)
+        loss = self.balancing.loss(task_losses, counts, progress.epoch, progress.step)
+        aux = self.auxiliary_loss(logits) if self.auxiliary_loss is not None else None  # not balanced
+        if aux is not None:
+            loss = loss + aux / ctx.world_size  # a mean over this rank's rows: its share of the ranks' mean
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.balancing.backward(loss, ctx.world_size)  # × world size: DDP averages gradients over ranks
+        if self.exp.train.check_finite and not _all_finite(task_losses, model):
+            raise _non_finite_error(
+                model, task_losses, self.names, progress.epoch, i, steps, progress.step, self.folder
+            )
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.balancing.after_step()
+        return task_losses.detach()
+
+    def validate(self) -> None:
+        """End the epoch: score the validation split, record the epoch, keep the best, stop early if stale."""
+        exp, progress, names = self.exp, self.progress, self.names
+        valid_metrics, valid_rows = evaluate_split(self.model, self.data, "valid", exp, self.ctx)
+        value, higher = monitor_value(valid_metrics, exp, self.data.encoder.label_stats)
         best = progress.best_value
         improved = best is None or (value > best if higher else value < best)
+        # each rank's task losses are its share of the global batch's: their sum is the global loss
+        train_loss = all_reduce_sum(self.running.clone(), self.ctx) / max(len(self.source), 1)  # (T,)
+        self.balancing.end_epoch(train_loss)
         record = {
-            "epoch": epoch + 1,
-            # each rank's task losses are its share of the global batch's: their sum is the global loss
-            "train_loss": dict(
-                zip(names, (all_reduce_sum(running.clone(), ctx) / max(steps, 1)).tolist(), strict=True)
-            ),
+            "epoch": progress.epoch + 1,
+            "train_loss": dict(zip(names, train_loss.tolist(), strict=True)),
             "valid": valid_metrics,
             "valid_rows": valid_rows,
             "monitor": value,
-            "seconds": time.perf_counter() - started,
+            "seconds": time.perf_counter() - self.started,
         }
+        if self.balancing.name != "fixed":  # the weights the next epoch starts with
+            record["balancing"] = describe(self.balancing)
         progress.history.append(record)
-        say(_epoch_line(record, names, improved))
-        progress.epoch, progress.batch = epoch + 1, 0
+        self.say(_epoch_line(record, names, improved))
+        progress.epoch, progress.batch = progress.epoch + 1, 0
         if improved:
-            progress.best_value, progress.best_epoch, progress.stale = value, epoch + 1, 0
-            best_state = None  # the model as it is now: copied only if another epoch is to change it
-            if out is not None:
-                save_checkpoint(out / "best.pt", model, data.encoder, exp, progress.best_epoch)
+            progress.best_value, progress.best_epoch, progress.stale = value, progress.epoch, 0
+            self.best_state = None  # the model as it is now: copied only if another epoch is to change it
+            if self.out is not None:
+                save_checkpoint(self.out / "best.pt", self.model, self.data.encoder, exp, progress.best_epoch)
         else:
             progress.stale += 1
             if exp.train.patience and progress.stale >= exp.train.patience:
-                say(f"early stop: no better validation {exp.train.monitor} for {progress.stale} epochs")
+                self.say(f"early stop: no better validation {exp.train.monitor} for {progress.stale} epochs")
                 progress.stopped = True
-        checkpoint(source.state())
 
-    if best_state is not None:  # a later epoch was worse: back to the best one
-        model.load_state_dict(best_state)
-    # The held-out splits only: scoring the whole training split again would cost about an epoch.
-    metrics = {split: evaluate_split(model, data, split, exp, ctx)[0] for split in data.split_names if split != "train"}
-    result = FitResult(model, data.encoder, metrics, progress.history, progress.best_epoch, progress.train_seconds)
-    if out is not None:
-        write_json(out / "metrics.json", metrics_record(exp, metrics, progress.train_seconds))
-        write_json(out / "history.json", {"best_epoch": progress.best_epoch, "epochs": progress.history})
-    barrier(ctx)
-    return result
+    def checkpoint(self, source_state: dict) -> None:
+        """Write last.pt. Every rank holds its share of the epoch's losses: rank 0 saves their sum, and
+        resumes with it."""
+        total = all_reduce_sum(self.running.clone(), self.ctx)
+        if self.out is not None:
+            _save_state(self.out / LAST, self, total, source_state)
+
+    def finish(self) -> FitResult:
+        """Back to the best epoch's weights; score the held-out splits; write metrics.json and history.json."""
+        exp, progress, data = self.exp, self.progress, self.data
+        if self.best_state is not None:  # a later epoch was worse: back to the best one
+            self.model.load_state_dict(self.best_state)
+        # The held-out splits only: scoring the whole training split again would cost about an epoch.
+        metrics = {
+            split: evaluate_split(self.model, data, split, exp, self.ctx)[0]
+            for split in data.split_names
+            if split != "train"
+        }
+        result = FitResult(
+            self.model, data.encoder, metrics, progress.history, progress.best_epoch, progress.train_seconds
+        )
+        if self.out is not None:
+            write_json(self.out / "metrics.json", metrics_record(exp, metrics, progress.train_seconds))
+            write_json(self.out / "history.json", {"best_epoch": progress.best_epoch, "epochs": progress.history})
+        barrier(self.ctx)
+        return result
 
 
 LAST = "last.pt"
@@ -576,38 +691,39 @@ def _saved_state(folder: Path | None, exp: Experiment, resume: bool) -> dict | N
     return saved
 
 
-def _save_state(
-    path: Path,
-    exp: Experiment,
-    encoder: Encoder,
-    model: MultiTaskModel,
-    optimizers: list[Adam | RowSparseAdam],
-    best_state: dict | None,
-    progress: Progress,
-    running: torch.Tensor,
-    source_state: dict,
-) -> None:
-    write_checkpoint_file(
-        path,
-        {
-            "format": STATE_FORMAT,
-            "experiment": experiment_to_dict(exp),
-            "data": data_fingerprint(exp.data),  # hashed once per process while the files stay unchanged
-            "encoder": encoder.state_dict(),
-            "model": model.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers],
-            "best_state": best_state,
-            "progress": asdict(progress),
-            "running": running.detach().cpu(),
-            "source": source_state,
-            "rng": torch.get_rng_state(),
-        },
-    )
+def _save_state(path: Path, run: _Run, running: torch.Tensor, source_state: dict) -> None:
+    """The whole training state: enough for `_restore` to continue exactly (`running`: the ranks' summed losses)."""
+    state = {
+        "format": STATE_FORMAT,
+        "experiment": experiment_to_dict(run.exp),
+        "data": data_fingerprint(run.exp.data),  # hashed once per process while the files stay unchanged
+        "encoder": run.data.encoder.state_dict(),
+        "model": run.model.state_dict(),
+        "optimizers": [o.state_dict() for o in run.optimizers],
+        "best_state": run.best_state,
+        "progress": asdict(run.progress),
+        "running": running.detach().cpu(),
+        "source": source_state,
+        "rng": torch.get_rng_state(),
+    }
+    if run.balancing.name != "fixed":  # learned weights, initial losses, the order generator: see balancing.py
+        state["balancing"] = run.balancing.state_dict()
+    write_checkpoint_file(path, state)
 
 
-def _restore(saved: dict, model, optimizers, source, ctx: DistContext) -> tuple[Progress, dict | None, torch.Tensor]:
-    """Load a training state into the model, optimisers, RNG and batch source; return the loop's state."""
+def _restore(
+    saved: dict, model, optimizers, source, ctx: DistContext, balancing: Balancing
+) -> tuple[Progress, dict | None, torch.Tensor]:
+    """Load a training state into the model, optimisers, balancing method, RNG and batch source; return the
+    loop's state."""
     model.load_state_dict(saved["model"])
+    if balancing.name != "fixed":
+        if not isinstance(saved.get("balancing"), dict):
+            raise ValueError(
+                f"Cannot resume: the training state holds no state of [train] balancing = {balancing.name!r} "
+                "(its key `balancing` is missing)"
+            )
+        balancing.load_state_dict(saved["balancing"])
     if len(saved["optimizers"]) != len(optimizers):
         raise ValueError(
             f"The checkpoint holds {len(saved['optimizers'])} optimiser states, but this run has {len(optimizers)} "
@@ -658,7 +774,8 @@ def _grad_finite(grad: torch.Tensor) -> bool:
 
 def metrics_record(exp: Experiment, metrics: dict, train_seconds: float) -> dict:
     """The metrics.json shape other tools read: `split` and `tasks` are the test split (the validation split
-    where there is none); `splits` holds every held-out split that was evaluated."""
+    where there is none); `splits` holds every held-out split that was evaluated; `gauc_group` the
+    [evaluate] group column, where the tasks' GAUC was computed over its groups."""
     split = "test" if "test" in metrics else "valid"
     return {
         "model": exp.model_name,
@@ -667,6 +784,7 @@ def metrics_record(exp: Experiment, metrics: dict, train_seconds: float) -> dict
         "tasks": metrics[split],
         "splits": {s: metrics[s] for s in ("valid", "test") if s in metrics},
         "train_seconds": round(train_seconds, 3),
+        **({"gauc_group": exp.evaluate.group} if exp.evaluate.group else {}),
     }
 
 

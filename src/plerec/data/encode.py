@@ -21,6 +21,7 @@ from plerec.data.columns import hashable, numeric_column, plain_integers, raise_
 from plerec.data.frames import bad_rows, pd
 from plerec.data.frames import missing_values as _missing
 from plerec.data.frames import plain_value as _plain
+from plerec.data.groups import group_codes
 from plerec.data.labels import encode_labels
 from plerec.data.lists import Elements, bad_element, padded, read_elements
 from plerec.data.tables import TABLE_FIELDS, EncodedTable, fill_table, pack_ids, stored_dtype, wide_fields
@@ -47,6 +48,7 @@ class Encoder:
     # list column -> its [features.lists] settings, `max_length` resolved, and `elements`: "integer" or "text"
     lists: dict[str, dict] = field(default_factory=dict)
     embedding_dims: dict[str, int] = field(default_factory=dict)  # column -> its width, where not embedding_dim
+    group: str = ""  # the [evaluate] group column: labelled tables carry its group codes (EncodedTable.groups)
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _int_lookup: dict[str, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -64,8 +66,10 @@ class Encoder:
 
     @property
     def columns(self) -> list[str]:
-        """Every column a transform reads: features, list features and the tasks' columns, once each."""
-        return list(dict.fromkeys([*self.categorical, *self.numeric, *self.lists, *self.task_columns]))
+        """Every column a transform reads: features, list features, the tasks' columns and the [evaluate] group
+        column, once each."""
+        group = [self.group] if self.group else []
+        return list(dict.fromkeys([*self.categorical, *self.numeric, *self.lists, *self.task_columns, *group]))
 
     def vocab_column(self, name: str) -> str:
         """The column whose vocabulary a categorical or list column's values are looked up in."""
@@ -174,8 +178,12 @@ class Encoder:
             if col in self.indicators:
                 dense[:, len(self.numeric) + self.indicators.index(col)] = missing
         sizes = self.vocab_sizes
+        groups = None
         if labels:
             values, mask = encode_labels([TaskConfig(**t) for t in self.tasks], frame, source)
+            if self.group:
+                require_columns(frame, [self.group], source, "[evaluate] `group` (the groups of GAUC)")
+                groups = torch.from_numpy(group_codes(frame, self.group, source))
         else:
             values, mask = np.zeros((n, len(self.tasks)), np.float32), np.zeros((n, len(self.tasks)), bool)
         return EncodedTable(
@@ -187,6 +195,7 @@ class Encoder:
             lengths=torch.from_numpy(lengths),
             source=source,
             wide=wide_fields(sizes),
+            groups=groups,
         )
 
     def element_ids(self, col: str, elements: Elements, index, source: str) -> np.ndarray:
@@ -272,6 +281,8 @@ class Encoder:
     def state_dict(self) -> dict:
         """Plain values (lists, dicts, numbers, text): for JSON and checkpoints."""
         state = {name: getattr(self, name) for name in self.__slots__ if not name.startswith("_")}
+        if not state["group"]:  # as an encoder without a group column was written before the key existed
+            del state["group"]
         state["vocabs"] = {c: list(v) if isinstance(v, IntegerVocabulary) else v for c, v in self.vocabs.items()}
         return state
 
@@ -300,6 +311,7 @@ def encode_file(path: str, encoder: Encoder, csv=None, chunk_rows: int = 32_768)
             *(torch.cat([getattr(p, f) for p in parts]) for f in TABLE_FIELDS),
             source=str(path),
             wide=parts[0].wide,
+            groups=torch.cat([p.groups for p in parts]) if encoder.group else None,
         )
     if total == 0:
         raise ValueError(f"Expected {path} to have data rows, but it has none")
@@ -320,4 +332,5 @@ def empty_table(encoder: Encoder, rows: int, source: str) -> EncodedTable:
         lengths=torch.empty(rows, len(encoder.lists), dtype=torch.int16),
         source=source,
         wide=wide,
+        groups=torch.empty(rows, dtype=torch.int64) if encoder.group else None,
     )

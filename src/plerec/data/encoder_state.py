@@ -26,6 +26,7 @@ FIELDS = {
     "label_stats": dict,
     "lists": dict,
     "embedding_dims": dict,
+    "group": str,
 }
 REQUIRED = ("categorical", "numeric", "vocabs", "tasks")
 

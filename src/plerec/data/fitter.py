@@ -47,6 +47,13 @@ class EncoderFitter:
     def __init__(self, exp: Experiment, sample: pd.DataFrame):
         self.source = sample.attrs.get("source", "the training data")
         categorical, numeric, inferred = select_features(exp, list(sample.columns), sample, self.source)
+        group = exp.evaluate.group
+        if group and group not in sample.columns:
+            names = [str(c) for c in sample.columns]
+            raise ValueError(
+                f"Expected [evaluate] `group` of {exp.source or 'the experiment'} to name a column of {self.source} "
+                f"(the groups of GAUC), but got {group!r}.{did_you_mean(group, names)} Columns: {', '.join(names)}"
+            )
         self.encoder = Encoder(
             categorical=categorical,
             numeric=numeric,
@@ -59,6 +66,7 @@ class EncoderFitter:
             hash_buckets={c: n for c, n in exp.features.hash_buckets.items() if c in categorical},
             lists={name: {**asdict(spec), "elements": "integer"} for name, spec in exp.features.lists.items()},
             embedding_dims=dict(exp.features.embedding_dims),
+            group=group,
         )
         self.max_vocab = exp.features.max_vocab
         # category key -> [a representative value, count]; hashed columns keep no counts. A list column that

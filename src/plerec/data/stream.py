@@ -126,8 +126,8 @@ def check_stream(path: str | Path, encoder: Encoder) -> None:
     missing = [c for c in encoder.columns if c not in names]
     if missing:
         raise ValueError(
-            f"Expected {file} to have the column(s) {', '.join(map(repr, missing))} (features, labels and "
-            f"conditions of the experiment), but it has only {sorted(names)}"
+            f"Expected {file} to have the column(s) {', '.join(map(repr, missing))} (features, labels, "
+            f"conditions and the [evaluate] group column of the experiment), but it has only {sorted(names)}"
         )
 
 
@@ -169,6 +169,7 @@ def load_encoder(folder: str | Path, exp: Experiment) -> Encoder:
     tasks = [(t["name"], t["kind"]) for t in encoder.tasks]
     if tasks != [(t.name, t.kind) for t in exp.tasks]:
         raise ValueError(f"The prepared encoder {path} is for tasks {tasks}, not the experiment's")
+    encoder.group = exp.evaluate.group  # an evaluation setting of the experiment, not a fitted statistic
     return encoder
 
 

@@ -65,6 +65,9 @@ class EncodedTable:
     lengths: torch.Tensor = None  # type: ignore[assignment]  # (N, F) int16: each list field's length
     source: str = ""
     wide: tuple[int, ...] = ()  # fields whose ids are split over two int16 columns
+    # (N,) int64 group codes of the [evaluate] group column (data/groups.py), for GAUC; None: no group column.
+    # Evaluation reads them; batches do not carry them (the model never sees them).
+    groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _no_lists(self)
@@ -79,7 +82,12 @@ class EncodedTable:
 
     def batch_table(self, index: slice) -> EncodedTable:
         """Rows as a table of views (no copy)."""
-        return EncodedTable(*(getattr(self, name)[index] for name in TABLE_FIELDS), source=self.source, wide=self.wide)
+        return EncodedTable(
+            *(getattr(self, name)[index] for name in TABLE_FIELDS),
+            source=self.source,
+            wide=self.wide,
+            groups=None if self.groups is None else self.groups[index],
+        )
 
     def batch(self, index: torch.Tensor | slice) -> Batch:
         """Rows as a batch: ids unpacked, labels as float32 whatever their stored type."""
@@ -167,6 +175,8 @@ def fill_table(table: EncodedTable, parts: Iterable[EncodedTable]) -> EncodedTab
         stop = start + len(part)
         for name in TABLE_FIELDS:
             getattr(table, name)[start:stop] = getattr(part, name)
+        if table.groups is not None:
+            table.groups[start:stop] = part.groups
         start = stop
     if start != len(table):  # the file changed while it was read
         raise ValueError(f"Expected {len(table)} rows in {table.source}, but read {start}")

@@ -574,6 +574,26 @@ class MultiTaskModel(nn.Module):
         """Gate name -> the names of the experts it weighs (`L{level}.task{k}.{i}` or `L{level}.shared{i}`)."""
         return self.body.gate_experts() if self.has_gates() else {}
 
+    def auxiliary_loss(self, logits: Tensor) -> Tensor | None:
+        """The body's loss term beyond the tasks' own, from this model's `logits` (B, T), to add to the
+        weighted task losses (AITM's calibrator); None for every body without one."""
+        extra = getattr(self.body, "auxiliary_loss", None)
+        return None if extra is None else extra(logits)
+
+    def funnel_step_logits(
+        self, sparse: Tensor, dense: Tensor, lists: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
+        """A funnel body's per-step conditional logits (B, T): step t given step t-1 (ESMM's CVR given click)."""
+        if not hasattr(self.body, "step_logits"):
+            raise TypeError(f"Expected a funnel model with per-step conditional logits (esmm), but got {self.name}")
+        return self.body.step_logits(self.input(sparse, dense, lists, lengths))
+
+    def funnel_probabilities(
+        self, sparse: Tensor, dense: Tensor, lists: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
+        """σ of `funnel_step_logits`, (B, T): pCTR, pCVR given the click, …; their running products are the outputs."""
+        return torch.sigmoid(self.funnel_step_logits(sparse, dense, lists, lengths))
+
 
 def model_config(name: str, params: dict | None = None) -> ModelConfig:
     """The config of model `name` from plain values (as read from TOML), rejecting unknown keys."""
@@ -672,3 +692,16 @@ def stack_single_task(models, vocab_sizes, num_dense: int, lists=(), dims=()) ->
     states = [m.state_dict() for m in models]
     stacked.load_state_dict({key: torch.cat([s[key] for s in states]) for key in stacked.state_dict()})
     return stacked.to(next(models[0].parameters()).device)
+
+
+# The funnel models and AdaTT build on this module's configs and towers, so they are registered last.
+from plerec.models.adatt import AdaTT, AdaTTConfig  # noqa: E402
+from plerec.models.funnel import AITM, ESMM, AITMConfig, ESMMConfig  # noqa: E402
+
+MODELS.update(
+    {
+        "esmm": ModelSpec(ESMM, ESMMConfig, "CTR, CVR towers; pCTCVR = pCTR·pCVR on all impressions (Ma et al. 2018)"),
+        "aitm": ModelSpec(AITM, AITMConfig, "funnel towers linked by attention transfer, calibrated (Xi et al. 2021)"),
+        "adatt": ModelSpec(AdaTT, AdaTTConfig, "task and shared experts fused by task-to-task gates (Li et al. 2023)"),
+    }
+)

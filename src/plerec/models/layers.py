@@ -147,10 +147,10 @@ class FeatureInput(nn.Module):
         """(B, d), or (C, B, d) with C copies."""
         c, b = self.copies, dense.shape[0]
         starts = None if c == 1 else torch.arange(c, device=dense.device).view(c, 1, 1)  # (C, 1, 1)
-        embs = self._sparse(sparse, starts)  # per table (C, B, S_t, dim_t)
+        embs, elements = self._lookup(sparse, lists, lengths, starts)
         parts = [emb.flatten(-2) for emb in embs if emb.shape[-2]]
         if self.lists:
-            parts += [pooled for pooled, _ in self._pooled(embs, lists, lengths, starts)]
+            parts += [pooled for pooled, _ in self._pooled(embs, elements, lengths)]
         if self.num_dense:
             parts.append(dense.unsqueeze(0).expand(c, b, self.num_dense))  # (C, B, D)
         x = torch.cat(parts, dim=-1)  # (C, B, d)
@@ -160,56 +160,86 @@ class FeatureInput(nn.Module):
         """Each list field's weights over its padded elements, (B, max_length) (copy 0 with copies): the
         attention weights, or the pooling's own (1/length for mean, 1 for sum, 1 at the argmax for max)."""
         with torch.no_grad():
-            pooled = self._pooled(self._sparse(sparse, None), lists, lengths, None)
+            embs, elements = self._lookup(sparse, lists, lengths, None)
+            pooled = self._pooled(embs, elements, lengths)
             return {s.name: w[0] for s, (_, w) in zip(self.lists, pooled, strict=True)}
 
-    def _sparse(self, sparse: Tensor, starts: Tensor | None) -> list[Tensor]:
-        """Every table's lookup of its sparse fields, (C, B, S_t, dim_t); C = 1 without copies."""
-        ids = sparse.long()
-        out = []
-        for t, table in enumerate(self.embedding_tables()):
-            rows = (ids if self.one_table else ids.index_select(1, getattr(self, f"fields{t or ''}"))) + getattr(
-                self, f"offsets{t or ''}"
-            )  # (B, S_t)
-            rows = rows.unsqueeze(0) if starts is None else rows.unsqueeze(0) + starts * self.table_rows[t]
-            out.append(table(rows))
-        return out
+    def _lookup(
+        self, sparse: Tensor, lists: Tensor | None, lengths: Tensor | None, starts: Tensor | None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """One lookup per table for its sparse fields and the list fields in it.
 
-    def _pooled(self, embs: list[Tensor], lists: Tensor | None, lengths: Tensor | None, starts: Tensor | None):
-        """Per list field: its pooled embeddings (C, B, dim) and its weights over the elements (C, B, M);
-        C = 1 without copies (`starts` None), else the copies' numbers (C, 1, 1)."""
-        if lists is None or lengths is None:
+        Returns every table's field embeddings (C, B, S_t, dim_t) and, per list field, its padded elements
+        (C, B, M, dim); in training a mean or sum field gets its pooled embedding (C, B, dim) instead, from
+        its real ids alone. C = 1 without copies (`starts` None), else the copies' numbers (C, 1, 1).
+        One call per table means one sparse gradient per table, which the optimiser takes as it comes:
+        two lookups of a shared table would cost a sum of two sparse gradients every step.
+        """
+        if self.lists and (lists is None or lengths is None):
             raise ValueError(
                 f"Expected the list fields {[s.name for s in self.lists]} with their lengths, but got none"
             )
-        column, attention, tables = 0, iter(self.attention), self.embedding_tables()
+        ids = sparse.long()
+        tables = self.embedding_tables()
+        rows = []  # per table (C, B, S_t)
+        for t in range(len(tables)):
+            r = (ids if self.one_table else ids.index_select(1, getattr(self, f"fields{t or ''}"))) + getattr(
+                self, f"offsets{t or ''}"
+            )  # (B, S_t)
+            rows.append(r.unsqueeze(0) if starts is None else r.unsqueeze(0) + starts * self.table_rows[t])
+        list_ids, column = [], 0
         for f, spec in enumerate(self.lists):
-            t = self.list_table[f]
-            ids = (lists[:, column : column + spec.max_length].long() + self.list_rows[f]).unsqueeze(0)  # (1, B, M)
+            assert lists is not None  # checked above
+            i = (lists[:, column : column + spec.max_length].long() + self.list_rows[f]).unsqueeze(0)  # (1, B, M)
+            list_ids.append(i if starts is None else i + starts * self.table_rows[self.list_table[f]])  # (C, B, M)
             column += spec.max_length
-            if starts is not None:
-                ids = ids + starts * self.table_rows[t]  # (C, B, M)
-            length = lengths[:, f : f + 1].long()  # (B, 1)
-            real = torch.arange(spec.max_length, device=ids.device) < length  # (B, M)
-            if spec.pooling in ("mean", "sum") and _training(tables[t].weight):
-                yield _bags(tables[t], ids, real, length, spec.pooling), None
+        embs: list[Tensor] = []
+        elements: list[Tensor] = [torch.empty(0)] * len(self.lists)
+        for t, table in enumerate(tables):
+            members = [f for f in range(len(self.lists)) if self.list_table[f] == t]
+            if not members:
+                embs.append(table(rows[t]))
                 continue
-            elements = tables[t](ids)  # (C, B, M, dim)
+            assert lengths is not None  # checked above
+            if _training(table.weight):
+                fields, pieces = _bags(table, rows[t], [(self.lists[f], list_ids[f], lengths[:, f]) for f in members])
+            else:
+                widths = [rows[t].shape[-1]] + [list_ids[f].shape[-1] for f in members]
+                fields, *pieces = table(torch.cat([rows[t], *(list_ids[f] for f in members)], dim=-1)).split(
+                    widths, dim=-2
+                )
+            embs.append(fields)
+            for f, piece in zip(members, pieces, strict=True):
+                elements[f] = piece
+        return embs, elements
+
+    def _pooled(self, embs: list[Tensor], elements: list[Tensor], lengths: Tensor | None):
+        """Per list field: its pooled embedding (C, B, dim) and its weights over the elements (C, B, M), None
+        where `_lookup` pooled it already (a mean or sum in training)."""
+        assert lengths is not None  # _lookup checked it
+        attention = iter(self.attention)
+        for f, spec in enumerate(self.lists):
+            if elements[f].dim() == 3:
+                yield elements[f], None
+                continue
+            items = elements[f]  # (C, B, M, dim)
+            length = lengths[:, f : f + 1].long()  # (B, 1)
+            real = torch.arange(spec.max_length, device=items.device) < length  # (B, M)
             if spec.pooling == "attention":
                 target = embs[self.field_table[spec.target]][:, :, self.field_position[spec.target]]  # (C, B, dim)
-                weights = _attention_weights(next(attention), elements, target, real)  # (C, B, M)
-                yield (weights.unsqueeze(-1) * elements).sum(-2), weights
+                weights = _attention_weights(next(attention), items, target, real)  # (C, B, M)
+                yield (weights.unsqueeze(-1) * items).sum(-2), weights
             elif spec.pooling == "max":
-                masked = elements.masked_fill(~real.unsqueeze(-1), float("-inf"))
+                masked = items.masked_fill(~real.unsqueeze(-1), float("-inf"))
                 best = masked.amax(-2)  # (C, B, dim)
                 pooled = torch.where(length > 0, best, torch.zeros_like(best))
-                weights = (masked == best.unsqueeze(-2)).to(elements.dtype).mean(-1)  # the share of dims at max
+                weights = (masked == best.unsqueeze(-2)).to(items.dtype).mean(-1)  # the share of dims at max
                 yield pooled, weights * real
             else:
-                weights = real.to(elements.dtype).unsqueeze(0)  # (1, B, M)
+                weights = real.to(items.dtype).unsqueeze(0)  # (1, B, M)
                 if spec.pooling == "mean":
-                    weights = weights / length.clamp(min=1).to(elements.dtype)
-                yield (weights.unsqueeze(-1) * elements).sum(-2), weights.expand(elements.shape[:-1])
+                    weights = weights / length.clamp(min=1).to(items.dtype)
+                yield (weights.unsqueeze(-1) * items).sum(-2), weights.expand(items.shape[:-1])
 
 
 def _training(weight: Tensor) -> bool:
@@ -218,17 +248,39 @@ def _training(weight: Tensor) -> bool:
     return torch.is_grad_enabled() and weight.requires_grad and not tracing
 
 
-def _bags(table: nn.Embedding, ids: Tensor, real: Tensor, length: Tensor, mode: str) -> Tensor:
-    """The mean or sum of each list's real elements, (C, B, dim), from the real ids alone (one bag each): in
-    training, padding then costs no lookup, no gradient rows and no optimiser work (more than half the
-    positions of a 50-long history of mean length 23). Inference and export take the padded sum, which is the
-    same function of the same rows (the tests check both, with their gradients)."""
-    c, b, _ = ids.shape
-    flat = ids[real.expand_as(ids)]  # (K,) the real ids, copy by copy, row by row
-    counts = length.view(1, b).expand(c, b).reshape(-1)
-    offsets = torch.cumsum(counts, 0) - counts
-    pooled = nn.functional.embedding_bag(flat, table.weight, offsets, mode=mode, sparse=table.sparse)
-    return pooled.view(c, b, -1)
+def _bags(
+    table: nn.Embedding, fields: Tensor, members: list[tuple[ListSpec, Tensor, Tensor]]
+) -> tuple[Tensor, list[Tensor]]:
+    """Training's lookup of one table: a single `embedding_bag` sum over the sparse fields' rows (bags of one)
+    and the table's list fields. A mean or sum field's real ids make one bag per row, so padding costs no
+    lookup, no gradient rows and no optimiser work (more than half the positions of a 50-long history of
+    mean length 23); a max or attention field's positions are bags of one each. fields (C, B, S); members:
+    (spec, ids (C, B, M), lengths (B,)). Returns the field embeddings (C, B, S, dim) and per member its pooled
+    embedding (C, B, dim) or its padded elements (C, B, M, dim). Inference and export look the padded ids
+    up instead: the same function of the same rows (the tests check both, with their gradients)."""
+    c, b, s = fields.shape
+    flat, counts, shapes = [fields.reshape(-1)], [fields.new_ones(c * b * s)], [(c, b, s)]
+    for spec, ids, length in members:
+        if spec.pooling in ("mean", "sum"):
+            real = torch.arange(ids.shape[-1], device=ids.device) < length.unsqueeze(1)  # (B, M)
+            flat.append(ids[real.expand_as(ids)])  # (K,) the real ids, copy by copy, row by row
+            counts.append(length.long().view(1, b).expand(c, b).reshape(-1))
+            shapes.append((c, b))
+        else:
+            flat.append(ids.reshape(-1))
+            counts.append(ids.new_ones(ids.numel()))
+            shapes.append(tuple(ids.shape))
+    sizes = torch.cat(counts)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    out = nn.functional.embedding_bag(torch.cat(flat), table.weight, offsets, mode="sum", sparse=table.sparse)
+    pieces = [
+        p.view(*shape, out.shape[-1])
+        for p, shape in zip(out.split([math.prod(sh) for sh in shapes]), shapes, strict=True)
+    ]
+    for i, (spec, _, length) in enumerate(members, start=1):
+        if spec.pooling == "mean":
+            pieces[i] = pieces[i] / length.clamp(min=1).to(out.dtype).view(1, b, 1)
+    return pieces[0], pieces[1:]
 
 
 def _attention_weights(mlp: ParallelMLP, elements: Tensor, target: Tensor, real: Tensor) -> Tensor:

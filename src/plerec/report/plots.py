@@ -1,4 +1,5 @@
-"""Pictures: the seesaw chart (paper Fig. 1/3), expert utilisation (Fig. 8), training curves, the sweep (Fig. 7)."""
+"""Pictures: the seesaw chart (paper Fig. 1/3), expert utilisation (Fig. 8), training curves, the sweep (Fig. 7),
+the reliability of binary tasks' probabilities."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from plerec.report.summary import Summary  # noqa: E402
+from plerec.metrics import calibration  # noqa: E402
+from plerec.report.summary import Summary, load_predictions  # noqa: E402
 from plerec.report.tables import PRIMARY  # noqa: E402
 from plerec.safe_io import atomic_write  # noqa: E402
 
@@ -147,3 +149,71 @@ def sweep_plot(rows: Sequence[dict], tasks: Sequence[str], path: str | Path) -> 
         ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+
+
+def reliability_records(out: str | Path, runs, task_kinds: dict[str, str], bins: int = 10) -> list[dict]:
+    """The reliability bins (plerec.metrics.calibration, `bins` equal-width bins) of every binary task of
+    every run (objects with .model and .seed) of a comparison folder `out`, from the test predictions each
+    run saved (out/runs/MODEL/seedS/test_predictions.npz; a run without them is left out), over each task's
+    own sample space: [{"model", "seed", "reliability": {"test": {task: bins}}}], what `reliability_plot`
+    reads. The bins of one run's test split are those its metrics.json `ece` was computed from."""
+    records = []
+    for run in runs:
+        arrays = load_predictions(Path(out) / "runs" / run.model / f"seed{run.seed}")
+        if arrays is None:
+            continue
+        predictions, labels, mask = arrays
+        tasks = {}
+        for t, (task, kind) in enumerate(task_kinds.items()):
+            keep = mask[:, t]
+            if kind == "binary" and keep.any():
+                tasks[task] = calibration(labels[keep, t], predictions[keep, t], bins)[1]
+        records.append({"model": run.model, "seed": run.seed, "reliability": {"test": tasks}})
+    return records
+
+
+def pooled_reliability(records: Sequence[dict], split: str = "test") -> dict[str, dict[str, tuple]]:
+    """Task -> model -> (mean predicted, observed rate, rows) per non-empty bin, the model's seeds pooled: each
+    bin's means are weighted by the rows it holds in each seed. `records` as `reliability_records` gives."""
+    sums: dict[tuple[str, str], np.ndarray] = {}  # (task, model) -> (3, bins): rows, Σ predicted, Σ observed
+    for record in records:
+        for task, bins in record["reliability"].get(split, {}).items():
+            count = np.asarray(bins["count"], dtype=np.float64)
+            means = [[np.nan if v is None else v for v in bins[k]] for k in ("mean_predicted", "observed_rate")]
+            add = np.stack([count, *(np.nan_to_num(np.asarray(m, dtype=np.float64)) * count for m in means)])
+            key = (task, record["model"])
+            sums[key] = sums[key] + add if key in sums else add
+    pooled: dict[str, dict[str, tuple]] = {}
+    for (task, model), (count, predicted, observed) in sums.items():
+        filled = count > 0
+        pooled.setdefault(task, {})[model] = (
+            predicted[filled] / count[filled],
+            observed[filled] / count[filled],
+            count[filled].astype(np.int64),
+        )
+    return pooled
+
+
+def reliability_plot(records: Sequence[dict], path: str | Path, split: str = "test") -> bool:
+    """Predicted probability against observed positive rate per calibration bin, one panel per binary task
+    and one line per model (`pooled_reliability`): a calibrated model lies on the diagonal. `records` as
+    `reliability_records` gives; returns False, writing nothing, where none holds bins of `split`."""
+    pooled = pooled_reliability(records, split)
+    if not pooled:
+        return False
+    fig, axes = plt.subplots(1, len(pooled), figsize=(4.5 * len(pooled), 4.2), squeeze=False)
+    for ax, (task, models) in zip(axes[0], pooled.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+        for i, (model, (predicted, observed, _rows)) in enumerate(models.items()):
+            ax.plot(predicted, observed, marker="o", ms=3, color=f"C{i % 10}", label=model)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("mean predicted probability (per bin)")
+        ax.set_ylabel("observed positive rate")
+        ax.set_title(f"{task} ({split} split)")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Reliability: predicted against observed, per probability bin")
+    fig.tight_layout()
+    _save(fig, path)
+    return True

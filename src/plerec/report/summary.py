@@ -282,6 +282,14 @@ def summary_markdown(summary: Summary, title: str = "Comparison") -> str:
         rule_text(summary.alpha, summary.resamples),
         "",
     ]
+    balanced = [m for m in summary.models if "+" in m]
+    if balanced:  # compare --balancing: one model under several loss-balancing methods (compare.run_name)
+        lines += [
+            "A run named MODEL+METHOD is MODEL trained with [train] balancing = METHOD; MODEL alone is trained with "
+            "the experiment's own method (`fixed`, Eq. 10, unless it says otherwise). Each is tested against the "
+            f"same single-task model: {', '.join(f'`{m}`' for m in balanced)}.",
+            "",
+        ]
     for task, kind in summary.task_kinds.items():
         metrics = METRICS_BY_KIND[kind]
         lines += [f"## {task} ({kind})", ""]
