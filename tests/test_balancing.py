@@ -613,3 +613,17 @@ def test_ddp_with_a_balancing_method_equals_one_process(tmp_path, method):
         for name, weight in b["balancing"]["weights"].items():
             assert a["balancing"]["weights"][name] == pytest.approx(weight, rel=1e-5)
     assert single.history[-1]["balancing"]["weights"] != {"click": 1.0, "watch": 1.0}
+
+
+@pytest.mark.parametrize("name", ["esmm", "aitm"])
+def test_a_funnels_towers_count_as_shared_for_pcgrad(name):
+    """A funnel's tower of step t feeds every later step's output (ESMM's product, AITM's transfer), so no
+    parameter of it is one task's alone: PCGrad projects them all."""
+    from plerec.balancing import task_specific_parameters
+    from plerec.models import build_model
+
+    model = build_model(name, {"embedding_dim": 2, "tower_dims": [4, 3]}, [5, 4], 2, 2)
+    assert task_specific_parameters(model) == []
+    ple = build_model("ple", {"embedding_dim": 2, "expert_dims": [4], "tower_dims": [3]}, [5, 4], 2, 2)
+    towers = {id(p) for p in ple.body.towers.parameters()}
+    assert towers and {id(p) for p in task_specific_parameters(ple)} == towers

@@ -400,12 +400,14 @@ def make_balancing(exp: Experiment, model: nn.Module, ctx: DistContext, schedule
 
 
 def task_specific_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that only one task's output depends on: `model.task_parameters()` where the model
-    defines it, else its per-task towers (`model.body.towers`); none for a model without towers."""
-    own = getattr(model, "task_parameters", None)
+    """The parameters that only one task's output depends on: `model.task_parameters()` (or its body's) where
+    the model defines it (the funnels: none, their towers feed the later steps), else its per-task towers
+    (`model.body.towers`); none for a model without towers."""
+    body = getattr(model, "body", None)
+    own = getattr(model, "task_parameters", None) or getattr(body, "task_parameters", None)
     if callable(own):
         return list(own())
-    towers = getattr(getattr(model, "body", None), "towers", None)
+    towers = getattr(body, "towers", None)
     return list(towers.parameters()) if isinstance(towers, nn.Module) else []
 
 

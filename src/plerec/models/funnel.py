@@ -107,6 +107,10 @@ class ESMM(nn.Module):
         _check_num_tasks("esmm", num_tasks)
         self.towers = ParallelMLP(num_tasks, in_dim, [*config.tower_dims, 1], final_activation=False)
 
+    def task_parameters(self) -> list[nn.Parameter]:
+        """None: every tower feeds the later steps' outputs too (PCGrad projects them all as shared)."""
+        return []
+
     def step_logits(self, x: Tensor) -> Tensor:
         """Every step's conditional logit a_t (B, T): CTR, then CVR given the click, and so on."""
         return self.towers(x).squeeze(-1).transpose(0, 1)  # (T, B, 1) -> (B, T)
@@ -179,6 +183,10 @@ class AITM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.outputs(self.extract(x)[0]).squeeze(-1).transpose(0, 1)  # (T, B, 1) -> (B, T)
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """None: every tower feeds the later steps' outputs too (PCGrad projects them all as shared)."""
+        return []
 
     def auxiliary_loss(self, logits: Tensor) -> Tensor:
         """The behavioural expectation calibrator, α · mean over rows of Σ_{t≥2} max(ŷ_t − ŷ_{t−1}, 0), ŷ = σ(logits).
