@@ -468,7 +468,6 @@ class _Run:
     source: InMemoryBatches | ParquetBatches
     is_binary: torch.Tensor  # (T,) bool
     autocast: torch.autocast
-    auxiliary_loss: Callable[[torch.Tensor], torch.Tensor | None] | None  # the model's own penalty, if any
     progress: Progress = field(default_factory=Progress)
     best_state: dict | None = None  # the best epoch's weights, copied only once later weights differ
     running: torch.Tensor | None = None  # (T,) this rank's task losses summed over the epoch's steps
@@ -501,7 +500,6 @@ class _Run:
             source=source,
             is_binary=torch.tensor([t.kind == "binary" for t in exp.tasks], device=ctx.device),
             autocast=torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=exp.train.bf16),
-            auxiliary_loss=getattr(model, "auxiliary_loss", None),  # looked up once: not a per-step cost
         )
         run.running = torch.zeros(len(exp.tasks), device=ctx.device)
         run.started = time.perf_counter()
@@ -568,7 +566,7 @@ class _Run:
             logits, batch.labels, batch.label_mask, self.is_binary, counts, model.output_scale
         )  # (T,)
         loss = self.balancing.loss(task_losses, counts, progress.epoch, progress.step)
-        aux = self.auxiliary_loss(logits) if self.auxiliary_loss is not None else None  # not balanced
+        aux = model.auxiliary_loss(logits)  # the model's own penalty (aitm's calibrator), or None: not balanced
         if aux is not None:
             loss = loss + aux / ctx.world_size  # a mean over this rank's rows: its share of the ranks' mean
         for optimizer in self.optimizers:
