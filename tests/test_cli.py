@@ -127,7 +127,8 @@ def test_off_a_terminal_there_is_no_progress_bar_and_one_line_per_epoch(project,
     err = capsys.readouterr().err
     assert "\r" not in err  # no bar redraws
     lines = err.splitlines()
-    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1", "epoch 2", "epoch 3"]
+    epochs = [line.split(" (")[0] for line in lines if line.startswith("epoch ")]
+    assert epochs == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert [line.split()[0] for line in lines[:4]] == ["rows:", "features:", "task", "task"] and len(lines) == 4 + 3
 
 

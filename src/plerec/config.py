@@ -358,6 +358,13 @@ class TrainConfig:
     balancing: str = "fixed"  # how the task losses are combined: BALANCING_METHODS, README "Loss balancing"
     gradnorm: GradNormConfig = field(default_factory=GradNormConfig)  # read when balancing = "gradnorm"
     dwa: DWAConfig = field(default_factory=DWAConfig)  # read when balancing = "dwa"
+    # What a run shows and where (README "Watching a run"); none of these changes what is computed.
+    log_format: str = "text"  # the per-epoch lines on stderr: "text" for people, "json" one object per line
+    tensorboard: bool = False  # event files for TensorBoard, rank 0 only
+    tensorboard_dir: str = ""  # "" = the run's folder/tensorboard
+    mlflow: bool = False  # an MLflow run (the `mlflow` extra)
+    mlflow_uri: str = ""  # tracking URI; "" = a local store, the run's folder/mlruns
+    mlflow_experiment: str = ""  # MLflow experiment name; "" = "plerec"
 
     def __post_init__(self) -> None:
         if self.balancing not in BALANCING_METHODS:
@@ -388,6 +395,8 @@ class TrainConfig:
             raise ValueError(
                 f"Expected [train] `threads` to be at most {MAX_THREADS} (0 = torch's default), but got {self.threads}"
             )
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"Expected [train] `log_format` 'text' or 'json', but got {self.log_format!r}")
         if self.weight_schedule not in ("epoch", "step"):
             raise ValueError(f"Expected [train] `weight_schedule` 'epoch' or 'step', but got {self.weight_schedule!r}")
         if self.device not in ("cpu", "cuda", "auto"):

@@ -33,6 +33,12 @@ NO_EFFECT = (
     "train.eval_batch_size",
     "train.checkpoint_every",
     "train.device",
+    "train.log_format",
+    "train.tensorboard",
+    "train.tensorboard_dir",
+    "train.mlflow",
+    "train.mlflow_uri",
+    "train.mlflow_experiment",
     "rank",
 )
 

@@ -42,16 +42,18 @@ def fit_each_task(
     log: Callable[[str], None] | None = None,
     ctx: DistContext | None = None,
     resume: bool = False,
+    observers=(),
 ):
-    """Train `exp` (model `single`) as one one-task fit per task; return a FitResult for all tasks."""
+    """Train `exp` (model `single`) as one one-task fit per task; return a FitResult for all tasks. The
+    observers watch each task's fit in turn."""
     ctx = ctx or init_distributed(exp.train.device)
     folder = Path(out_dir) if out_dir is not None else None
     # OUT itself; each task's fit locks its own OUT/tasks/NAME
     with run_lock(folder) if folder is not None and ctx.is_main else contextlib.nullcontext():
-        return _fit_each_task(exp, data, folder, log, ctx, resume)
+        return _fit_each_task(exp, data, folder, log, ctx, resume, observers)
 
 
-def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistContext, resume: bool):
+def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistContext, resume: bool, observers):
     from plerec.train import LAST, FitResult, fit, metrics_record, prepare_data, save_checkpoint, write_json
 
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
@@ -76,6 +78,7 @@ def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistCon
                 log=lambda msg, name=task.name: say(f"  {name}: {msg}"),
                 ctx=ctx,
                 resume=resume,
+                observers=observers,
             )
         )
     names = [t.name for t in exp.tasks]

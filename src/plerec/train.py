@@ -55,6 +55,7 @@ from plerec.distributed import (
 from plerec.fingerprint import NO_EFFECT, data_changes, data_fingerprint
 from plerec.metrics import HIGHER_IS_BETTER, METRICS_BY_KIND, TaskMetricAccumulator
 from plerec.models import MultiTaskModel, build_model
+from plerec.observe import RunObserver, configured_observers, epoch_json, epoch_line, json_log
 from plerec.optim import Adam, RowSparseAdam
 from plerec.safe_io import run_lock
 
@@ -321,6 +322,16 @@ def monitor_keys(exp: Experiment) -> dict[str, str]:
     return keys
 
 
+def monitor_name(exp: Experiment) -> str:
+    """What the monitor's value is, in words: "valid ctr auc", or "valid mean skill of ctr auc, cvr auc"
+    (monitor_value: each task's metric as a scale-free skill, higher is better)."""
+    keys = monitor_keys(exp)
+    if len(keys) == 1:
+        [(name, key)] = keys.items()
+        return f"valid {name} {key}"
+    return "valid mean skill of " + ", ".join(f"{name} {key}" for name, key in keys.items())
+
+
 def monitor_value(
     metrics: dict[str, dict[str, float]], exp: Experiment, label_stats: dict[str, dict] | None = None
 ) -> tuple[float, bool]:
@@ -395,6 +406,7 @@ def fit(
     log: Callable[[str], None] | None = None,
     ctx: DistContext | None = None,
     resume: bool = False,
+    observers: Sequence[RunObserver] = (),
 ) -> FitResult:
     """Train `exp.model_name` on the experiment's data; keep the best epoch by the validation monitor.
 
@@ -403,12 +415,13 @@ def fit(
     history.json and experiment.toml (every key resolved). `resume=True` continues from last.pt and ends
     with exactly the weights and metrics of an uninterrupted run; without it, a folder that already
     holds a last.pt is refused rather than overwritten. Under torchrun (WORLD_SIZE > 1) it trains with
-    DistributedDataParallel; only rank 0 logs and writes.
+    DistributedDataParallel; only rank 0 logs and writes. `observers` (plerec.observe.RunObserver) see the
+    run on rank 0, besides those [train] asks for (tensorboard, mlflow).
     """
     if exp.model_name == "single" and len(exp.tasks) > 1:  # K independent networks: K one-task fits
         from plerec.single_task import fit_each_task
 
-        return fit_each_task(exp, data, out_dir, log, ctx, resume)
+        return fit_each_task(exp, data, out_dir, log, ctx, resume, observers)
     monitor_keys(exp)  # a monitor that does not apply to its task would otherwise only fail after an epoch
     ctx = ctx or init_distributed(exp.train.device)
     check_batch_size(exp.train.batch_size, ctx)  # before any work
@@ -416,7 +429,7 @@ def fit(
     folder = Path(out_dir) if out_dir is not None else None
     # Locked before last.pt is read (another trainer may be writing it), released however fit ends.
     with run_lock(folder) if folder is not None and ctx.is_main else contextlib.nullcontext():
-        return _fit(exp, data, folder, log, ctx, resume)
+        return _fit(exp, data, folder, log, ctx, resume, observers)
 
 
 def _fit(
@@ -426,7 +439,10 @@ def _fit(
     log: Callable[[str], None] | None,
     ctx: DistContext,
     resume: bool,
+    observers: Sequence[RunObserver],
 ) -> FitResult:
+    if log is not None and exp.train.log_format == "json":
+        log = json_log(log)
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
     saved = _saved_state(folder, exp, resume)  # read (and checked) on every rank, before any work
     if exp.train.threads:
@@ -443,11 +459,22 @@ def _fit(
         run.restore(saved)
         p = run.progress
         say(f"resumed from {folder / LAST} at epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
-    while run.progress.epoch < exp.train.epochs and not run.progress.stopped:
-        run.train_epoch()  # with a checkpoint every train.checkpoint_every steps
-        run.validate()  # the epoch's record, the best epoch so far, early stopping
-        run.checkpoint(run.source.state())
-    return run.finish()
+    if ctx.is_main:
+        run.observers = [*observers, *configured_observers(exp, out)]
+    try:
+        for observer in run.observers:
+            observer.start(run)
+        while run.progress.epoch < exp.train.epochs and not run.progress.stopped:
+            run.train_epoch()  # with a checkpoint every train.checkpoint_every steps
+            run.validate()  # the epoch's record, the best epoch so far, early stopping
+            run.checkpoint(run.source.state())
+        result = run.finish()
+        for observer in run.observers:
+            observer.finish(run, result)
+        return result
+    finally:
+        for observer in run.observers:
+            observer.close()
 
 
 @dataclass(slots=True)
@@ -472,6 +499,8 @@ class _Run:
     best_state: dict | None = None  # the best epoch's weights, copied only once later weights differ
     running: torch.Tensor | None = None  # (T,) this rank's task losses summed over the epoch's steps
     started: float = 0.0
+    epoch_started: float = 0.0  # when this process began the epoch in progress
+    observers: list[RunObserver] = field(default_factory=list)  # rank 0 only (plerec.observe)
 
     @classmethod
     def start(cls, exp, data, ctx, folder, out, say) -> _Run:
@@ -536,11 +565,14 @@ class _Run:
             dynamic_ncols=True,
         )
         every = exp.train.checkpoint_every
-        epoch_start = time.perf_counter()
+        epoch_start = self.epoch_started = time.perf_counter()
         for i, batch in enumerate(self.source.epoch(skip=progress.batch), start=progress.batch):
-            self.running += self.step(batch, i, steps)
+            task_losses = self.step(batch, i, steps)
+            self.running += task_losses
             progress.step += 1
             progress.batch = i + 1
+            for observer in self.observers:
+                observer.step(self, task_losses)
             if bar.disable is False and (i % 50 == 0 or i == steps - 1):
                 shown = (self.running / (i + 1)).tolist()
                 bar.set_postfix({n: f"{v:.4f}" for n, v in zip(self.names, shown, strict=True)})
@@ -598,11 +630,11 @@ class _Run:
             "valid_rows": valid_rows,
             "monitor": value,
             "seconds": time.perf_counter() - self.started,
+            "epoch_seconds": time.perf_counter() - self.epoch_started,  # this process's part of the epoch
         }
         if self.balancing.name != "fixed":  # the weights the next epoch starts with
             record["balancing"] = describe(self.balancing)
         progress.history.append(record)
-        self.say(_epoch_line(record, names, improved))
         progress.epoch, progress.batch = progress.epoch + 1, 0
         if improved:
             progress.best_value, progress.best_epoch, progress.stale = value, progress.epoch, 0
@@ -611,9 +643,18 @@ class _Run:
                 save_checkpoint(self.out / "best.pt", self.model, self.data.encoder, exp, progress.best_epoch)
         else:
             progress.stale += 1
-            if exp.train.patience and progress.stale >= exp.train.patience:
-                self.say(f"early stop: no better validation {exp.train.monitor} for {progress.stale} epochs")
-                progress.stopped = True
+        monitor, best = monitor_name(exp), (progress.best_epoch, progress.best_value)
+        if exp.train.log_format == "json":
+            self.say(epoch_json(record, exp.train.epochs, monitor, best))
+        else:
+            self.say(epoch_line(record, names, exp.train.epochs, monitor, best))
+        if self.out is not None:  # after every epoch: a run that dies keeps its curves
+            write_json(self.out / "history.json", {"best_epoch": progress.best_epoch, "epochs": progress.history})
+        for observer in self.observers:
+            observer.epoch(self, record)
+        if not improved and exp.train.patience and progress.stale >= exp.train.patience:
+            self.say(f"early stop: no better validation {monitor} for {progress.stale} epochs")
+            progress.stopped = True
 
     def checkpoint(self, source_state: dict) -> None:
         """Write last.pt. Every rank holds its share of the epoch's losses: rank 0 saves their sum, and
@@ -829,14 +870,6 @@ def _on_terminal() -> bool:
     return sys.stderr is not None and sys.stderr.isatty()
 
 
-def _epoch_line(record: dict, names: list[str], improved: bool) -> str:
-    parts = []
-    for name in names:
-        m = record["valid"][name]
-        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("auc", "logloss", "mse") if k in m)
-        parts.append(f"{name}: {shown}")
-    mark = " *" if improved else ""
-    return f"epoch {record['epoch']}: valid " + "; ".join(parts) + f" ({record['seconds']:.1f}s){mark}"
 
 
 __all__ = [
