@@ -420,16 +420,16 @@ def test_values_the_model_cannot_score_get_a_422_naming_row_and_field(client, pa
 
 
 def test_a_non_finite_prediction_gets_a_422_not_a_200(client, monkeypatch):
-    import plerec.train
+    from plerec.serve import Served
 
-    real = plerec.train.predict
+    real = Served.forward
 
-    def overflowing(model, table, batch_size):
-        logits = real(model, table, batch_size).clone()  # out of inference mode, to write to it
+    def overflowing(self, table):
+        logits = real(self, table).clone()  # out of inference mode, to write to it
         logits[-1, 1] = math.inf  # the last row's `watch`: rank_weight 0, so only the output check sees it
         return logits
 
-    monkeypatch.setattr(plerec.train, "predict", overflowing)
+    monkeypatch.setattr(Served, "forward", overflowing)
     response = send(client, "/score", {"rows": [GOOD_ROW, GOOD_ROW]})
     assert response.status_code == 422, response.text
     assert "rows[1]: expected the model's `watch` to be a finite number, but it is inf" in response.json()["error"]

@@ -640,6 +640,7 @@ class Served:
         self.names = [*scorer.task_names, "score", "log_score"]  # the columns of `outputs`
         if backend not in BACKENDS:
             raise ValueError(f"Expected backend to be one of {', '.join(BACKENDS)}, but got {backend!r}")
+        scorer.model.eval()  # for good: nothing trains a served model
         self.onnx = None
         if backend == "onnx":
             from plerec.serve_onnx import OnnxForward
@@ -647,11 +648,14 @@ class Served:
             self.onnx = OnnxForward(scorer, threads=torch.get_num_threads())
 
     def forward(self, table: EncodedTable) -> torch.Tensor:
-        """The logits (N, T) of encoded rows: train.predict (eval mode, inference mode, in batches), or ONNX
-        Runtime on the exported graph (`backend="onnx"`)."""
+        """The logits (N, T) of encoded rows: the model in inference mode (train.predict's batches for more rows
+        than one batch), or ONNX Runtime on the exported graph (`backend="onnx"`)."""
         if self.onnx is not None:
             return self.onnx(table)
-        return train.predict(self.scorer.model, table, self.scorer.batch_size)
+        if len(table) > self.scorer.batch_size:
+            return train.predict(self.scorer.model, table, self.scorer.batch_size)
+        with torch.inference_mode():  # eval mode is set once, at load: walking the modules costs ~0.5 ms
+            return self.scorer.model(*table.batch(slice(0, len(table))).inputs)
 
     def job(self, path: str, body: Any) -> Job:
         if not isinstance(body, dict):  # pydantic says so, naming the model
