@@ -1,8 +1,10 @@
 """The `plerec` command: train / evaluate outputs, errors as one line and exit 2, synth, models."""
 
+import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from plerec.cli import main
+import plerec.train as train_module
+from plerec.cli import _parser, _watch_overrides, main
 from plerec.config import load_experiment
 from plerec.data.synth import read_synth_metadata
 from plerec.models import MODELS
@@ -154,6 +157,151 @@ def test_openmp_threads_spin_briefly_while_they_wait_unless_the_user_says_otherw
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == [str(e) for e in expected] + ["False"], done.stderr
+
+
+def test_json_log_format_makes_every_stderr_line_a_json_object(project, capsys):
+    text = EXPERIMENT.replace("progress = false", "progress = true").replace("epochs = 2", "epochs = 3")
+    (project / "exp.toml").write_text(text)
+    assert main(["train", str(project / "exp.toml"), "--out", str(project / "run"), "--log-format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "| ple |" in captured.out  # stdout keeps the metrics table
+    events = [json.loads(line) for line in captured.err.splitlines()]
+    assert [e["event"] for e in events] == ["data", "epoch", "epoch", "epoch"]
+    data = events[0]
+    assert data["rows"] == {"train": 200, "valid": 60, "test": 60}
+    assert [t["name"] for t in data["tasks"]] == ["click", "watch"] and data["tasks"][1]["positive_rate"] is None
+    for epoch, event in enumerate(events[1:], start=1):
+        assert event["epoch"] == epoch and event["epochs"] == 3 and event["seconds"] > 0
+        assert set(event["valid"]) == {"click", "watch"} and "auc" in event["valid"]["click"]
+        assert event["monitor"]["name"] and isinstance(event["monitor"]["value"], float)
+    assert load_experiment(project / "run" / "experiment.toml").train.log_format == "json"
+
+
+def test_json_log_format_writes_errors_as_json_too(project, capsys):
+    args = ["train", str(project / "exp.toml"), "--out", str(project / "run"), "--log-format", "json"]
+    assert main([*args, "--set", "train.bogus=1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    error = json.loads(line)
+    assert error["event"] == "error" and "`bogus`" in error["text"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"tensorboard": False, "tensorboard_dir": "", "mlflow": False, "mlflow_uri": "", "log_format": "text"}),
+        (["--tensorboard"], {"tensorboard": True, "tensorboard_dir": ""}),
+        (["--tensorboard", "tb logs/2024-01-01"], {"tensorboard": True, "tensorboard_dir": "tb logs/2024-01-01"}),
+        (["--tensorboard", "123"], {"tensorboard_dir": "123"}),  # a folder, not the number 123
+        (["--mlflow"], {"mlflow": True, "mlflow_uri": ""}),
+        (["--mlflow-uri", "http://host:5000"], {"mlflow": True, "mlflow_uri": "http://host:5000"}),
+        (["--mlflow-uri", 'file:/a "b"'], {"mlflow": True, "mlflow_uri": 'file:/a "b"'}),
+        (["--log-format", "json"], {"log_format": "json"}),
+    ],
+)
+def test_watch_flags_set_their_train_keys(project, monkeypatch, flags, expected):
+    monkeypatch.chdir(project)
+    args = _parser().parse_args(["train", "exp.toml", "--out", "run", *flags])
+    train = load_experiment(project / "exp.toml", _watch_overrides(args)).train
+    for key, value in expected.items():
+        if key == "tensorboard_dir" and value:  # a relative folder is the one where the command ran
+            value = str(project / value)
+        assert getattr(train, key) == value, key
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Ctrl-C at the start of optimiser step `step` (1-based): loss_weights runs once per step."""
+    calls = {"n": 0}
+    real = train_module.loss_weights
+
+    def pressed(exp, t):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(exp, t)
+
+    monkeypatch.setattr(train_module, "loss_weights", pressed)
+
+
+def test_ctrl_c_says_how_to_resume_and_the_command_finishes_the_run(project, capsys, monkeypatch):
+    exp, out = str(project / "exp.toml"), str(project / "run")
+    args = ["train", exp, "--out", out, "--quiet", "--set", "train.lr=0.002"]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 6)  # 4 steps an epoch: in epoch 2, after epoch 1's checkpoint
+        assert main(args) == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    command = f"plerec train {exp} --out {out} --set train.lr=0.002 --quiet --resume"
+    assert line.startswith("plerec: interrupted") and line.endswith(f"Resume with: {command}")
+    assert (project / "run" / "last.pt").is_file() and not (project / "run" / "metrics.json").exists()
+    assert main(shlex.split(command)[1:]) == 0
+    assert json.loads((project / "run" / "metrics.json").read_text())["model"] == "ple"
+
+
+def test_ctrl_c_before_a_checkpoint_says_nothing_was_saved(project, capsys, monkeypatch):
+    _interrupt_at(monkeypatch, 2)
+    code = main(["train", str(project / "exp.toml"), "--out", str(project / "run"), "--log-format", "json"])
+    assert code == 130
+    last = json.loads(capsys.readouterr().err.splitlines()[-1])
+    assert last["event"] == "interrupted" and last["resume"] is None and last["checkpoints"] == []
+    assert "nothing was saved yet" in last["text"]
+
+
+PLE_ONLY = EXPERIMENT.replace("tower_dims = [4]\n", "tower_dims = [4]\nnum_levels = 1\nnum_task_experts = 2\n")
+
+
+def test_set_model_name_drops_the_keys_of_the_other_model(project, capsys):
+    (project / "exp.toml").write_text(PLE_ONLY)
+    out = project / "run"
+    args = ["train", str(project / "exp.toml"), "--out", str(out), "--quiet", "--set", "model.name=mmoe"]
+    assert main([*args, "--set", "model.num_experts=3"]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        "--set model.name=mmoe: dropped the [model] keys of ple that do not apply to mmoe: num_levels, num_task_experts"
+    )
+    written = load_experiment(out / "experiment.toml")
+    assert written.model_name == "mmoe" and written.model.num_experts == 3  # set for the new model: kept
+    assert written.model.expert_dims == (4,) and written.model.tower_dims == (4,)  # keys both models have: kept
+
+
+@pytest.mark.parametrize(
+    ("text", "extra", "names"),
+    [
+        (PLE_ONLY.replace("num_levels = 1", "num_expert = 2"), [], ["`num_expert`", "Did you mean `num_experts`"]),
+        (PLE_ONLY, ["--set", "model.num_levels=2"], ["`num_levels`", "[model] for `mmoe`"]),  # asked for: kept
+    ],
+    ids=["a key of no model", "a key set for a model that lacks it"],
+)
+def test_set_model_name_still_refuses_keys_it_cannot_drop(project, capsys, text, extra, names):
+    (project / "exp.toml").write_text(text)
+    args = ["train", str(project / "exp.toml"), "--out", str(project / "run"), "--set", "model.name=mmoe", *extra]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("plerec: error: ") and all(name in line for name in names), line
+
+
+def test_evaluate_names_the_experiment_of_a_compare_run(project, capsys):
+    exp, out = project / "exp.toml", project / "cmp"
+    flags = ["--models", "mmoe", "--seeds", "1", "--quiet", "--set", "train.epochs=1"]
+    assert main(["compare", str(exp), "--out", str(out), *flags]) == 0
+    run = out / "runs" / "mmoe" / "seed7"
+    capsys.readouterr()
+    assert main(["evaluate", str(exp), "--checkpoint", str(run / "best.pt")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"holds a `mmoe` model, but {exp} describes `ple`" in line
+    assert f"plerec evaluate {run / 'experiment.toml'} --checkpoint {run / 'best.pt'}" in line
+    assert main(["evaluate", str(run / "experiment.toml"), "--checkpoint", str(run / "best.pt")]) == 0
+    assert (
+        json.loads((run / "metrics-test.json").read_text())["tasks"]
+        == json.loads((run / "metrics.json").read_text())["tasks"]
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("plerec.report.run") is None, reason="plerec.report.run not written yet")
+def test_report_writes_the_run_report_and_prints_its_path(trained, capsys, tmp_path):
+    out = tmp_path / "report.html"
+    capsys.readouterr()
+    assert main(["report", str(trained / "run"), "--out", str(out)]) == 0
+    assert out.is_file() and out.stat().st_size > 0
+    assert str(out) in capsys.readouterr().out
 
 
 def test_set_model_name_changes_the_model(project):

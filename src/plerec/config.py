@@ -559,8 +559,14 @@ class Experiment:
 # Reading and writing
 
 
-def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Read an experiment TOML file; relative data paths are resolved against the file's folder."""
+def load_experiment(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), notes: list[str] | None = None
+) -> Experiment:
+    """Read an experiment TOML file; relative data paths are resolved against the file's folder.
+
+    An override `model.name=OTHER` drops the file's [model] keys that do not apply to OTHER (those set by
+    overrides too are kept, and a key of no model is still an error); `notes` receives one line saying which.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Experiment file {path} does not exist")
@@ -570,8 +576,16 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise ValueError(f"{path} is not valid TOML: {err}") from None
     except RecursionError:  # tomllib recurses once per level of nested arrays or inline tables
         raise ValueError(f"{path} is not valid TOML: its arrays or tables are nested too deeply") from None
+    table = raw.get("model", {})
+    written = table.get("name", "ple") if isinstance(table, dict) else None  # the model the file is written for
     for item in overrides:
         apply_override(raw, item)
+    dropped = _switch_model(raw, written, _overridden_model_keys(overrides))
+    if dropped and notes is not None:
+        notes.append(
+            f"--set model.name={raw['model']['name']}: dropped the [model] keys of {written} that do not apply to "
+            f"{raw['model']['name']}: {', '.join(dropped)}"
+        )
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("path", "train", "valid", "test", "prepared"):
@@ -581,6 +595,38 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         return experiment_from_dict(raw, source=str(path))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def carried_model_keys(params: dict[str, Any], name: str, from_name: str) -> dict[str, Any]:
+    """The [model] keys of model `from_name` that apply to model `name`: the keys of `name`'s config, `levels`
+    only for the same model (one model's per-level structure does not describe another's)."""
+    valid = {f.name for f in fields(MODELS[name].config)}
+    return {k: v for k, v in params.items() if k in valid and (k != "levels" or name == from_name)}
+
+
+def _overridden_model_keys(overrides: list[str] | tuple[str, ...]) -> set[str]:
+    """The [model] keys that `model.KEY=value` overrides set."""
+    keys = (item.split("=", 1)[0].strip().split(".") for item in overrides if "=" in item)
+    return {parts[1] for parts in keys if len(parts) == 2 and parts[0] == "model"}
+
+
+def _switch_model(raw: dict[str, Any], written: Any, explicit: set[str]) -> list[str]:
+    """Drop, from the raw [model] table, the keys of the model the file was written for (`written`) that do
+    not apply to the model an override named instead; return their names. Keys that `explicit` overrides set,
+    and keys of no model at all (typos: their "did you mean" error stays), are left for model_config to judge."""
+    table = raw.get("model")
+    if not isinstance(table, dict):
+        return []
+    name = table.get("name", "ple")
+    if not isinstance(name, str) or name == written or name not in MODELS:
+        return []
+    of_some_model = {f.name for spec in MODELS.values() for f in fields(spec.config)}
+    params = {k: v for k, v in table.items() if k != "name"}
+    kept = carried_model_keys(params, name, written if isinstance(written, str) else "")
+    dropped = [k for k in params if k not in kept and k not in explicit and k in of_some_model]
+    for key in dropped:
+        del table[key]
+    return dropped
 
 
 def experiment_from_dict(raw: dict[str, Any], source: str = "") -> Experiment:
