@@ -177,6 +177,16 @@ def test_json_log_format_makes_every_stderr_line_a_json_object(project, capsys):
     assert load_experiment(project / "run" / "experiment.toml").train.log_format == "json"
 
 
+def test_json_log_format_holds_for_the_single_task_baseline(project, capsys):
+    """`single` trains one fit per task: their epoch lines stay JSON, each naming its task."""
+    run = ["train", str(project / "exp.toml"), "--out", str(project / "run"), "--log-format", "json"]
+    assert main([*run, "--set", "model.name=single"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [(e["task"], e["epoch"]) for e in epochs] == [("click", 1), ("click", 2), ("watch", 1), ("watch", 2)]
+    assert set(epochs[0]["valid"]) == {"click"} and set(epochs[2]["valid"]) == {"watch"}
+
+
 def test_json_log_format_writes_errors_as_json_too(project, capsys):
     args = ["train", str(project / "exp.toml"), "--out", str(project / "run"), "--log-format", "json"]
     assert main([*args, "--set", "train.bogus=1"]) == 2

@@ -14,6 +14,7 @@ history.json (each task's best epoch) and experiment.toml.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from plerec.config import Experiment, write_experiment
 from plerec.distributed import DistContext, barrier, init_distributed
 from plerec.models import stack_single_task
+from plerec.observe import json_log
 from plerec.safe_io import run_lock
 
 TASKS_FOLDER = "tasks"
@@ -56,7 +58,16 @@ def fit_each_task(
 def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistContext, resume: bool, observers):
     from plerec.train import LAST, FitResult, fit, metrics_record, prepare_data, save_checkpoint, write_json
 
+    if log is not None and exp.train.log_format == "json":
+        log = json_log(log)
     say = (log or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
+
+    def tagged(msg: str, name: str) -> None:  # a task's fit's messages, named by their task
+        if msg.startswith('{"event": '):  # a JSON line (log_format = "json"): the task as one more key
+            say(json.dumps({**json.loads(msg), "task": name}))
+        else:
+            say(f"  {name}: {msg}")
+
     if folder is not None and not resume:  # refused before any task trains, not after the first
         held = [task_folder(folder, t.name) / LAST for t in exp.tasks]
         held = [p for p in held if p.exists()]
@@ -75,7 +86,7 @@ def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistCon
                 one_task_experiment(exp, k),
                 data.for_task(k),
                 sub_out,
-                log=lambda msg, name=task.name: say(f"  {name}: {msg}"),
+                log=lambda msg, name=task.name: tagged(msg, name),
                 ctx=ctx,
                 resume=resume,
                 observers=observers,
