@@ -2,8 +2,8 @@
 
 Trains the benchmark's PLE (embedding 16, experts [256, 128], towers [64]; datagen.py's 20 categorical and
 8 numeric fields) for one epoch on a small generated table, then in one run measures, each server in its
-own process on a free localhost port, driven by a closed-loop load generator (asyncio + httpx, keep-alive
-connections, N requests in flight) with /rank requests of one user's C candidates (top 10):
+own process on a free localhost port, driven by a closed-loop load generator (asyncio over raw sockets,
+keep-alive connections, N requests in flight) with /rank requests of one user's C candidates (top 10):
 
 - `baseline`: today's server, the plerec of `--baseline-rev` (git archive of that commit), row form;
 - `rows`, `columns`: this plerec, one worker, the row form and the columnar form of the same requests;
@@ -148,29 +148,33 @@ def request_bodies(pool: pd.DataFrame, count: int, candidates: int) -> dict[str,
 
 
 async def load(url: str, bodies: list[bytes], concurrency: int, warmup: float, seconds: float, size: int) -> dict:
-    """Closed loop: `concurrency` workers, each sending its next request as soon as the last is answered."""
-    import httpx
-
+    """Closed loop: `concurrency` keep-alive connections, each sending its next request as soon as the last is
+    answered. The client is a few lines of asyncio over raw sockets with every request's bytes built before
+    the clock starts: it shares the machine's cores with the server, so the less it spends per request
+    (httpx spends about a millisecond), the more of each measured request is the server's."""
+    host, port, path = _split_url(url)
+    requests = [_post(host, port, path, body) for body in bodies]
     latencies: list[float] = []
     errors = 0
-    headers = {"Content-Type": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        start = time.perf_counter()
-        measure_from, stop = start + warmup, start + warmup + seconds
+    start = time.perf_counter()
+    measure_from, stop = start + warmup, start + warmup + seconds
 
-        async def worker(w: int) -> None:
-            nonlocal errors
-            i = w
+    async def worker(w: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        i = w
+        try:
             while True:
                 sent = time.perf_counter()
                 if sent >= stop:
                     return
+                writer.write(requests[i % len(requests)])
                 try:
-                    response = await client.post(url, content=bodies[i % len(bodies)], headers=headers)
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
+                    ok = await _response(reader) == 200
+                except (OSError, asyncio.IncompleteReadError, ValueError):
                     ok = False
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
                 done = time.perf_counter()
                 i += concurrency
                 if sent >= measure_from and done <= stop:
@@ -178,9 +182,40 @@ async def load(url: str, bodies: list[bytes], concurrency: int, warmup: float, s
                         latencies.append(done - sent)
                     else:
                         errors += 1
+        finally:
+            writer.close()
 
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return summary(latencies, seconds, size, concurrency, errors)
+
+
+def _split_url(url: str) -> tuple[str, int, str]:
+    rest = url.removeprefix("http://")
+    address, _, path = rest.partition("/")
+    host, _, port = address.rpartition(":")
+    return host, int(port), "/" + path
+
+
+def _post(host: str, port: int, path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _response(reader: asyncio.StreamReader) -> int:
+    """Read one whole response (Content-Length framed, as every plerec answer is); return its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length = next(
+        (int(v) for k, _, v in (line.partition(":") for line in lines[1:]) if k.lower() == "content-length"), None
+    )
+    if length is None:
+        raise ValueError("a response without Content-Length")
+    await reader.readexactly(length)
+    return status
 
 
 def summary(latencies: list[float], seconds: float, size: int, concurrency: int, errors: int = 0) -> dict:
@@ -409,7 +444,8 @@ def _markdown(context: dict, scenarios: list[dict]) -> str:
         f"# plerec serve: throughput and latency ({context['date']})",
         "",
         f"{context['model']}; /rank of one user's candidates, top {context['top_k']}; every server with one torch "
-        f"thread per process; load generator (asyncio + httpx, closed loop) on the same machine: "
+        f"thread per process; load generator (asyncio over raw sockets, requests built beforehand, closed loop) "
+        "on the same machine: "
         f"{machine.get('model', machine['processor'])}, {machine['cpus']} CPUs, flags "
         f"{' '.join(machine.get('flags', []))}, torch {context['torch']} ({machine.get('torch_cpu_capability', '?')}), "
         f"Python {context['python']}. Load average before {context['load_avg_before'][0]:.2f}, after "
