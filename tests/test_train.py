@@ -1,6 +1,7 @@
 """The training loop: masked losses (Eq. 9), loss weights (Eq. 10), determinism, early stopping, checkpoints."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -458,7 +459,7 @@ def test_sparse_embedding_update_equals_dense_adam_on_touched_rows():
         torch.manual_seed(0)
         model = build_model("mmoe", {"num_experts": 2, "expert_dims": [4], "tower_dims": [3]}, vocabs, 2, 1)
         model.input.embedding.sparse = sparse
-        optimizers = make_optimizers(model, exp)
+        optimizers = make_optimizers(model, replace(exp, train=replace(exp.train, sparse_embeddings=sparse)))
         assert len(optimizers) == (2 if sparse else 1)
         for _ in range(steps):
             loss = masked_task_losses(
@@ -482,6 +483,54 @@ def test_sparse_embedding_update_equals_dense_adam_on_touched_rows():
     assert not torch.allclose(w_sparse[touched], initial.input.embedding.weight[touched])
     for (name, p_dense), p_sparse in zip(dense_model.named_parameters(), sparse_model.parameters(), strict=True):
         torch.testing.assert_close(p_sparse, p_dense, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dense_embedding_gradients_get_the_same_lazy_update_as_sparse_ones():
+    """Under NCCL the embedding gradients travel dense; the rule stays the lazy row update without weight
+    decay: the same weights, bit for bit, as the sparse gradients give, untouched rows unmoved."""
+    from plerec.models import build_model
+    from plerec.train import make_optimizers
+
+    exp = experiment_from_dict(
+        {
+            "data": {"path": "unused.csv"},
+            "features": {"categorical": ["a"]},
+            "tasks": [{"name": "t", "kind": "binary", "label": "t"}],
+            "train": {"lr": 1e-2, "weight_decay": 0.1},
+        }
+    )
+    vocabs = [50, 40]
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.stack([torch.randint(1, v, (16,), generator=g) for v in vocabs], 1), torch.randn(16, 2, generator=g))
+        for _ in range(4)
+    ]
+    labels = (torch.rand(16, 1, generator=g) > 0.5).float()
+    weights = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = build_model("mmoe", {"num_experts": 2, "expert_dims": [4], "tower_dims": [3]}, vocabs, 2, 1)
+        model.input.set_sparse(sparse)  # False: the gradients DDP leaves under NCCL
+        optimizers = make_optimizers(model, exp)
+        assert [type(o).__name__ for o in optimizers] == ["Adam", "RowSparseAdam"]
+        for ids, dense in batches:
+            loss = masked_task_losses(
+                model(ids, dense), labels, torch.ones_like(labels, dtype=torch.bool), torch.tensor([True])
+            )
+            for opt in optimizers:
+                opt.zero_grad()
+            loss.sum().backward()
+            assert model.input.embedding.weight.grad.is_sparse == sparse
+            for opt in optimizers:
+                opt.step()
+        weights.append(model.input.embedding.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    torch.manual_seed(0)
+    initial = build_model("mmoe", {"num_experts": 2, "expert_dims": [4], "tower_dims": [3]}, vocabs, 2, 1)
+    touched = torch.unique(torch.cat([ids + model.input.offsets for ids, _ in batches]))
+    untouched = torch.ones(sum(vocabs), dtype=torch.bool)
+    untouched[touched] = False
+    assert torch.equal(weights[1][untouched], initial.input.embedding.weight[untouched])  # no decay there
 
 
 # ---------------------------------------------------------------------------------------------

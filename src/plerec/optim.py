@@ -156,6 +156,11 @@ class RowSparseAdam(_Optimizer):
     position among the touched rows: the scratch is one byte and one int64 per table row, not a copy of
     the table, and the bitmap is cleared again on the touched rows only. Both moments of a row live side
     by side in one (rows, 2, dim) tensor, so a step reads and writes them with one gather and one scatter.
+
+    A dense gradient is taken too, with the same rule: its rows that are not all zero are the touched ones.
+    That is what DDP leaves under NCCL, which has no sparse all-reduce: the embedding gradients travel
+    dense and, summed over the ranks, are non-zero on the rows some rank's batch touched. So the update is
+    lazy, without weight decay, on every device and however many processes train.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -164,6 +169,9 @@ class RowSparseAdam(_Optimizer):
 
     def _touched(self, param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows the gradient touches (ascending) and their summed gradients."""
+        if not grad.is_sparse:  # a row no batch touched has an all-zero gradient
+            rows = grad.reshape(len(grad), -1).ne(0).any(1).nonzero().squeeze(1)
+            return rows, grad.index_select(0, rows)
         if grad.is_coalesced():
             return grad.indices()[0], grad.values()
         if param not in self._scratch:
@@ -188,8 +196,6 @@ class RowSparseAdam(_Optimizer):
                 grad = param.grad
                 if grad is None:
                     continue
-                if not grad.is_sparse:
-                    raise ValueError("Expected a sparse gradient (nn.Embedding(sparse=True)), but got a dense one")
                 state = self.state.setdefault(param, {})
                 if not state:
                     state["step"] = 0

@@ -196,13 +196,15 @@ def set_output_scale(model: MultiTaskModel, exp: Experiment, encoder: Encoder) -
 def make_optimizers(
     model: MultiTaskModel, exp: Experiment, balancing_params: Sequence[torch.Tensor] = ()
 ) -> list[Adam | RowSparseAdam]:
-    """Adam for the dense parameters; with sparse embeddings, RowSparseAdam updates only the embedding rows
-    a batch touches (a dense Adam step over every row dominates at large vocabularies). Weight decay
-    applies to the dense parameters only when embeddings are sparse. A balancing method's own parameters
-    (uncertainty's log-variances) get an Adam of their own, at train.lr without weight decay."""
+    """Adam for the dense parameters; with [train] sparse_embeddings (the default), RowSparseAdam updates only
+    the embedding rows a batch touches (a dense Adam step over every row dominates at large vocabularies),
+    without weight decay, which applies to the dense parameters only. That rule holds on every device: where
+    the tables' gradients are dense (NCCL under DDP), their touched rows are the non-zero ones. With
+    sparse_embeddings = false, one Adam (and its weight decay) updates everything. A balancing method's own
+    parameters (uncertainty's log-variances) get an Adam of their own, at train.lr without weight decay."""
     tables = [table.weight for table in model.input.embedding_tables()]
     own = [Adam(balancing_params, lr=exp.train.lr)] if balancing_params else []
-    if not model.input.embedding.sparse:
+    if not exp.train.sparse_embeddings:
         return [Adam(model.parameters(), lr=exp.train.lr, weight_decay=exp.train.weight_decay), *own]
     dense = [p for p in model.parameters() if all(p is not t for t in tables)]
     return [
