@@ -314,6 +314,15 @@ def test_report_writes_the_run_report_and_prints_its_path(trained, capsys, tmp_p
     assert str(out) in capsys.readouterr().out
 
 
+def test_train_writes_the_run_report_unless_told_not_to(trained, project, capsys):
+    page = trained / "run" / "report.html"
+    assert page.is_file() and "<img" in page.read_text()  # the trained fixture's `plerec train`
+    capsys.readouterr()
+    out = project / "bare"
+    assert main(["train", str(project / "exp.toml"), "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert not (out / "report.html").exists() and "report.html" not in capsys.readouterr().out
+
+
 def test_set_model_name_changes_the_model(project):
     out = project / "run"
     assert main(["train", str(project / "exp.toml"), "--out", str(out), "--quiet", "--set", "model.name=mmoe"]) == 0

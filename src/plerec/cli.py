@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its last checkpoint (last.pt); starts afresh if there is none",
     )
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write OUT/report.html at the end (`plerec report OUT` writes it later)",
+    )
     _add_watch(p, directory=True)
     p.set_defaults(run=_train)
 
@@ -398,6 +403,8 @@ def _toml_value(value) -> str:
 
 def _train(args) -> int:
     from plerec.distributed import barrier, init_distributed, shutdown
+    from plerec.observe import ReportObserver
+    from plerec.report.run import write_run_report
     from plerec.train import fit, prepare_data
 
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else []), *_watch_overrides(args)]
@@ -417,15 +424,19 @@ def _train(args) -> int:
             _describe_data(exp, data, say)
             if ctx.enabled:
                 _describe_ranks(exp, ctx, say)
-        result = fit(exp, data, out_dir=args.out, log=log, ctx=ctx, resume=args.resume)
+        observers = [] if args.no_report else [ReportObserver()]  # first: MLflow, after it, logs the page
+        result = fit(exp, data, out_dir=args.out, log=log, ctx=ctx, resume=args.resume, observers=observers)
         if ctx.is_main:
+            if observers and exp.model_name == "single":  # its tasks' fits have theirs; the stacked model too
+                write_run_report(args.out, model=result.model, data=data, exp=exp)
             print(_metrics_table({exp.model_name: result.metrics.get("test", result.metrics["valid"])}, exp))
             best = (  # the single-task baseline selects each task's epoch on its own
                 "best epochs " + ", ".join(f"{t} {e}" for t, e in result.best_epochs.items())
                 if result.best_epochs
                 else f"best epoch {result.best_epoch}"
             )
-            print(f"{best}; wrote {args.out / 'metrics.json'} and {args.out / 'best.pt'}")
+            written = ["metrics.json", "best.pt", *([] if args.no_report else ["report.html"])]
+            print(f"{best}; wrote {', '.join(str(args.out / name) for name in written)}")
         barrier(ctx)  # every rank done before any tears the process group down (not on errors: it could hang)
     except KeyboardInterrupt:
         if ctx.is_main:

@@ -322,16 +322,27 @@ def check_seesaw_tasks(exp: Experiment, tasks: Sequence[str] | None) -> list[str
     return chosen
 
 
-def write_comparison(runs: Sequence[Run], exp: Experiment, out: str | Path, seesaw_tasks: Sequence[str] | None = None):
+def write_comparison(
+    runs: Sequence[Run],
+    exp: Experiment,
+    out: str | Path,
+    seesaw_tasks: Sequence[str] | None = None,
+    *,
+    data: PreparedData | None = None,
+):
     """Write results.csv, experts.csv, summary.md, seesaw.png, experts.png, curves.png, reliability.png (binary
-    tasks, with [evaluate] calibration_bins) and report.html.
+    tasks, with [evaluate] calibration_bins) and report.html, which also records the data, its size (from
+    `data` where given, else the rows the runs recorded), the experiment and the date.
 
     Per-seed significance tests read each run's out/runs/MODEL/seedS/test_predictions.npz; runs
     without one keep their gains and intervals, and their verdicts say they are untested.
     """
     from plerec.report.html import write_report
     from plerec.report.plots import curves_plot, experts_plot, reliability_plot, reliability_records, seesaw_plot
-    from plerec.report.summary import predictions_loader, summarize, summary_markdown
+    from plerec.report.run import data_source, experiment_text, hyperparameter_details, rows_text, split_rows, utc_now
+    from plerec.report.summary import load_predictions, predictions_loader, summarize, summary_markdown
+    from plerec.single_task import one_task_experiment
+    from plerec.train import monitor_name
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,13 +359,36 @@ def write_comparison(runs: Sequence[Run], exp: Experiment, out: str | Path, sees
     expert_rows = [{"model": r.model, "seed": r.seed, **row} for r in runs for row in r.experts]
     experts_plot(expert_rows, out / "experts.png")
     images.append(("Expert utilisation", out / "experts.png"))
-    curves_plot(runs, out / "curves.png")
-    images.append(("Training curves", out / "curves.png"))
+    task_monitors = {t.name: monitor_name(one_task_experiment(exp, k)) for k, t in enumerate(exp.tasks)}
+    curves_plot(runs, out / "curves.png", monitor_name(exp), task_monitors)
+    images.append(("Training curves", out / "curves.png", "Colour: the model; line style: the seed."))
     if exp.evaluate.calibration_bins:
         records = reliability_records(out, runs, exp.task_kinds, exp.evaluate.calibration_bins)
         if reliability_plot(records, out / "reliability.png"):
             images.append(("Reliability of the predicted probabilities (test split)", out / "reliability.png"))
-    write_report(out / "report.html", "plerec comparison", markdown, images)
+    if data is not None:
+        rows = split_rows(data)
+    else:  # what the runs recorded: the validation rows of an epoch, the test rows of the saved predictions
+        valid = next((h.get("valid_rows") for r in runs for h in r.history if h.get("valid_rows")), None)
+        saved = next((a for r in runs if (a := load_predictions(out / "runs" / r.model / f"seed{r.seed}"))), None)
+        rows = {"train": None, "valid": valid, "test": None if saved is None else len(saved[0])}
+    details = [
+        ("written", utc_now()),
+        ("data", data_source(exp)),
+        ("data size", rows_text(rows)),
+        ("tasks", ", ".join(f"{name} ({kind})" for name, kind in exp.task_kinds.items())),
+        ("models", ", ".join(dict.fromkeys(r.model for r in runs))),
+        ("seeds", ", ".join(str(s) for s in sorted({r.seed for r in runs}))),
+        *hyperparameter_details(exp, model=False),  # each model's keys differ (model_params)
+    ]
+    appendix = [
+        (
+            "Hyperparameters (the comparison's experiment; each run's own, its model's keys included, "
+            "is runs/MODEL/seedS/experiment.toml)",
+            experiment_text(exp),
+        )
+    ]
+    write_report(out / "report.html", "plerec comparison", markdown, images, details=details, appendix=appendix)
     return summary
 
 

@@ -41,6 +41,22 @@ class RunObserver:
         """The run is over, finished or not: release files and connections."""
 
 
+class ReportObserver(RunObserver):
+    """Writes the run's report.html (plerec.report.run) once it is finished, from the model in memory. Put
+    first among a run's observers: those after it (MLflow) find the page in place."""
+
+    def __init__(self, say: Callable[[str], None] | None = None):
+        self.say = say or (lambda _msg: None)
+
+    def finish(self, run: _Run, result: FitResult) -> None:
+        if run.out is None:
+            return
+        from plerec.report.run import write_run_report
+
+        path = write_run_report(run.out, model=result.model, data=run.data, exp=run.exp)
+        self.say(f"wrote {path}")
+
+
 def configured_observers(exp, out) -> list[RunObserver]:
     """The observers [train] asks for: TensorBoard event files and an MLflow run (plerec.tracking). `out` is
     the run's folder (None: fit without one)."""
@@ -118,4 +134,4 @@ def _finite(value: Any) -> Any:
     return value
 
 
-__all__ = ["RunObserver", "configured_observers", "epoch_json", "epoch_line", "json_log", "message_json"]
+__all__ = ["ReportObserver", "RunObserver", "configured_observers", "epoch_json", "epoch_line", "json_log", "message_json"]

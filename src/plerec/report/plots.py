@@ -1,9 +1,13 @@
 """Pictures: the seesaw chart (paper Fig. 1/3), expert utilisation (Fig. 8), training curves, the sweep (Fig. 7),
-the reliability of binary tasks' probabilities."""
+the reliability of binary tasks' probabilities. A `*_figure` returns the matplotlib Figure (what a page embeds
+with `png_bytes`, and what the tests inspect); a `*_plot` writes it to a PNG file, atomically."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from plerec.metrics import calibration  # noqa: E402
 from plerec.report.summary import Summary, load_predictions  # noqa: E402
@@ -46,72 +52,230 @@ def seesaw_plot(summary: Summary, task_a: str, task_b: str, path: str | Path) ->
     _save(fig, path)
 
 
-def experts_plot(rows: Sequence[dict], path: str | Path) -> None:
-    """One heat map per gated model: gates (rows) by experts (columns), mean weight over test rows."""
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (closed afterwards): what a self-contained page embeds without a file."""
+    try:
+        handle = io.BytesIO()  # in memory: no file, nothing for safe_io to guard
+        fig.savefig(handle, format="png", dpi=110)
+        return handle.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def integer_epochs(ax) -> None:
+    """Epochs are counted: ticks at whole numbers only (matplotlib would put 1.5 between two epochs)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
+_LEVEL = re.compile(r"^L(\d+)\.(.*)$")
+
+
+def expert_label(name: str) -> str:
+    """`L0.click.1` -> `click expert 1`, `L0.shared0` -> `shared expert 0`, `cvr.tower` -> `cvr tower`:
+    the expert without its level (the gate's row names it), numbered as in experts.csv."""
+    match = _LEVEL.match(name)
+    rest = match.group(2) if match else name
+    rest = re.sub(r"^shared(\d+)$", r"shared expert \1", rest)
+    rest = re.sub(r"^expert(\d+)$", r"expert \1", rest)
+    rest = re.sub(r"^(.+)\.(\d+)$", r"\1 expert \2", rest)
+    return rest.replace(".", " ")
+
+
+def gate_label(name: str, levels: int = 1) -> str:
+    """`L1.click` -> `level 2: click gate` (`click gate` in a one-level model), `L0.expert3` -> `expert 3
+    gate` (ML-MMoE's second-level experts' gates), `cvr.ait` -> `cvr ait gate`."""
+    match = _LEVEL.match(name)
+    rest = match.group(2) if match else name
+    rest = re.sub(r"^expert(\d+)$", r"expert \1", rest).replace(".", " ")
+    label = "gate" if rest == "gate" else f"{rest} gate"
+    return f"level {int(match.group(1)) + 1}: {label}" if match and levels > 1 else label
+
+
+def _utilisation_grid(rows: Sequence[dict]) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int]:
+    """One model's rows (several seeds) as gate labels, expert labels, the mean weight (G, E) over seeds and
+    its spread (G, E): the std over seeds, or with one seed the std over the rows scored; NaN where a gate
+    does not weigh an expert. Returns the number of seeds last."""
+    levels = len({m.group(1) for r in rows if (m := _LEVEL.match(r["gate"]))})
+    gates = list(dict.fromkeys(r["gate"] for r in rows))
+    experts = [expert_label(r["expert"]) for r in rows]
+    experts = list(dict.fromkeys(sorted(experts, key=lambda e: e.startswith("shared"))))  # shared last
+    seeds = sorted({r["seed"] for r in rows})
+    cells: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((gates.index(r["gate"]), experts.index(expert_label(r["expert"]))), []).append(r)
+    mean = np.full((len(gates), len(experts)), np.nan)
+    spread = np.full_like(mean, np.nan)
+    for (i, j), found in cells.items():
+        values = np.array([r["mean"] for r in found])
+        mean[i, j] = values.mean()
+        spread[i, j] = values.std(ddof=1) if len(seeds) > 1 and len(values) > 1 else found[0]["std"]
+    return [gate_label(g, levels) for g in gates], experts, mean, spread, len(seeds)
+
+
+def experts_figure(rows: Sequence[dict], split: str = "test"):
+    """One heat map per gated model: its gates (rows) by the experts they weigh (columns); each cell the mean
+    weight the gate gives the expert over the `split` rows, averaged over the model's seeds, ± its std over
+    seeds (with one seed: ± its std over the rows). `rows`: {"model", "seed", "gate", "expert", "mean",
+    "std"} as plerec.compare.expert_utilisation gives them per run. Returns the matplotlib Figure."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     if not models:
         fig, ax = plt.subplots(figsize=(4, 1))
         ax.axis("off")
-        ax.text(0.5, 0.5, "no gated model in this comparison", ha="center")
-        _save(fig, path)
-        return
+        ax.text(0.5, 0.5, "no gated model", ha="center")
+        return fig
+    grids = {m: _utilisation_grid([r for r in rows if r["model"] == m]) for m in models}
+    width = max(len(g[1]) for g in grids.values())
+    heights = [len(g[0]) + 1.6 for g in grids.values()]
     fig, axes = plt.subplots(
         len(models),
         1,
-        figsize=(9, 2.6 * len(models)),
+        figsize=(min(max(6.0, 1.1 * width + 3.5), 20.0), 0.55 * sum(heights) + 0.6),
         squeeze=False,
+        gridspec_kw={"height_ratios": heights},
     )
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
     for ax, model in zip(axes[:, 0], models, strict=True):
-        mine = [r for r in rows if r["model"] == model]
-        seed = min(r["seed"] for r in mine)
-        mine = [r for r in mine if r["seed"] == seed]
-        gates = list(dict.fromkeys(r["gate"] for r in mine))
-        experts = list(dict.fromkeys(r["expert"] for r in mine))
-        grid = np.full((len(gates), len(experts)), np.nan)
-        for r in mine:
-            grid[gates.index(r["gate"]), experts.index(r["expert"])] = r["mean"]
-        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_yticks(range(len(gates)), gates, fontsize=7)
-        ax.set_xticks(range(len(experts)), experts, fontsize=7, rotation=60, ha="right")
-        for (i, j), v in np.ndenumerate(grid):
+        gates, experts, mean, spread, seeds = grids[model]
+        vmax = max(float(np.nanmax(mean)), 1e-9)
+        im = ax.imshow(np.ma.masked_invalid(mean), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+        ax.set_yticks(range(len(gates)), gates, fontsize=8)
+        ax.set_xticks(range(len(experts)), experts, fontsize=8, rotation=30, ha="right")
+        for (i, j), v in np.ndenumerate(mean):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.5 else "black")
-        ax.set_title(f"{model} (seed {seed}): mean gate weight per expert over the test set", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.02)
+                dark = v < 0.55 * vmax
+                text = f"{v:.2f}\n±{spread[i, j]:.2f}"
+                size = 7 if len(experts) <= 14 else 5  # the figure stops widening at 20 inches
+                ax.text(j, i, text, ha="center", va="center", fontsize=size, color="white" if dark else "black")
+        over = f"± std over {seeds} seeds" if seeds > 1 else f"± std over the {split} rows (one seed)"
+        ax.set_title(f"{model}: mean gate weight per expert on the {split} split, {over}", fontsize=9)
+        bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+        bar.set_label("mean gate weight", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("expert (grey: not weighed by that gate)", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
-def curves_plot(runs, path: str | Path) -> None:
-    """Validation monitor per epoch, one line per model and seed."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {}
+def experts_plot(rows: Sequence[dict], path: str | Path) -> None:
+    """`experts_figure` written to `path` as PNG."""
+    _save(experts_figure(rows), path)
+
+
+_SEED_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
+
+
+def curves_figure(runs, monitor: str = "validation monitor", task_monitors: Mapping[str, str] | None = None):
+    """The validation monitor per epoch of every run (objects with .model, .seed, .history): colour tells the
+    model, line style the seed. The multi-task models share one panel, its axis named by `monitor`
+    (plerec.train.monitor_name); the single-task baseline, whose monitor is one number per task on its own
+    scale, gets a panel per task, named by `task_monitors[task]` where given. Returns the Figure."""
+    seeds = sorted({run.seed for run in runs})
+    style = {seed: _SEED_STYLES[i % len(_SEED_STYLES)] for i, seed in enumerate(seeds)}
+    colors: dict[str, str] = {}
     for run in runs:
-        color = colors.setdefault(run.model, f"C{len(colors) % 10}")
-        first_seed = run.seed == min(r.seed for r in runs if r.model == run.model)
-        monitors = [h["monitor"] for h in run.history]
-        if monitors and isinstance(monitors[0], dict):  # the single-task baseline: one monitor per task
-            for i, task in enumerate(monitors[0]):
-                points = [(h["epoch"], h["monitor"][task]) for h in run.history if task in h["monitor"]]
+        colors.setdefault(run.model, f"C{len(colors) % 10}")
+    joint = [r for r in runs if r.history and not isinstance(r.history[0]["monitor"], dict)]
+    single = [r for r in runs if r.history and isinstance(r.history[0]["monitor"], dict)]
+    tasks = list(dict.fromkeys(t for r in single for h in r.history for t in h["monitor"]))
+    panels = ([None] if joint or not tasks else []) + tasks
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 + 4.2 * (len(panels) - 1), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], panels, strict=True):
+        shown = joint if task is None else single
+        for run in shown:
+            points = [
+                (h["epoch"], h["monitor"] if task is None else h["monitor"][task])
+                for h in run.history
+                if task is None or task in h["monitor"]
+            ]
+            if points:
                 epochs, values = zip(*points, strict=True)
-                ax.plot(
-                    epochs,
-                    values,
-                    color=color,
-                    alpha=0.8,
-                    marker=".",
-                    linestyle=("-", "--", ":", "-.")[i % 4],
-                    label=f"{run.model} ({task})" if first_seed else None,
-                )
-            continue
-        epochs = [h["epoch"] for h in run.history]
-        ax.plot(epochs, monitors, color=color, alpha=0.8, marker=".", label=run.model if first_seed else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation monitor")
-    ax.set_title("Training curves (validation metric used for model selection)")
-    ax.legend(fontsize=7)
+                ax.plot(epochs, values, color=colors[run.model], linestyle=style[run.seed], marker=".", alpha=0.85)
+        integer_epochs(ax)
+        if task is None:
+            ax.set_ylabel(monitor + _direction(monitor))
+            ax.set_title("Multi-task models: the validation monitor that selects the best epoch", fontsize=9)
+        else:
+            label = (task_monitors or {}).get(task, f"valid {task} monitor")
+            ax.set_ylabel(label + _direction(label))
+            ax.set_title(f"Single-task baseline: task {task} on its own", fontsize=9)
+        handles = [Line2D([], [], color=colors[m], marker=".", label=m) for m in dict.fromkeys(r.model for r in shown)]
+        if len(seeds) > 1:
+            handles += [Line2D([], [], color="grey", linestyle=style[s], label=f"seed {s}") for s in seeds]
+        if handles:
+            ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    return fig
+
+
+def curves_plot(runs, path: str | Path, monitor: str = "validation monitor", task_monitors=None) -> None:
+    """`curves_figure` written to `path` as PNG."""
+    _save(curves_figure(runs, monitor, task_monitors), path)
+
+
+BETTER = {"auc": "↑", "gauc": "↑", "logloss": "↓", "mse": "↓", "ece": "↓", "pcoc": "best at 1", "loss": "↓"}
+
+
+def _direction(label: str) -> str:
+    """` (↑)` or ` (↓)` after a monitor's name: a skill (plerec.train.monitor_value) is higher-better."""
+    better = "↑" if " skill " in f" {label} " else BETTER.get(label.split()[-1] if label else "")
+    return f" ({better})" if better in ("↑", "↓") else ""
+
+
+def _best(best_epoch: int | Mapping[str, int] | None, task: str) -> int | None:
+    return best_epoch.get(task) if isinstance(best_epoch, Mapping) else best_epoch
+
+
+def run_curves_figure(history: Sequence[dict], best_epoch: int | Mapping[str, int] | None = None):
+    """One training run's curves: a row per task, its training loss and each validation metric by epoch, the
+    best epoch (a number, or one per task for the single-task baseline) marked by a dashed line and a star.
+    `history`: the records of history.json's `epochs`. Returns the Figure."""
+    tasks = list(dict.fromkeys(t for h in history for t in h.get("train_loss", {})))
+    metrics = {
+        t: list(
+            dict.fromkeys(
+                k for h in history for k in h.get("valid", {}).get(t, {}) if k != "n" and not k.endswith("_n")
+            )
+        )
+        for t in tasks
+    }
+    columns = 1 + max((len(m) for m in metrics.values()), default=0)
+    fig, axes = plt.subplots(
+        max(len(tasks), 1), columns, figsize=(3.2 * columns, 2.6 * max(len(tasks), 1)), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, task in enumerate(tasks):
+        best = _best(best_epoch, task)
+        series = [("train loss", [(h["epoch"], h["train_loss"].get(task)) for h in history])]
+        series += [
+            (f"valid {m}", [(h["epoch"], h.get("valid", {}).get(task, {}).get(m)) for h in history])
+            for m in metrics[task]
+        ]
+        for ax, (name, points) in zip(axes[row], series, strict=False):
+            points = [(e, v) for e, v in points if isinstance(v, int | float) and math.isfinite(v)]
+            ax.axis("on")
+            better = BETTER.get(name.split()[-1].removeprefix("cvr_"))
+            ax.set_title(f"{task}: {name}" + (f" ({better})" if better else ""), fontsize=9)
+            integer_epochs(ax)
+            ax.tick_params(labelsize=7)
+            if not points:
+                ax.text(0.5, 0.5, "no value", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+                continue
+            epochs, values = zip(*points, strict=True)
+            ax.plot(epochs, values, marker=".", color="C0" if name == "train loss" else "C1")
+            if best is not None:
+                ax.axvline(best, color="grey", lw=0.8, ls="--")
+                if best in epochs:
+                    ax.plot(best, values[epochs.index(best)], marker="*", ms=10, color="C3", linestyle="none")
+    if isinstance(best_epoch, Mapping):
+        kept = "each task's best epoch (" + ", ".join(f"{t} {e}" for t, e in best_epoch.items()) + ")"
+    else:
+        kept = f"the best epoch ({best_epoch})"
+    if best_epoch is not None:
+        fig.suptitle(f"Dashed line and red star: {kept}, whose weights the run keeps", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def sweep_plot(rows: Sequence[dict], tasks: Sequence[str], path: str | Path) -> None:
@@ -194,14 +358,14 @@ def pooled_reliability(records: Sequence[dict], split: str = "test") -> dict[str
     return pooled
 
 
-def reliability_plot(records: Sequence[dict], path: str | Path, split: str = "test") -> bool:
+def reliability_figure(records: Sequence[dict], split: str = "test"):
     """Predicted probability against observed positive rate per calibration bin, one panel per binary task
     and one line per model (`pooled_reliability`): a calibrated model lies on the diagonal. `records` as
-    `reliability_records` gives; returns False, writing nothing, where none holds bins of `split`."""
+    `reliability_records` gives; None where none holds bins of `split`."""
     pooled = pooled_reliability(records, split)
     if not pooled:
-        return False
-    fig, axes = plt.subplots(1, len(pooled), figsize=(4.5 * len(pooled), 4.2), squeeze=False)
+        return None
+    fig, axes = plt.subplots(1, len(pooled), figsize=(max(5.5, 4.5 * len(pooled)), 4.4), squeeze=False)
     for ax, (task, models) in zip(axes[0], pooled.items(), strict=True):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
         for i, (model, (predicted, observed, _rows)) in enumerate(models.items()):
@@ -213,7 +377,15 @@ def reliability_plot(records: Sequence[dict], path: str | Path, split: str = "te
         ax.set_ylabel("observed positive rate")
         ax.set_title(f"{task} ({split} split)")
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Reliability: predicted against observed, per probability bin")
+    fig.suptitle("Reliability: predicted against observed, per probability bin", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def reliability_plot(records: Sequence[dict], path: str | Path, split: str = "test") -> bool:
+    """`reliability_figure` written to `path`; returns False, writing nothing, where none holds bins of `split`."""
+    fig = reliability_figure(records, split)
+    if fig is None:
+        return False
     _save(fig, path)
     return True
