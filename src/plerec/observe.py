@@ -134,4 +134,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
-__all__ = ["ReportObserver", "RunObserver", "configured_observers", "epoch_json", "epoch_line", "json_log", "message_json"]
+__all__ = [
+    "ReportObserver",
+    "RunObserver",
+    "configured_observers",
+    "epoch_json",
+    "epoch_line",
+    "json_log",
+    "message_json",
+]
