@@ -872,8 +872,6 @@ def _on_terminal() -> bool:
     return sys.stderr is not None and sys.stderr.isatty()
 
 
-
-
 __all__ = [
     "FitResult",
     "NonFiniteError",
