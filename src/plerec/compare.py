@@ -193,7 +193,9 @@ def compare(
                 say(f"{name} seed {seed}: training")
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / FINGERPRINT_FILE, fingerprint)
-            result = fit(run_exp, data, out_dir=run_dir, log=say, resume=True)  # an interrupted run continues
+            watch = _compare_observers(run_exp, out, run_dir, f"{name}-seed{seed}")
+            # an interrupted run continues
+            result = fit(run_exp, data, out_dir=run_dir, log=say, resume=True, observers=watch)
             run = Run(
                 model=name,
                 seed=seed,
@@ -320,6 +322,20 @@ def check_seesaw_tasks(exp: Experiment, tasks: Sequence[str] | None) -> list[str
     if tasks and len(chosen) != 2:
         raise ValueError(f"Expected two seesaw tasks (--seesaw A,B), but got {chosen}")
     return chosen
+
+
+def _compare_observers(exp: Experiment, out: Path, run_dir: Path, name: str) -> list:
+    """With [train] mlflow: every run of the comparison in one MLflow store and experiment (train.mlflow_uri,
+    else a file store in OUT/mlruns; train.mlflow_experiment, else "compare OUT"), named MODEL-seedS (with
+    balancing methods, MODEL+METHOD-seedS) and tagged with the comparison's folder."""
+    if not exp.train.mlflow:
+        return []
+    from plerec.tracking import MLflowObserver
+
+    uri = exp.train.mlflow_uri or (out / "mlruns").resolve().as_uri()
+    experiment = exp.train.mlflow_experiment or f"compare {out.resolve().name}"
+    watch = replace(exp, train=replace(exp.train, mlflow_uri=uri, mlflow_experiment=experiment))
+    return [MLflowObserver.for_run(watch, run_dir, run_name=name, tags={"plerec.compare": str(out.resolve())})]
 
 
 def write_comparison(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,15 +57,17 @@ class ReportObserver(RunObserver):
         self.say(f"wrote {path}")
 
 
-def configured_observers(exp, out) -> list[RunObserver]:
-    """The observers [train] asks for: TensorBoard event files and an MLflow run (plerec.tracking). `out` is
-    the run's folder (None: fit without one)."""
+def configured_observers(exp, out, given: Sequence[RunObserver] = ()) -> list[RunObserver]:
+    """The observers [train] asks for: TensorBoard event files and an MLflow run (plerec.tracking), but those
+    of a kind the caller already `given` (`plerec compare` names each MLflow run). `out` is the run's folder
+    (None: fit without one)."""
     found: list[RunObserver] = []
-    if exp.train.tensorboard:
+    kinds = {type(observer).__name__ for observer in given}
+    if exp.train.tensorboard and "TensorBoardObserver" not in kinds:
         from plerec.tracking import TensorBoardObserver
 
         found.append(TensorBoardObserver.for_run(exp, out))
-    if exp.train.mlflow:
+    if exp.train.mlflow and "MLflowObserver" not in kinds:
         from plerec.tracking import MLflowObserver
 
         found.append(MLflowObserver.for_run(exp, out))

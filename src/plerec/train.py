@@ -462,7 +462,7 @@ def _fit(
         p = run.progress
         say(f"resumed from {folder / LAST} at epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
     if ctx.is_main:
-        run.observers = [*observers, *configured_observers(exp, out)]
+        run.observers = [*observers, *configured_observers(exp, out, observers)]
     try:
         for observer in run.observers:
             observer.start(run)
