@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import shlex
 import sys
 from dataclasses import MISSING, fields
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as err:
         message = " ".join(str(err).split())  # one line, whatever the library wrote
         if (getattr(args, "error_format", None) or getattr(args, "log_format", None)) == "json":
-            print(json.dumps({"event": "error", "text": message}), file=sys.stderr)
+            print(jsonio.dumps({"event": "error", "text": message}), file=sys.stderr)
         else:
             print(f"plerec: error: {message}", file=sys.stderr)
         return 2
@@ -512,7 +511,7 @@ def _interrupted(args, exp, ctx) -> None:
         text = f"plerec: interrupted before the first checkpoint: nothing was saved yet in {args.out}"
     if exp.train.log_format == "json":
         record = {"event": "interrupted", "text": text, "checkpoints": [str(p) for p in saved], "resume": command}
-        print(json.dumps(record), file=sys.stderr, flush=True)
+        print(jsonio.dumps(record), file=sys.stderr, flush=True)
     else:
         print(text, file=sys.stderr, flush=True)
 

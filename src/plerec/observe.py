@@ -10,11 +10,12 @@ run (`plerec.train._Run`): observers read its `exp`, `model`, `data`, `out`, `pr
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from plerec import jsonio
 
 if TYPE_CHECKING:
     import torch
@@ -104,12 +105,12 @@ def epoch_json(record: dict, epochs: int, monitor: str, best: tuple[int, float])
         "valid": record["valid"],
         "monitor": {"name": monitor, "value": record["monitor"], "best_epoch": best[0], "best": best[1]},
     }
-    return json.dumps(_finite(value), allow_nan=False)
+    return jsonio.dumps(value)
 
 
 def message_json(text: str) -> str:
     """Any other line of the run (resumed, early stop) as a JSON object."""
-    return json.dumps({"event": "message", "text": text})
+    return jsonio.dumps({"event": "message", "text": text})
 
 
 def json_log(write: Callable[[str], None] | None = None) -> Callable[[str], None]:
@@ -124,16 +125,6 @@ def json_log(write: Callable[[str], None] | None = None) -> Callable[[str], None
 
 def _number(value: float) -> str:
     return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 __all__ = [

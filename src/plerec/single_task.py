@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from plerec import jsonio
 from plerec.config import Experiment, write_experiment
 from plerec.distributed import DistContext, barrier, init_distributed
 from plerec.models import stack_single_task
@@ -64,7 +65,7 @@ def _fit_each_task(exp: Experiment, data, folder: Path | None, log, ctx: DistCon
 
     def tagged(msg: str, name: str) -> None:  # a task's fit's messages, named by their task
         if msg.startswith('{"event": '):  # a JSON line (log_format = "json"): the task as one more key
-            say(json.dumps({**json.loads(msg), "task": name}))
+            say(jsonio.dumps({**json.loads(msg), "task": name}))
         else:
             say(f"  {name}: {msg}")
 

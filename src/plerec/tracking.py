@@ -37,6 +37,7 @@ from urllib.request import url2pathname
 
 import torch
 
+from plerec import jsonio
 from plerec.config import experiment_to_dict
 from plerec.jsonio import write_json
 from plerec.observe import RunObserver
@@ -430,7 +431,7 @@ def flat_params(exp: Experiment) -> dict[str, str]:
             for i, inner in enumerate(value):
                 walk(f"{prefix}.{i}", inner)
         else:
-            flat[prefix] = value if isinstance(value, str) else json.dumps(value, default=str)
+            flat[prefix] = value if isinstance(value, str) else jsonio.dumps(value, default=str)
 
     walk("", experiment_to_dict(exp))
     return flat
