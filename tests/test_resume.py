@@ -290,6 +290,6 @@ def test_evaluate_refuses_a_checkpoint_of_another_model_or_schema(trained, exper
     args = ["evaluate", str(experiment), "--checkpoint", str(trained / "best.pt")]
     assert main([*args, "--set", "model.name=mmoe", "--set", 'features.numeric=["f0"]']) == 2
     err = capsys.readouterr().err
-    assert "another schema or model" in err
+    assert "holds a `ple` model" in err and "describes `mmoe`" in err and "experiment.toml" in err
     assert "model.name: 'ple' -> 'mmoe'" in err and "features.numeric: ['f*'] -> ['f0']" in err
     assert main(args) == 0
