@@ -1,0 +1,137 @@
+"""Which choice costs plerec's test AUC against torch-rechub? A diagnostic, not a benchmark of speed.
+
+Trains plerec's model (the benchmark's architecture, worker.ARCH) for one epoch on the sequence case's data
+(`run.py --sequence` writes it to results/sequence/data) with one choice changed at a time, for several
+seeds, and appends one JSON line per run (test AUC per task, training seconds) to --out:
+
+    default      plerec as the benchmark runs it (lr 1e-3, RowSparseAdam for the embedding tables)
+    dense_adam   [train] sparse_embeddings = false: one dense Adam over every parameter
+    bn           BatchNorm (no affine, running statistics for evaluation) after every hidden linear layer, as
+                 torch-rechub's MLP has: a monkeypatch of ParallelMLP.forward, a diagnostic, not a plerec option
+    lrX          [train] lr = X for every parameter
+    elrX, dlrX   lr X for the embedding tables' RowSparseAdam only (elr), or for the dense parameters only (dlr)
+
+    python benchmarks/auc_variants.py default,dense_adam,bn 0,1,2 [--batch 1024] [--model ple] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import worker  # noqa: E402
+
+import plerec.train as train_module  # noqa: E402
+from plerec.models import layers  # noqa: E402
+from plerec.optim import RowSparseAdam  # noqa: E402
+
+EAGER_FORWARD = layers.ParallelMLP.forward
+MAKE_OPTIMIZERS = train_module.make_optimizers
+
+
+def batch_norm_forward(self, x):
+    """ParallelMLP.forward with BatchNorm (no affine) between each hidden linear layer and its ReLU."""
+    h = x
+    last = len(self.weights) - 1
+    if not hasattr(self, "_stats"):
+        self._stats = [None] * len(self.weights)
+    for i, w in enumerate(self.weights):
+        h = torch.einsum("bd,edo->ebo", h, w) if h.dim() == 2 else torch.bmm(h, w)
+        if self.biases is not None:
+            h = h + self.biases[i].unsqueeze(1)
+        if i == last and not self.final_activation:
+            continue
+        if self.training:
+            mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)
+            with torch.no_grad():
+                if self._stats[i] is None:
+                    self._stats[i] = [mean.detach().clone(), var.detach().clone()]
+                else:
+                    self._stats[i][0].lerp_(mean.detach(), 0.1)
+                    self._stats[i][1].lerp_(var.detach(), 0.1)
+        else:
+            mean, var = self._stats[i]
+        h = torch.relu((h - mean) / torch.sqrt(var + 1e-5))
+    return h
+
+
+def one_lr(which: str, lr: float):
+    """make_optimizers with lr for the embedding tables' optimiser (which = "e") or the others ("d")."""
+
+    def make(model, exp, params=()):
+        optimizers = MAKE_OPTIMIZERS(model, exp, params)
+        for optimizer in optimizers:
+            if isinstance(optimizer, RowSparseAdam) == (which == "e"):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+        return optimizers
+
+    return make
+
+
+def configure(exp, variant: str):
+    layers.ParallelMLP.forward = EAGER_FORWARD
+    train_module.make_optimizers = MAKE_OPTIMIZERS
+    if variant == "default":
+        return exp
+    if variant == "dense_adam":
+        return replace(exp, train=replace(exp.train, sparse_embeddings=False))
+    if variant == "bn":
+        layers.ParallelMLP.forward = batch_norm_forward
+        return exp
+    if variant.startswith(("elr", "dlr")):
+        train_module.make_optimizers = one_lr(variant[0], float(variant[3:]))
+        return exp
+    if variant.startswith("lr"):
+        return replace(exp, train=replace(exp.train, lr=float(variant[2:])))
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", help="comma-separated, e.g. default,dense_adam,bn,lr2e-3,dlr4e-3")
+    parser.add_argument("seeds", help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--model", default="ple", choices=["ple", "mmoe"])
+    parser.add_argument("--data", type=Path, default=HERE / "results" / "sequence" / "data")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "auc_variants.jsonl")
+    args = parser.parse_args()
+    meta = json.loads((args.data / "meta.json").read_text())
+    spec = {
+        "model": args.model,
+        "seed": 0,
+        "train_file": "train.parquet",
+        "batch_size": args.batch,
+        "threads": 0,
+        "library": "plerec",
+    }
+    base, data = worker.plerec_data(spec, meta, args.data)
+    for variant in args.variants.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            exp = configure(replace(base, seed=seed), variant)
+            began = time.time()
+            result = train_module.fit(exp, data)
+            row = {
+                "model": args.model,
+                "batch": args.batch,
+                "variant": variant,
+                "seed": seed,
+                "test_auc": {t: m["auc"] for t, m in result.metrics["test"].items()},
+                "train_seconds": result.train_seconds,
+                "wall": time.time() - began,
+            }
+            print(json.dumps(row), flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
