@@ -8,6 +8,8 @@ seeds, and appends one JSON line per run (test AUC per task, training seconds) t
     dense_adam   [train] sparse_embeddings = false: one dense Adam over every parameter
     bn           BatchNorm (no affine, running statistics for evaluation) after every hidden linear layer, as
                  torch-rechub's MLP has: a monkeypatch of ParallelMLP.forward, a diagnostic, not a plerec option
+    he_init      the experts', gates' and towers' weights drawn He-normal (std √(2 / fan-in)), biases 0, instead
+                 of nn.Linear's uniform ±1/√fan-in: a monkeypatch of ParallelMLP's initialisation
     lrX          [train] lr = X for every parameter
     elrX, dlrX   lr X for the embedding tables' RowSparseAdam only (elr), or for the dense parameters only (dlr)
 
@@ -34,6 +36,18 @@ from plerec.models import layers  # noqa: E402
 from plerec.optim import RowSparseAdam  # noqa: E402
 
 EAGER_FORWARD = layers.ParallelMLP.forward
+PLAIN_INIT = layers.ParallelMLP.__init__
+
+
+def he_init(self, *args, **kwargs):
+    PLAIN_INIT(self, *args, **kwargs)
+    with torch.no_grad():
+        for w in self.weights:  # (E, fan_in, fan_out)
+            w.normal_(0.0, (2.0 / w.shape[1]) ** 0.5)
+        for b in self.biases or ():
+            b.zero_()
+
+
 MAKE_OPTIMIZERS = train_module.make_optimizers
 
 
@@ -79,11 +93,15 @@ def one_lr(which: str, lr: float):
 
 def configure(exp, variant: str):
     layers.ParallelMLP.forward = EAGER_FORWARD
+    layers.ParallelMLP.__init__ = PLAIN_INIT
     train_module.make_optimizers = MAKE_OPTIMIZERS
     if variant == "default":
         return exp
     if variant == "dense_adam":
         return replace(exp, train=replace(exp.train, sparse_embeddings=False))
+    if variant == "he_init":
+        layers.ParallelMLP.__init__ = he_init
+        return exp
     if variant == "bn":
         layers.ParallelMLP.forward = batch_norm_forward
         return exp

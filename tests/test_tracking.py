@@ -405,3 +405,19 @@ def test_compare_logs_one_run_per_model_seed_and_task_in_one_experiment(table_pa
     )
     assert all(r.info.status == "FINISHED" and r.data.tags["plerec.compare"] == str(out.resolve()) for r in runs)
     assert not list((out / "runs").rglob("mlruns"))  # not also in each run's folder
+
+
+def test_history_json_is_written_after_every_epoch(table_path, tmp_path):
+    """A run that dies keeps its curves: at each epoch's end history.json already holds that epoch."""
+
+    class ReadsHistory(RunObserver):
+        def __init__(self):
+            self.seen = []
+
+        def epoch(self, run, record):
+            held = json.loads((run.out / "history.json").read_text())
+            self.seen.append([r["epoch"] for r in held["epochs"]])
+
+    watcher = ReadsHistory()
+    fit(_experiment(table_path, epochs=3), out_dir=tmp_path / "run", observers=[watcher])
+    assert watcher.seen == [[1], [1, 2], [1, 2, 3]]
