@@ -9,7 +9,8 @@ seeds, and appends one JSON line per run (test AUC per task, training seconds) t
     bn           BatchNorm (no affine, running statistics for evaluation) after every hidden linear layer, as
                  torch-rechub's MLP has: a monkeypatch of ParallelMLP.forward, a diagnostic, not a plerec option
     he_init      the experts', gates' and towers' weights drawn He-normal (std √(2 / fan-in)), biases 0, instead
-                 of nn.Linear's uniform ±1/√fan-in: a monkeypatch of ParallelMLP's initialisation
+                 of nn.Linear's uniform ±1/√fan-in, as each ParallelMLP is built (a monkeypatch)
+    dense_init=he  the same through plerec's own option, [model] dense_init = "he" (drawn after the build)
     lrX          [train] lr = X for every parameter
     elrX, dlrX   lr X for the embedding tables' RowSparseAdam only (elr), or for the dense parameters only (dlr)
 
@@ -99,6 +100,8 @@ def configure(exp, variant: str):
         return exp
     if variant == "dense_adam":
         return replace(exp, train=replace(exp.train, sparse_embeddings=False))
+    if variant == "dense_init=he":
+        return replace(exp, model=replace(exp.model, dense_init="he"))
     if variant == "he_init":
         layers.ParallelMLP.__init__ = he_init
         return exp

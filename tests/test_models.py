@@ -496,3 +496,27 @@ def test_state_shapes_are_those_of_the_built_model():
         shapes = state_shapes(name, config, VOCABS, NUM_DENSE, 2)
         state = build_model(name, config, VOCABS, NUM_DENSE, 2).state_dict()
         assert shapes == {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, name
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dense_init_he_draws_every_dense_layer_from_n_0_2_over_fan_in(name):
+    """[model] dense_init = "he": each ParallelMLP weight N(0, 2 / fan_in), biases 0; the default is untouched
+    (the same weights as before the option existed: nn.Linear's uniform, bounded by 1/√fan_in)."""
+    torch.manual_seed(0)
+    uniform = build_model(name, {"embedding_dim": 4, "tower_dims": [32]}, [7, 5], 3, 2)
+    torch.manual_seed(0)
+    he = build_model(name, {"embedding_dim": 4, "tower_dims": [32], "dense_init": "he"}, [7, 5], 3, 2)
+    banks = [(a, b) for a, b in zip(uniform.modules(), he.modules(), strict=True) if isinstance(a, ParallelMLP)]
+    assert banks
+    weights = [w for _, bank in banks for w in bank.weights]
+    pooled = torch.cat([(w / (2.0 / w.shape[1]) ** 0.5).flatten() for w in weights])  # N(0, 1) if He
+    assert abs(pooled.mean().item()) < 0.1 and abs(pooled.std().item() - 1) < 0.1
+    assert all(torch.count_nonzero(b) == 0 for _, bank in banks for b in (bank.biases or ()))
+    for bank, _ in banks:
+        for w in bank.weights:
+            assert w.abs().max() <= 1 / w.shape[1] ** 0.5 + 1e-7  # the uniform default's bound
+
+
+def test_dense_init_must_be_known():
+    with pytest.raises(ValueError, match="Expected `dense_init` to be one of uniform, he, but got 'xavier'"):
+        model_config("ple", {"dense_init": "xavier"})

@@ -27,6 +27,9 @@ MAX_EMBEDDING_ROWS = 2**31  # all embedding rows together (every copy, every fie
 MAX_PARAMETERS = 2**32  # 16 GiB of float32
 
 
+DENSE_INITS = ("uniform", "he")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """Hyperparameters every model has."""
@@ -34,9 +37,16 @@ class ModelConfig:
     embedding_dim: int = 8
     embedding_init_std: float = 1e-4
     tower_dims: tuple[int, ...] = (64,)
+    # The weights of the experts', bottoms', gates' and towers' layers (every ParallelMLP): "uniform" is
+    # nn.Linear's U(±1/√fan_in) with such biases; "he" is N(0, 2/fan_in) with zero biases (He et al. 2015).
+    dense_init: str = "uniform"
 
     def __post_init__(self) -> None:
         _check_positive("embedding_dim", [self.embedding_dim])
+        if self.dense_init not in DENSE_INITS:
+            raise ValueError(
+                f"Expected `dense_init` to be one of {', '.join(DENSE_INITS)}, but got {self.dense_init!r}"
+            )
         if not (self.embedding_init_std > 0 and math.isfinite(self.embedding_init_std)):
             raise ValueError(f"Expected `embedding_init_std` to be finite and > 0, but got {self.embedding_init_std}")
         _check_positive("tower_dims", self.tower_dims)
@@ -653,7 +663,22 @@ def build_model(
     if num_tasks < 1:
         raise ValueError(f"Expected at least one task, but got {num_tasks}")
     state_shapes(name, config, vocab_sizes, num_dense, num_tasks, lists, dims)  # the limits, before any allocation
-    return MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks, lists, dims)
+    model = MultiTaskModel(name, config, vocab_sizes, num_dense, num_tasks, lists, dims)
+    if config.dense_init == "he":
+        he_init_(model)
+    return model
+
+
+@torch.no_grad()
+def he_init_(model: nn.Module) -> None:
+    """Every ParallelMLP layer's weights drawn from N(0, 2 / fan_in), its biases zero (He et al. 2015: the
+    variance of a ReLU layer's output kept from layer to layer), in place."""
+    for module in model.modules():
+        if isinstance(module, ParallelMLP):
+            for weight in module.weights:  # (E, fan_in, fan_out)
+                weight.normal_(0.0, math.sqrt(2.0 / weight.shape[1]))
+            for bias in module.biases or ():
+                bias.zero_()
 
 
 def state_shapes(
