@@ -613,3 +613,38 @@ def test_a_nan_validation_monitor_stops_the_run_naming_task_and_split(table_path
 
     assert main(["train", str(tmp_path / "exp.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "Task `click` has nan validation auc (valid split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "device", "expected"),
+    [
+        ({"avx2", "amx_bf16", "amx_tile"}, "cpu", True),  # AMX: measured faster at equal AUC
+        ({"avx512f", "avx512_bf16"}, "cpu", False),  # AVX-512 BF16 alone: not measured, fp32
+        ({"avx2", "fma"}, "cpu", False),
+        (set(), "cpu", False),
+        ({"amx_bf16"}, "cuda", False),  # GPUs: not measured, bf16 = true to ask for it
+    ],
+)
+def test_bf16_auto_decides_by_the_cpu_flags(flags, device, expected):
+    from plerec.train import use_bf16
+
+    assert use_bf16("auto", torch.device(device), frozenset(flags)) is expected
+    assert use_bf16(True, torch.device(device), frozenset(flags)) is True  # as given, whatever the CPU
+    assert use_bf16(False, torch.device(device), frozenset(flags)) is False
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from plerec.train import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\nbogomips\t: 1\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(str(tmp_path / "absent")) == frozenset()
+
+
+def test_bf16_takes_true_false_or_auto():
+    task = {"name": "t", "kind": "binary", "label": "t"}
+    base = {"data": {"path": "x.csv"}, "features": {"numeric": ["a"]}, "tasks": [task]}
+    assert experiment_from_dict({**base, "train": {"bf16": "auto"}}).train.bf16 == "auto"
+    with pytest.raises(ValueError, match="Expected \\[train\\] `bf16` to be true, false or \"auto\", but got 'yes'"):
+        experiment_from_dict({**base, "train": {"bf16": "yes"}})

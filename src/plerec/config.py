@@ -352,7 +352,7 @@ class TrainConfig:
     progress: bool = True
     sparse_embeddings: bool = True
     device: str = "cpu"
-    bf16: bool = False
+    bf16: bool | str = False  # bfloat16 autocast: true, false, or "auto" (train.use_bf16: on where measured faster)
     checkpoint_every: int = 10_000
     check_finite: bool = True
     balancing: str = "fixed"  # how the task losses are combined: BALANCING_METHODS, README "Loss balancing"
@@ -395,6 +395,8 @@ class TrainConfig:
             raise ValueError(
                 f"Expected [train] `threads` to be at most {MAX_THREADS} (0 = torch's default), but got {self.threads}"
             )
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ValueError(f'Expected [train] `bf16` to be true, false or "auto", but got {self.bf16!r}')
         if self.log_format not in ("text", "json"):
             raise ValueError(f"Expected [train] `log_format` 'text' or 'json', but got {self.log_format!r}")
         if self.weight_schedule not in ("epoch", "step"):

@@ -324,6 +324,31 @@ def monitor_keys(exp: Experiment) -> dict[str, str]:
     return keys
 
 
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo); empty where that cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def use_bf16(setting: bool | str, device: torch.device, flags: frozenset[str] | None = None) -> bool:
+    """Whether training runs under bfloat16 autocast: [train] bf16 as given, or for "auto" where it was
+    measured faster at equal AUC (benchmarks/PROFILE.md): a CPU with AMX (`amx_bf16`: 1.5× the fp32 training
+    rate, test AUC within 0.0003). Elsewhere "auto" stays fp32: AVX-512 BF16 without AMX is not measured
+    yet, AVX2 has no bfloat16 arithmetic (emulated, slower), and on GPUs it is not measured either (set
+    bf16 = true there)."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cpu":
+        return False
+    return "amx_bf16" in (cpu_flags() if flags is None else flags)
+
+
 def monitor_name(exp: Experiment) -> str:
     """What the monitor's value is, in words: "valid ctr auc", or "valid mean skill of ctr auc, cvr auc"
     (monitor_value: each task's metric as a scale-free skill, higher is better)."""
@@ -457,6 +482,9 @@ def _fit(
         if data.streams:
             save_encoder(data.encoder, out)
     run = _Run.start(exp, data, ctx, folder, out, say)
+    if exp.train.bf16 == "auto":
+        on = use_bf16("auto", ctx.device)
+        say(f"bf16 = auto: bfloat16 autocast {'on (the CPU has AMX)' if on else 'off (fp32: no AMX CPU here)'}")
     if saved:
         run.restore(saved)
         p = run.progress
@@ -530,7 +558,9 @@ class _Run:
             balancing=balancing,
             source=source,
             is_binary=torch.tensor([t.kind == "binary" for t in exp.tasks], device=ctx.device),
-            autocast=torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=exp.train.bf16),
+            autocast=torch.autocast(
+                device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16(exp.train.bf16, ctx.device)
+            ),
         )
         run.running = torch.zeros(len(exp.tasks), device=ctx.device)
         run.started = time.perf_counter()
