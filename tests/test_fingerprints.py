@@ -167,7 +167,12 @@ def _drop_keys(record: dict, keys: list[tuple[str, ...]]) -> dict:
     return record
 
 
-NEWER_KEYS = [("features", "lists"), ("features", "embedding_dims"), ("data", "csv", "comment")]
+NEWER_KEYS = [
+    ("features", "lists"),
+    ("features", "embedding_dims"),
+    ("data", "csv", "comment"),
+    ("model", "dense_init"),
+]
 
 
 def test_a_run_recorded_before_a_key_existed_is_kept_while_the_key_is_at_its_default(csv_experiment, tmp_path):
@@ -189,6 +194,10 @@ def test_a_run_recorded_before_a_key_existed_is_kept_while_the_key_is_at_its_def
     said = []
     compare(wider, ["mmoe"], 1, out, log=said.append)
     assert any("changed since it ran (features.embedding_dims: (absent) -> {'cat': 3})" in m for m in said), said
+    he = load_experiment(csv_experiment, ['model.dense_init="he"'])
+    said = []
+    compare(he, ["mmoe"], 1, out, log=said.append)
+    assert any("model.dense_init: 'uniform' -> 'he'" in m or "(absent) -> 'he'" in m for m in said), said
 
 
 def test_resume_from_a_checkpoint_written_before_a_key_existed(csv_experiment, tmp_path):

@@ -691,7 +691,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
 
 def key_defaults() -> dict[str, Any]:
     """Every section's keys with their defaults, shaped like `experiment_to_dict` (tasks: one task's keys;
-    model keys are left out, their defaults depend on the model)."""
+    model: only the keys whose default is the same for every model, e.g. `dense_init`)."""
 
     def defaults(cls: type) -> dict[str, Any]:
         from dataclasses import MISSING
@@ -704,7 +704,12 @@ def key_defaults() -> dict[str, Any]:
                 found[f.name] = f.default_factory()
         return {k: _plain(v) for k, v in found.items() if v is not None}
 
+    model: dict[str, Any] | None = None
+    for spec in MODELS.values():
+        own = defaults(spec.config)
+        model = own if model is None else {k: v for k, v in model.items() if k in own and own[k] == v}
     return {
+        "model": model or {},
         "data": {**defaults(DataConfig), "csv": defaults(CsvOptions)},
         "features": defaults(FeaturesConfig),
         "tasks": defaults(TaskConfig),
