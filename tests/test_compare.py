@@ -308,3 +308,19 @@ def test_the_single_task_structure_follows_the_experts_or_the_baseline_section(t
     assert params["bottom_dims"] == () and params["tower_dims"] == (8, 5)
     with pytest.raises(ValueError, match=r"Unknown key `bottom` in \[baseline\]"):
         experiment_from_dict({**raw, "baseline": {"bottom": [3]}})
+
+
+def test_finished_only_tables_the_finished_runs_and_names_a_missing_one(tiny, tmp_path, monkeypatch):
+    """`--finished-only`: the seeds done so far give their tables with nothing trained; a seed not run yet is an
+    error naming its folder, before anything is trained or set aside."""
+    out = tmp_path / "cmp"
+    compare(tiny, ["single", "mmoe"], 1, out)
+    monkeypatch.setattr(compare_module, "fit", lambda *a, **k: pytest.fail("--finished-only trained a run"))
+    runs = compare(tiny, ["single", "mmoe"], 1, out, finished_only=True)
+    assert sorted((r.model, r.seed) for r in runs) == [("mmoe", 0), ("single", 0)]
+    with pytest.raises(ValueError, match=r"Expected a finished run of single seed 1 in .*seed1.*it has no run.json"):
+        compare(tiny, ["single", "mmoe"], 2, out, finished_only=True)
+    changed = _experiment(tiny.data.path, lr=0.01)
+    with pytest.raises(ValueError, match=r"changed since it ran \(train.lr: 0.001 -> 0.01\)"):
+        compare(changed, ["single", "mmoe"], 1, out, finished_only=True)
+    assert not list(out.rglob("*.previous"))  # nothing set aside

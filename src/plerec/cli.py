@@ -203,6 +203,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (the experiment's seed, +1, …)")
     p.add_argument("--out", required=True, type=Path, help="output folder; each run goes to OUT/runs/MODEL/seedS")
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: the tables from the runs already finished in --out (an unfinished one is an error)",
+    )
     p.add_argument("--seesaw", help="the two tasks of the seesaw chart, e.g. ctr,cvr (default: the first two)")
     _add_overrides(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
@@ -220,6 +225,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="single,shared_bottom,mmoe,cgc,ple", help="comma-separated registry names")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds per model and correlation")
     p.add_argument("--out", required=True, type=Path, help="output folder; one comparison folder per correlation")
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: the tables from the runs already finished in --out (an unfinished one is an error)",
+    )
     _add_overrides(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     _add_watch(p, directory=False)
@@ -661,7 +671,7 @@ def _compare(args) -> int:
     seesaw = args.seesaw.split(",") if args.seesaw else None
     check_seesaw_tasks(exp, seesaw)  # fail before training, not after
     log = None if args.quiet else say
-    runs = compare(exp, models, args.seeds, args.out, log=log, balancing=balancing)
+    runs = compare(exp, models, args.seeds, args.out, log=log, balancing=balancing, finished_only=args.finished_only)
     write_comparison(runs, exp, args.out, seesaw)
     print((args.out / "summary.md").read_text())
     print(f"wrote {args.out}/results.csv, summary.md, report.html, seesaw.png, experts.csv, experts.png, curves.png")
@@ -682,7 +692,7 @@ def _sweep(args) -> int:
     except ValueError:
         raise ValueError(f"Expected --correlations to be numbers like 0,0.5,1, but got {args.correlations!r}") from None
     log = None if args.quiet else say
-    sweep(exp, correlations, args.models, args.seeds, args.out, log=log)
+    sweep(exp, correlations, args.models, args.seeds, args.out, log=log, finished_only=args.finished_only)
     print((args.out / "sweep.md").read_text())
     print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.png and one comparison folder per correlation")
     return 0

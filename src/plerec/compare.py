@@ -141,6 +141,7 @@ def compare(
     data: PreparedData | None = None,
     log: Callable[[str], None] | None = None,
     balancing: str | Sequence[str] | None = None,
+    finished_only: bool = False,
 ) -> list[Run]:
     """Train every model for `seeds` seeds (exp.seed, exp.seed+1, …) on one split; return every run.
 
@@ -149,7 +150,9 @@ def compare(
     their fingerprint (experiment and data) is this run's; other runs are moved to FOLDER.previous first.
     With `balancing` (methods of [train] balancing), every model but the single-task baseline is trained
     with each method, as runs named by `run_name`; without it, with the experiment's own method. The
-    baseline has one task per network, nothing to balance: it is trained with `fixed`.
+    baseline has one task per network, nothing to balance: it is trained with `fixed`. With `finished_only`,
+    nothing is trained: every run must be finished under `out` for this experiment and data, or it is an
+    error naming the run (the tables of the seeds done so far, while a long run goes on).
     """
     say = log or (lambda _msg: None)
     if seeds < 1:
@@ -182,8 +185,14 @@ def compare(
                 stored.pop("fingerprint", None)
                 runs.append(Run(**stored))
                 continue
+            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+            if finished_only:
+                why = f"the experiment or data changed since it ran ({shown})" if changes else "it has no run.json"
+                raise ValueError(
+                    f"Expected a finished run of {name} seed {seed} in {run_dir} (--finished-only trains nothing), "
+                    f"but {why}: run without --finished-only to train it, or ask for fewer seeds"
+                )
             if changes:
-                shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
                 kept = _set_aside(run_dir)
                 say(
                     f"{name} seed {seed}: the experiment or data changed since it ran ({shown}), training again "
@@ -417,12 +426,14 @@ def sweep(
     *,
     model_overrides: dict[str, dict] | None = None,
     log: Callable[[str], None] | None = None,
+    finished_only: bool = False,
 ) -> list[dict]:
     """Paper Fig. 7: the same comparison on synthetic data regenerated at every task correlation.
 
     The experiment's data file must come from `plerec synth` (its generator settings are read from the
     file and only the correlation changes). Writes one comparison folder per correlation, sweep.csv,
-    sweep.md and sweep.png; returns one row per (correlation, model, task) with the MTL gain.
+    sweep.md and sweep.png; returns one row per (correlation, model, task) with the MTL gain. With
+    `finished_only`, from the finished runs alone (see `compare`).
     """
     from plerec.data.synth import read_synth_metadata, write_parquet
     from plerec.report.plots import sweep_plot
@@ -455,7 +466,9 @@ def sweep(
             write_parquet(config, data_path)
         say(f"correlation {p:g}: {data_path}")
         exp_p = replace(exp, data=replace(exp.data, path=str(data_path)))
-        runs = compare(exp_p, models, seeds, folder, model_overrides=model_overrides, log=say)
+        runs = compare(
+            exp_p, models, seeds, folder, model_overrides=model_overrides, log=say, finished_only=finished_only
+        )
         summary = write_comparison(runs, exp_p, folder)  # tested on the runs' folder-local test predictions
         for (model, task), test in summary.tests.items():
             rows.append(
