@@ -52,6 +52,14 @@ def _command(sub, name: str, summary: str, *examples: str) -> argparse.ArgumentP
     return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=_Help)
 
 
+def _add_finished_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: the tables from the runs already finished in --out (an unfinished one is an error)",
+    )
+
+
 def _add_overrides(p: argparse.ArgumentParser, text: str = "") -> None:
     text = text or (
         "override a key of the experiment, e.g. --set train.lr=3e-4 --set model.name=mmoe (repeatable); "
@@ -203,11 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (the experiment's seed, +1, …)")
     p.add_argument("--out", required=True, type=Path, help="output folder; each run goes to OUT/runs/MODEL/seedS")
-    p.add_argument(
-        "--finished-only",
-        action="store_true",
-        help="train nothing: the tables from the runs already finished in --out (an unfinished one is an error)",
-    )
+    _add_finished_only(p)
     p.add_argument("--seesaw", help="the two tasks of the seesaw chart, e.g. ctr,cvr (default: the first two)")
     _add_overrides(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
@@ -225,11 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="single,shared_bottom,mmoe,cgc,ple", help="comma-separated registry names")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds per model and correlation")
     p.add_argument("--out", required=True, type=Path, help="output folder; one comparison folder per correlation")
-    p.add_argument(
-        "--finished-only",
-        action="store_true",
-        help="train nothing: the tables from the runs already finished in --out (an unfinished one is an error)",
-    )
+    _add_finished_only(p)
     _add_overrides(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     _add_watch(p, directory=False)
