@@ -22,7 +22,7 @@ import torch
 
 from plerec.balancing import check_balancing
 from plerec.checkpoint import differences
-from plerec.config import BALANCING_METHODS, Experiment, key_defaults
+from plerec.config import BALANCING_METHODS, Experiment, carried_model_keys, key_defaults
 from plerec.distributed import SINGLE_PROCESS
 from plerec.errors import did_you_mean
 from plerec.fingerprint import data_changes, data_fingerprint, run_fingerprint
@@ -85,9 +85,7 @@ def model_params(exp: Experiment, name: str, overrides: dict[str, dict] | None =
     per-model overrides."""
     source = asdict(exp.model)
     valid = {f.name for f in fields(MODELS[name].config)}
-    params = {k: v for k, v in source.items() if k in valid and k != "levels"}
-    if name == exp.model_name:
-        params = {k: v for k, v in source.items() if k in valid}
+    params = carried_model_keys(source, name, exp.model_name)
     widths = source.get("expert_dims")
     if source.get("levels"):
         widths = source["levels"][0]["expert_dims"]

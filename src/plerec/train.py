@@ -482,9 +482,6 @@ def _fit(
         if data.streams:
             save_encoder(data.encoder, out)
     run = _Run.start(exp, data, ctx, folder, out, say)
-    if exp.train.bf16 == "auto":
-        on = use_bf16("auto", ctx.device)
-        say(f"bf16 = auto: bfloat16 autocast {'on (the CPU has AMX)' if on else 'off (fp32: no AMX CPU here)'}")
     if saved:
         run.restore(saved)
         p = run.progress
@@ -545,6 +542,9 @@ class _Run:
             source = ParquetBatches(data.streams["train"], data.encoder, exp.train.batch_size, exp.seed, ctx)
         else:
             source = InMemoryBatches(data.splits["train"], exp.train.batch_size, exp.seed, ctx)
+        bf16 = use_bf16(exp.train.bf16, ctx.device)
+        if exp.train.bf16 == "auto":
+            say(f"bf16 = auto: bfloat16 autocast {'on (the CPU has AMX)' if bf16 else 'off (fp32: no AMX CPU here)'}")
         run = cls(
             exp=exp,
             data=data,
@@ -558,9 +558,7 @@ class _Run:
             balancing=balancing,
             source=source,
             is_binary=torch.tensor([t.kind == "binary" for t in exp.tasks], device=ctx.device),
-            autocast=torch.autocast(
-                device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16(exp.train.bf16, ctx.device)
-            ),
+            autocast=torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
         )
         run.running = torch.zeros(len(exp.tasks), device=ctx.device)
         run.started = time.perf_counter()
@@ -680,13 +678,18 @@ class _Run:
             self.say(epoch_json(record, exp.train.epochs, monitor, best))
         else:
             self.say(epoch_line(record, names, exp.train.epochs, monitor, best))
-        if self.out is not None:  # after every epoch: a run that dies keeps its curves
-            write_json(self.out / "history.json", {"best_epoch": progress.best_epoch, "epochs": progress.history})
+        self.write_history()  # after every epoch: a run that dies keeps its curves
         for observer in self.observers:
             observer.epoch(self, record)
         if not improved and exp.train.patience and progress.stale >= exp.train.patience:
             self.say(f"early stop: no better validation {monitor} for {progress.stale} epochs")
             progress.stopped = True
+
+    def write_history(self) -> None:
+        """history.json: every epoch's record so far and the best epoch (rank 0)."""
+        if self.out is not None:
+            progress = self.progress
+            write_json(self.out / "history.json", {"best_epoch": progress.best_epoch, "epochs": progress.history})
 
     def checkpoint(self, source_state: dict) -> None:
         """Write last.pt. Every rank holds its share of the epoch's losses: rank 0 saves their sum, and
@@ -711,7 +714,7 @@ class _Run:
         )
         if self.out is not None:
             write_json(self.out / "metrics.json", metrics_record(exp, metrics, progress.train_seconds))
-            write_json(self.out / "history.json", {"best_epoch": progress.best_epoch, "epochs": progress.history})
+        self.write_history()  # again: a resumed run whose epochs were all done wrote none in this process
         barrier(self.ctx)
         return result
 
