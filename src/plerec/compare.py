@@ -97,35 +97,49 @@ def model_params(exp: Experiment, name: str, overrides: dict[str, dict] | None =
     return params
 
 
+def gate_sums(model: MultiTaskModel, tables: Sequence, batch_size: int = 16384) -> tuple[int, dict[str, dict]]:
+    """Over every row of `tables` (EncodedTables, batched onto the model's device): the number of rows and, per
+    gate, the float64 sums of its weights ("w", (E,)), of their squares ("w2", (E,)) and of each row's
+    entropy −Σ w·log w in nats ("entropy", a scalar). Empty for a model without gates."""
+    sums: dict[str, dict] = {}
+    if not model.gate_experts():
+        return 0, sums
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        for table in tables:
+            for start in range(0, len(table), batch_size):
+                batch = table.batch(slice(start, start + batch_size)).to(device)
+                for gate, w in model.gate_weights(*batch.inputs).items():
+                    w = w.double()  # (B, E)
+                    found = sums.setdefault(gate, {"w": 0, "w2": 0, "entropy": 0})
+                    found["w"] = found["w"] + w.sum(0)
+                    found["w2"] = found["w2"] + w.square().sum(0)
+                    found["entropy"] = found["entropy"] + -(w * w.clamp_min(1e-300).log()).sum()
+    return sum(len(table) for table in tables), sums
+
+
+def task_renamer(task_names: Sequence[str] | None) -> Callable[[str], str]:
+    """`task{k}` in a gate's or expert's name as task k's name (`L0.task1.0` -> `L0.marital.0`)."""
+    if not task_names:
+        return lambda text: text
+    return lambda text: re.sub(r"task(\d+)", lambda m: task_names[int(m.group(1))], text)
+
+
 def expert_utilisation(
     model: MultiTaskModel, data, batch_size: int = 16384, task_names: Sequence[str] | None = None
 ) -> list[dict]:
     """Paper §5.3: for every gate, the mean and standard deviation of the weight it gives each expert
     over all rows of `data` (an EncodedTable). With `task_names`, `task{k}` in gate and expert names
     becomes the task's name (`L0.task1.0` -> `L0.marital.0`)."""
-    names = model.gate_experts()
-    if not names:
-        return []
-    sums: dict[str, torch.Tensor] = {}
-    squares: dict[str, torch.Tensor] = {}
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            batch = data.batch(slice(start, start + batch_size))
-            for gate, w in model.gate_weights(*batch.inputs).items():
-                w = w.double()
-                sums[gate] = sums.get(gate, 0) + w.sum(0)
-                squares[gate] = squares.get(gate, 0) + w.square().sum(0)
-    n = len(data)
+    n, sums = gate_sums(model, [data], batch_size)
+    rename = task_renamer(task_names)
     rows = []
-    for gate, experts in names.items():
-        mean = sums[gate] / n
-        std = (squares[gate] / n - mean.square()).clamp_min(0).sqrt()
+    for gate, experts in model.gate_experts().items():
+        mean = sums[gate]["w"] / n
+        std = (sums[gate]["w2"] / n - mean.square()).clamp_min(0).sqrt()
         for i, expert in enumerate(experts):
-            rows.append({"gate": gate, "expert": expert, "mean": float(mean[i]), "std": float(std[i])})
-    if task_names:
-        rename = lambda text: re.sub(r"task(\d+)", lambda m: task_names[int(m.group(1))], text)  # noqa: E731
-        rows = [{**row, "gate": rename(row["gate"]), "expert": rename(row["expert"])} for row in rows]
+            rows.append({"gate": rename(gate), "expert": rename(expert), "mean": float(mean[i]), "std": float(std[i])})
     return rows
 
 

@@ -94,30 +94,18 @@ def gate_statistics(
     """gate/GATE/EXPERT (the gate's mean weight on the expert over the rows of `tables`) and gate/GATE/entropy
     (the mean over rows of the entropy of the gate's weights, in nats); empty for a model without gates.
     `task{k}` in gate and expert names becomes the task's name (as in plerec.compare.expert_utilisation)."""
-    experts = model.gate_experts()
-    n = sum(len(table) for table in tables)
-    if not experts or n == 0:
+    from plerec.compare import gate_sums, task_renamer
+
+    n, sums = gate_sums(model, tables, batch_size)
+    if n == 0:
         return {}
-    sums: dict[str, torch.Tensor] = {}
-    entropies: dict[str, torch.Tensor] = {}
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.inference_mode():
-        for table in tables:
-            for start in range(0, len(table), batch_size):
-                batch = table.batch(slice(start, start + batch_size)).to(device)
-                for gate, w in model.gate_weights(*batch.inputs).items():
-                    w = w.double()  # (B, E)
-                    entropy = -(w * w.clamp_min(1e-300).log()).sum()  # (,) summed over rows and experts
-                    sums[gate] = sums.get(gate, 0) + w.sum(0)  # (E,)
-                    entropies[gate] = entropies.get(gate, 0) + entropy
-    rename = lambda text: re.sub(r"task(\d+)", lambda m: task_names[int(m.group(1))], text)  # noqa: E731
+    rename = task_renamer(task_names)
     values = {}
-    for gate, names in experts.items():
-        means = (sums[gate] / n).tolist()
+    for gate, names in model.gate_experts().items():
+        means = (sums[gate]["w"] / n).tolist()
         for expert, mean in zip(names, means, strict=True):
             values[f"gate/{rename(gate)}/{rename(expert)}"] = mean
-        values[f"gate/{rename(gate)}/entropy"] = float(entropies[gate]) / n
+        values[f"gate/{rename(gate)}/entropy"] = float(sums[gate]["entropy"]) / n
     return values
 
 

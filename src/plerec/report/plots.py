@@ -326,14 +326,23 @@ def reliability_records(out: str | Path, runs, task_kinds: dict[str, str], bins:
         arrays = load_predictions(Path(out) / "runs" / run.model / f"seed{run.seed}")
         if arrays is None:
             continue
-        predictions, labels, mask = arrays
-        tasks = {}
-        for t, (task, kind) in enumerate(task_kinds.items()):
-            keep = mask[:, t]
-            if kind == "binary" and keep.any():
-                tasks[task] = calibration(labels[keep, t], predictions[keep, t], bins)[1]
-        records.append({"model": run.model, "seed": run.seed, "reliability": {"test": tasks}})
+        records.append(
+            {"model": run.model, "seed": run.seed, "reliability": {"test": task_reliability(*arrays, task_kinds, bins)}}
+        )
     return records
+
+
+def task_reliability(
+    logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, task_kinds: Mapping[str, str], bins: int = 10
+) -> dict[str, dict]:
+    """Task -> reliability bins (plerec.metrics.calibration) of every binary task with a labelled row, over the
+    rows its `mask` (N, T) keeps; `logits` and `labels` (N, T), columns in `task_kinds` order."""
+    tasks = {}
+    for t, (task, kind) in enumerate(task_kinds.items()):
+        keep = mask[:, t]
+        if kind == "binary" and keep.any():
+            tasks[task] = calibration(labels[keep, t], logits[keep, t], bins)[1]
+    return tasks
 
 
 def pooled_reliability(records: Sequence[dict], split: str = "test") -> dict[str, dict[str, tuple]]:

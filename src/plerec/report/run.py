@@ -4,7 +4,6 @@ on and how, as one self-contained report.html in the run folder (`plerec train` 
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import math
@@ -16,9 +15,14 @@ import tomli_w
 import torch
 
 from plerec.config import Experiment, experiment_to_dict
-from plerec.metrics import calibration
 from plerec.report.html import write_report
-from plerec.report.plots import experts_figure, png_bytes, reliability_figure, run_curves_figure
+from plerec.report.plots import (
+    experts_figure,
+    png_bytes,
+    reliability_figure,
+    run_curves_figure,
+    task_reliability,
+)
 
 if TYPE_CHECKING:
     from plerec.models import MultiTaskModel
@@ -164,11 +168,7 @@ def _reliability(model, table, exp: Experiment, split: str) -> list[dict]:
 
     logits = predict(model, table, exp.train.eval_batch_size).double().numpy()
     labels, mask = table.labels.double().numpy(), table.label_mask.numpy()
-    tasks = {}
-    for t, (task, kind) in enumerate(exp.task_kinds.items()):
-        keep = mask[:, t]
-        if kind == "binary" and keep.any():
-            tasks[task] = calibration(labels[keep, t], logits[keep, t], exp.evaluate.calibration_bins)[1]
+    tasks = task_reliability(logits, labels, mask, exp.task_kinds, exp.evaluate.calibration_bins)
     return [{"model": exp.model_name, "seed": exp.seed, "reliability": {split: tasks}}] if tasks else []
 
 
@@ -177,8 +177,6 @@ def _utilisation(model, table, exp: Experiment) -> list[dict]:
 
     if not model.gate_experts():
         return []
-    if next(model.parameters()).device.type != "cpu":  # expert_utilisation feeds the table's CPU tensors
-        model = copy.deepcopy(model).cpu()
     rows = expert_utilisation(model, table, exp.train.eval_batch_size, task_names=[t.name for t in exp.tasks])
     return [{"model": exp.model_name, "seed": exp.seed, **row} for row in rows]
 
