@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_experiments import experiment as _experiment
+from tiny_experiments import write_table
 from torch import nn
 
 import plerec.train as train_module
@@ -31,16 +33,13 @@ from plerec.distributed import SINGLE_PROCESS, DistContext
 from plerec.models import MultiTaskModel, build_model
 from plerec.train import fit
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import _experiment, _write_table  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def table_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("balancing") / "table.csv"
-    _write_table(path)
+    write_table(path, missing=0.2)
     return path
 
 

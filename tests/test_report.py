@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
+from tiny_experiments import experiment, write_table
 
 import plerec.train as train_module
 from plerec.compare import Run, write_comparison
@@ -30,29 +31,8 @@ from plerec.report.run import write_run_report
 from plerec.train import PreparedData, fit, prepare_data
 
 
-def _write_table(path, rows: int = 400, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    a, b = rng.normal(size=rows), rng.normal(size=rows)
-    frame = pd.DataFrame({"a": a, "b": b, "cat": rng.choice(["x", "y", "z"], rows)})
-    frame["click"] = (a + 0.5 * rng.normal(size=rows) > 0).astype(int)
-    frame["watch"] = 2 * b + 0.1 * rng.normal(size=rows)
-    frame.to_csv(path, index=False)
-
-
 def _experiment(path, model: dict, epochs: int = 3):
-    return experiment_from_dict(
-        {
-            "seed": 7,
-            "data": {"path": str(path), "split": [0.6, 0.2, 0.2]},
-            "features": {"numeric": ["a", "b"], "categorical": ["cat"]},
-            "tasks": [
-                {"name": "click", "kind": "binary", "label": "click"},
-                {"name": "watch", "kind": "regression", "label": "watch"},
-            ],
-            "model": {"tower_dims": [4], "embedding_dim": 2, **model},
-            "train": {"epochs": epochs, "batch_size": 64, "progress": False},
-        }
-    )
+    return experiment(path, model={"tower_dims": [4], "embedding_dim": 2, **model}, seed=7, epochs=epochs)
 
 
 class _Page(HTMLParser):
@@ -101,7 +81,7 @@ def _png(src: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    _write_table(root / "log.csv")
+    write_table(root / "log.csv", 400)
     exp = _experiment(root / "log.csv", {"name": "ple", "num_levels": 2, "expert_dims": [4]})
     data = prepare_data(exp)
     result = fit(exp, data, out_dir=root / "run")

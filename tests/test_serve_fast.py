@@ -341,6 +341,12 @@ def test_reload_under_a_stream_of_requests_drops_none_and_switches_models(tiny, 
         streams = [threading.Thread(target=stream) for _ in range(3)]
         for thread in streams:
             thread.start()
+        serving: set[str] = set()  # both workers up, so both take the SIGHUP as a reload (one still starting
+        deadline = time.monotonic() + 60  # would load the new file as its first model, counting no reload)
+        while len(serving) < 2:
+            assert time.monotonic() < deadline, serving
+            text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+            serving.add(re.search(r'pid="(\d+)"', text).group(1))
         time.sleep(1.0)
         shutil.copy(new_checkpoint, tmp_path / "next.pt")
         os.replace(tmp_path / "next.pt", served)  # atomic: a worker never reads half a file

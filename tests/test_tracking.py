@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from parquet_splits import write_splits
+from tiny_experiments import experiment, write_table
 
-from plerec.config import experiment_from_dict, experiment_to_dict
+from plerec.config import experiment_to_dict
 from plerec.observe import RunObserver
 from plerec.tracking import MLflowObserver, TensorBoardObserver, flat_params
 from plerec.train import fit
@@ -28,30 +28,12 @@ TRAIN_ROWS = 180
 @pytest.fixture(scope="module")
 def table_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tracking") / "table.csv"
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=300), rng.normal(size=300)
-    frame = pd.DataFrame({"a": a, "b": b, "cat": rng.choice(["x", "y", "z"], 300)})
-    frame["click"] = (a + 0.5 * rng.normal(size=300) > 0).astype(int)
-    frame["watch"] = 2 * b + 0.1 * rng.normal(size=300)
-    frame.to_csv(path, index=False)
+    write_table(path, 300, 0)
     return path
 
 
 def _experiment(path, *, model: dict | None = None, tasks: list | None = None, **train):
-    return experiment_from_dict(
-        {
-            "seed": 0,
-            "data": {"path": str(path), "split": [0.6, 0.2, 0.2]},
-            "features": {"numeric": ["a", "b"], "categorical": ["cat"]},
-            "tasks": tasks
-            or [
-                {"name": "click", "kind": "binary", "label": "click"},
-                {"name": "watch", "kind": "regression", "label": "watch"},
-            ],
-            "model": model or {"name": "ple", "expert_dims": [4], "tower_dims": [4], "embedding_dim": 2},
-            "train": {"epochs": EPOCHS, "batch_size": 64, "progress": False, **train},
-        }
-    )
+    return experiment(path, model=model, tasks=tasks, **{"epochs": EPOCHS, **train})
 
 
 def _scalars(folder: Path) -> dict[str, list]:

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_experiments import experiment as _experiment
+from tiny_experiments import write_table
 
 import plerec.train as train_module
 from plerec.checkpoint import read_checkpoint_file
@@ -28,30 +30,7 @@ from plerec.train import (
 
 def _write_table(path, rows: int = 300, seed: int = 0) -> None:
     """Two dense features, one categorical; `click` is binary, `watch` a regression with missing labels."""
-    rng = np.random.default_rng(seed)
-    a, b = rng.normal(size=rows), rng.normal(size=rows)
-    frame = pd.DataFrame({"a": a, "b": b, "cat": rng.choice(["x", "y", "z"], rows)})
-    frame["click"] = (a + 0.5 * rng.normal(size=rows) > 0).astype(int)
-    watch = 2 * b + 0.1 * rng.normal(size=rows)
-    frame["watch"] = np.where(rng.random(rows) < 0.2, np.nan, watch)  # outside the watch space
-    frame.to_csv(path, index=False)
-
-
-def _experiment(path, *, model: dict | None = None, tasks: list | None = None, seed: int = 0, **train):
-    return experiment_from_dict(
-        {
-            "seed": seed,
-            "data": {"path": str(path), "split": [0.6, 0.2, 0.2]},
-            "features": {"numeric": ["a", "b"], "categorical": ["cat"]},
-            "tasks": tasks
-            or [
-                {"name": "click", "kind": "binary", "label": "click"},
-                {"name": "watch", "kind": "regression", "label": "watch"},
-            ],
-            "model": model or {"name": "ple", "expert_dims": [4], "tower_dims": [4], "embedding_dim": 2},
-            "train": {"epochs": 2, "batch_size": 64, "progress": False, **train},
-        }
-    )
+    write_table(path, rows, seed, missing=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
@@ -217,8 +216,8 @@ class RowReader:
         features = self.categorical + self.numeric + list(self.lists)
         self.required = list(dict.fromkeys(features + ([self.length] if self.length else [])))
         self.required_set = set(self.required)
-        self.means = np.array([[encoder.means[c]] for c in self.numeric], dtype=np.float64).reshape(-1, 1)  # (D, 1)
-        self.stds = np.array([[encoder.stds[c]] for c in self.numeric], dtype=np.float64).reshape(-1, 1)
+        self.means = np.array([encoder.means[c] for c in self.numeric], dtype=np.float64)[:, None]  # (D, 1)
+        self.stds = np.array([encoder.stds[c] for c in self.numeric], dtype=np.float64)[:, None]  # (D, 1)
         self.list_width, self.list_dtype = encoder.list_width, encoder.list_dtype
         none = type(None)
         self.value_kinds = {c: {*self.types[c], none} for c in self.categorical}  # the JSON types each field takes
@@ -747,12 +746,11 @@ class Served:
             # One user: `rank_within_groups`'s order for one group, best log score first, ties in input order.
             order = np.argsort(-out[:, -1], kind="stable")
             keep = (order if not top_k else order[:top_k]).tolist()
-            ranks = range(1, n + 1)
+            ids = columns[rank.item] if rank.item else []
             items = []
-            for position, (i, values) in enumerate(zip(keep, out[keep].tolist(), strict=True)):
-                item = {"rank": int(ranks[position]), "index": i}
+            for position, (i, values) in enumerate(zip(keep, out[keep].tolist(), strict=True), start=1):
+                item = {"rank": position, "index": i}
                 if rank.item:
-                    ids = columns[rank.item]
                     item[rank.item] = ids[i] if len(ids) == n else ids[0]
                 item.update(zip(self.names, values, strict=True))
                 items.append(item)
@@ -878,10 +876,6 @@ def create_app(
     @app.exception_handler(HTTPException)
     def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return JSONResponse({"error": _clip(str(err.detail))}, status_code=err.status_code, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": _clip(str(err.errors()[:3]))}, status_code=422)
 
     @app.exception_handler(Exception)
     def internal_error(request: Request, err: Exception) -> JSONResponse:

@@ -9,6 +9,7 @@ the logits of its own rows, in order, never another request's.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ class Metrics:
     def observe(self, path: str, status: int, seconds: float) -> None:
         """One answered request: its status and its latency, from the request's arrival to its last byte."""
         path = self.path(path)
-        slot = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
+        slot = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # the first bucket whose bound is >= seconds; +Inf last
         with self.lock:
             self.requests[path, status] += 1
             self.buckets.setdefault(path, [0] * (len(LATENCY_BUCKETS) + 1))[slot] += 1
