@@ -353,6 +353,8 @@ class TrainConfig:
     sparse_embeddings: bool = True
     device: str = "cpu"
     bf16: bool | str = False  # bfloat16 autocast: true, false, or "auto" (train.use_bf16: on where measured faster)
+    compile: bool | str = "auto"  # torch.compile of the dense body: true, false, or "auto" (plerec.compiled)
+    compile_cache: str = ""  # Inductor's on-disk cache; "" = TORCHINDUCTOR_CACHE_DIR or ~/.cache/plerec/inductor
     checkpoint_every: int = 10_000
     check_finite: bool = True
     balancing: str = "fixed"  # how the task losses are combined: BALANCING_METHODS, README "Loss balancing"
@@ -397,6 +399,8 @@ class TrainConfig:
             )
         if isinstance(self.bf16, str) and self.bf16 != "auto":
             raise ValueError(f'Expected [train] `bf16` to be true, false or "auto", but got {self.bf16!r}')
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise ValueError(f'Expected [train] `compile` to be true, false or "auto", but got {self.compile!r}')
         if self.log_format not in ("text", "json"):
             raise ValueError(f"Expected [train] `log_format` 'text' or 'json', but got {self.log_format!r}")
         if self.weight_schedule not in ("epoch", "step"):

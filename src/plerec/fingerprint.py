@@ -33,6 +33,8 @@ NO_EFFECT = (
     "train.eval_batch_size",
     "train.checkpoint_every",
     "train.device",
+    "train.compile",  # the same step, fused: equal to eager within float tolerance (tests/test_compile.py)
+    "train.compile_cache",
     "train.log_format",
     "train.tensorboard",
     "train.tensorboard_dir",

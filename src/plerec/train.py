@@ -28,6 +28,7 @@ from plerec.checkpoint import (
     read_checkpoint_file,
     write_checkpoint_file,
 )
+from plerec.compiled import CompilePlan, cache_folder
 from plerec.config import Experiment, experiment_to_dict, key_defaults, write_experiment
 from plerec.data.batches import InMemoryBatches, local_rows
 from plerec.data.coverage import LabelCounts, check_label_counts
@@ -488,6 +489,7 @@ def _fit(
         say(f"resumed from {folder / LAST} at epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
     if ctx.is_main:
         run.observers = [*observers, *configured_observers(exp, out, observers)]
+    run.plan_compile()
     try:
         for observer in run.observers:
             observer.start(run)
@@ -500,6 +502,8 @@ def _fit(
             observer.finish(run, result)
         return result
     finally:
+        if run.compile_plan is not None:
+            run.compile_plan.close()
         for observer in run.observers:
             observer.close()
 
@@ -528,6 +532,8 @@ class _Run:
     started: float = 0.0
     epoch_started: float = 0.0  # when this process began the epoch in progress
     observers: list[RunObserver] = field(default_factory=list)  # rank 0 only (plerec.observe)
+    compile_plan: CompilePlan | None = None  # whether and when the body is compiled ([train] compile)
+    bf16: bool = False  # whether `autocast` is on
 
     @classmethod
     def start(cls, exp, data, ctx, folder, out, say) -> _Run:
@@ -561,12 +567,29 @@ class _Run:
             autocast=torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
         )
         run.running = torch.zeros(len(exp.tasks), device=ctx.device)
+        run.bf16 = bf16
         run.started = time.perf_counter()
         return run
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.exp.tasks]
+
+    def plan_compile(self) -> None:
+        """[train] compile: decided now where it can be, else after the first steps (plerec.compiled)."""
+        exp, p = self.exp, self.progress
+        steps = len(self.source)
+        self.compile_plan = CompilePlan(
+            setting=exp.train.compile,
+            model=self.model,
+            rows=exp.train.batch_size // self.ctx.world_size,
+            bf16=self.bf16,
+            folder=cache_folder(exp.train.compile_cache),
+            say=self.say,
+            remaining=max((exp.train.epochs - p.epoch) * steps - p.batch, 0),
+            enabled=not self.ctx.enabled,
+        )
+        self.compile_plan.start()
 
     def restore(self, saved: dict) -> None:
         """Continue from a training state (last.pt): weights, optimisers, balancing, RNG, batch order, progress."""
@@ -596,8 +619,16 @@ class _Run:
         )
         every = exp.train.checkpoint_every
         epoch_start = self.epoch_started = time.perf_counter()
+        plan = self.compile_plan
         for i, batch in enumerate(self.source.epoch(skip=progress.batch), start=progress.batch):
-            task_losses = self.step(batch, i, steps)
+            plan.before_step()
+            try:
+                task_losses = self.step(batch, i, steps)
+            except Exception as error:  # only the first compiled step under "auto" is retried (fall_back)
+                if not plan.fall_back(error):
+                    raise
+                task_losses = self.step(batch, i, steps)
+            plan.after_step(len(batch.labels))
             self.running += task_losses
             progress.step += 1
             progress.batch = i + 1

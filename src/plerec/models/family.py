@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -566,7 +567,20 @@ class MultiTaskModel(nn.Module):
         self, sparse: Tensor, dense: Tensor, lists: Tensor | None = None, lengths: Tensor | None = None
     ) -> Tensor:
         x = self.input(sparse, dense, lists, lengths)
-        return torch.addcmul(self.output_shift, self.body(x), self.output_scale)  # (B, T)
+        body = self.body
+        compiled = self.__dict__.get("_compiled_body")  # (the compiled body, the one batch size it was made for)
+        if compiled is not None and self.training and len(sparse) == compiled[1] and torch.is_grad_enabled():
+            body = compiled[0]
+        return torch.addcmul(self.output_shift, body(x), self.output_scale)  # (B, T)
+
+    def compile_body(self, compiled: Callable[[Tensor], Tensor] | None, rows: int) -> None:
+        """Training batches of exactly `rows` rows run `compiled` (torch.compile of `self.body`, plerec.compiled);
+        every other call (another batch size, evaluation, no gradient) the eager body. None: eager only. Kept
+        out of the module's children, so the state dict, copies and exports never see it."""
+        if compiled is None:
+            self.__dict__.pop("_compiled_body", None)
+        else:
+            self.__dict__["_compiled_body"] = (compiled, rows)
 
     def has_gates(self) -> bool:
         return hasattr(self.body, "extract")

@@ -1,0 +1,162 @@
+"""[train] compile: the compiled body computes the eager step, compiles once per run, and "auto" decides by
+the measured figures (plerec.compiled)."""
+
+import json
+
+import pytest
+import torch
+from tiny_experiments import experiment, write_table
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from plerec import compiled as compiled_module
+from plerec.compiled import COMPILE_RECORD, PROBE_SKIP, PROBE_STEPS, CompilePlan, pays_off, shape_key
+from plerec.models import MODELS, build_model
+from plerec.train import fit, masked_task_losses
+
+VOCABS, NUM_DENSE, TASKS, ROWS = [5, 7], 3, 2, 16
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Inductor's notes on CPU capabilities
+
+
+def _tiny(name: str):
+    params = {"embedding_dim": 2, "tower_dims": [4]}
+    if name in ("mmoe", "omoe", "ml_mmoe", "cgc", "ple"):
+        params["expert_dims"] = [4]
+    torch.manual_seed(0)
+    return build_model(name, params, VOCABS, NUM_DENSE, TASKS)
+
+
+def _step(model, sparse, dense, labels):
+    """One training step's task losses and every parameter's gradient (dense; None where it has none)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(sparse, dense)
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    is_binary = torch.tensor([True, False])
+    losses = masked_task_losses(logits, labels, mask, is_binary, None, model.output_scale)
+    (losses.sum() + (model.auxiliary_loss(logits) if model.auxiliary_loss(logits) is not None else 0)).backward()
+    grads = {n: None if p.grad is None else p.grad.to_dense().clone() for n, p in model.named_parameters()}
+    return losses.detach(), grads
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_body_gives_the_eager_loss_and_gradients(name):
+    """Every model in the registry: the same task losses and the same gradient for every parameter (the
+    embeddings' sparse gradients included) with the body compiled by Inductor as eager, within float tolerance."""
+    torch._dynamo.reset()
+    model = _tiny(name).train()
+    g = torch.Generator().manual_seed(1)
+    sparse = torch.stack([torch.randint(0, v, (ROWS,), generator=g) for v in VOCABS], dim=1)
+    dense = torch.randn(ROWS, NUM_DENSE, generator=g)
+    labels = torch.stack([torch.randint(0, 2, (ROWS,), generator=g).float(), torch.randn(ROWS, generator=g)], 1)
+    eager_losses, eager_grads = _step(model, sparse, dense, labels)
+    counter = CompileCounterWithBackend("inductor")
+    model.compile_body(torch.compile(model.body, backend=counter, dynamic=False), ROWS)
+    compiled_losses, compiled_grads = _step(model, sparse, dense, labels)
+    assert counter.frame_count >= 1, "the compiled body was not used"
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for n, grad in eager_grads.items():
+        if grad is None:
+            assert compiled_grads[n] is None, n
+        else:
+            torch.testing.assert_close(compiled_grads[n], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    model.compile_body(None, 0)
+    assert "_compiled_body" not in model.__dict__
+    assert not any("compiled" in k or "_orig_mod" in k for k in model.state_dict()), "the state dict changed"
+
+
+def test_a_run_with_a_partial_last_batch_and_evaluation_compiles_once(tmp_path, monkeypatch):
+    """240 training rows at batch 64: three full batches and one of 48 per epoch, and evaluation batches of
+    another size; over 3 epochs the backend is asked for a graph once (no recompiles), and the run's
+    metrics are those of the eager run."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    monkeypatch.setattr(compiled_module, "BACKEND", counter)
+    write_table(tmp_path / "t.csv", rows=400)  # 60 % train: 240 rows
+    cache = tmp_path / "cache"
+    said = []
+    eager = fit(experiment(tmp_path / "t.csv", epochs=3, compile=False))
+    run = fit(experiment(tmp_path / "t.csv", epochs=3, compile=True, compile_cache=str(cache)), log=said.append)
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+    assert any("compile = true" in line and "batches of 64 rows" in line for line in said), said
+    for split in ("valid", "test"):
+        for task, values in eager.metrics[split].items():
+            for metric, value in values.items():
+                assert run.metrics[split][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (split, task)
+    assert "_compiled_body" not in run.model.__dict__, "the fitted model keeps a compiled body"
+
+
+def test_compile_resumes_to_the_uninterrupted_run(tmp_path):
+    """A compiled run of 1 epoch resumed to 3 (compile on again) ends where an uninterrupted compiled run does."""
+    write_table(tmp_path / "t.csv", rows=400)
+    cache = str(tmp_path / "cache")
+    whole = fit(experiment(tmp_path / "t.csv", epochs=3, compile=True, compile_cache=cache), out_dir=tmp_path / "a")
+    fit(experiment(tmp_path / "t.csv", epochs=1, compile=True, compile_cache=cache), out_dir=tmp_path / "b")
+    resumed = fit(
+        experiment(tmp_path / "t.csv", epochs=3, compile=True, compile_cache=cache), out_dir=tmp_path / "b", resume=True
+    )
+    assert resumed.best_epoch == whole.best_epoch
+    for task, values in whole.metrics["test"].items():
+        for metric, value in values.items():
+            assert resumed.metrics["test"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
+
+
+def _plan(tmp_path, setting, remaining, said):
+    return CompilePlan(
+        setting=setting, model=_tiny("ple"), rows=ROWS, bf16=False, folder=tmp_path, say=said.append, remaining=remaining
+    )
+
+
+def test_auto_compiles_only_where_the_remaining_steps_pay_for_it(tmp_path, monkeypatch):
+    """The rule: remaining steps × (eager − compiled step) > compile seconds; for a known shape "auto" decides at
+    the start from the recorded figures, both ways, and says why."""
+    assert pays_off(1000, 0.010, 0.008, 1.9) and not pays_off(1000, 0.010, 0.008, 2.1)
+    compiles = []
+    monkeypatch.setattr(CompilePlan, "_compile", lambda self, why: compiles.append(why))
+    key = shape_key(_tiny("ple"), ROWS, False)
+    record = {key: {"eager_step": 0.010, "compiled_step": 0.008, "cold_compile_seconds": 20.0}}
+    (tmp_path / COMPILE_RECORD).write_text(json.dumps(record))
+    said = []
+    many = _plan(tmp_path, "auto", 20_000, said)  # 40 s saved against 20 s
+    many.start()
+    assert many.decided and len(compiles) == 1
+    few = _plan(tmp_path, "auto", 5_000, said)  # 10 s saved against 20 s
+    few.start()
+    assert few.decided and len(compiles) == 1
+    assert "compile = auto: off (measured here before: 10.0 s saved over 5000 steps against 20.0 s" in said[-1]
+    record[key]["warm_compile_seconds"] = 5.0  # a warm cache costs less: now the short run pays too
+    (tmp_path / COMPILE_RECORD).write_text(json.dumps(record))
+    _plan(tmp_path, "auto", 5_000, said).start()
+    assert len(compiles) == 2
+
+
+def test_auto_times_the_first_eager_steps_for_a_shape_never_compiled(tmp_path, monkeypatch):
+    """Without a record, "auto" decides after PROBE_SKIP + PROBE_STEPS full eager steps from their median
+    and the prior saving; partial batches are not timed; the same figures decide the same way."""
+    compiles = []
+    monkeypatch.setattr(CompilePlan, "_compile", lambda self, why: compiles.append(why))
+    clock = iter(range(10_000))
+    monkeypatch.setattr(compiled_module.time, "perf_counter", lambda: next(clock) * 0.01)  # each step 10 ms
+    for remaining, expected in ((100_000, 1), (1_000, 0)):
+        compiles.clear()
+        said = []
+        plan = _plan(tmp_path, "auto", remaining, said)
+        plan.start()
+        assert not plan.decided
+        for _ in range(PROBE_SKIP + PROBE_STEPS - 1):
+            plan.before_step()
+            plan.after_step(ROWS)
+            plan.before_step()
+            plan.after_step(ROWS - 1)  # a partial batch: not the compiled shape, not timed
+        assert not plan.decided
+        plan.before_step()
+        plan.after_step(ROWS)
+        assert plan.decided and len(compiles) == expected, (remaining, said)
+        if not expected:
+            assert said and said[-1].startswith("compile = auto: off (an eager step takes 10.0 ms"), said
+
+
+def test_compile_setting_is_checked(tmp_path):
+    write_table(tmp_path / "t.csv", rows=50)
+    with pytest.raises(ValueError, match='Expected \\[train\\] `compile` to be true, false or "auto", but got \'yes\''):
+        experiment(tmp_path / "t.csv", compile="yes")
