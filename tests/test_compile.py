@@ -103,7 +103,13 @@ def test_compile_resumes_to_the_uninterrupted_run(tmp_path):
 
 def _plan(tmp_path, setting, remaining, said):
     return CompilePlan(
-        setting=setting, model=_tiny("ple"), rows=ROWS, bf16=False, folder=tmp_path, say=said.append, remaining=remaining
+        setting=setting,
+        model=_tiny("ple"),
+        rows=ROWS,
+        bf16=False,
+        folder=tmp_path,
+        say=said.append,
+        remaining=remaining,
     )
 
 
@@ -158,5 +164,5 @@ def test_auto_times_the_first_eager_steps_for_a_shape_never_compiled(tmp_path, m
 
 def test_compile_setting_is_checked(tmp_path):
     write_table(tmp_path / "t.csv", rows=50)
-    with pytest.raises(ValueError, match='Expected \\[train\\] `compile` to be true, false or "auto", but got \'yes\''):
+    with pytest.raises(ValueError, match="Expected \\[train\\] `compile` to be true, false or \"auto\", but got 'yes'"):
         experiment(tmp_path / "t.csv", compile="yes")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from plerec.safe_io import atomic_write_bytes
+from plerec import jsonio
 
 BACKEND = "inductor"  # what torch.compile is given (tests count the compilations through it)
 COMPILE_RECORD = "plerec_compile_times.json"
@@ -55,7 +55,7 @@ def cache_folder(setting: str = "") -> Path:
 
 def shape_key(model, rows: int, bf16: bool) -> str:
     """One model shape on one torch and device kind: what a compiled graph (and its timings) belongs to."""
-    described = json.dumps(
+    described = jsonio.dumps(
         {
             "model": model.name,
             "config": repr(model.config),
@@ -199,7 +199,7 @@ class CompilePlan:
         )
         record = read_record(self.folder)
         record[self.key] = entry
-        atomic_write_bytes(self.folder / COMPILE_RECORD, json.dumps(record, indent=1, sort_keys=True).encode())
+        jsonio.write_json(self.folder / COMPILE_RECORD, record)
         eager = entry.get("eager_step")
         versus = f" against {eager * 1e3:.2f} ms eager" if eager else ""
         self.say(
