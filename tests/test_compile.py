@@ -33,7 +33,8 @@ def _step(model, sparse, dense, labels):
     mask = torch.ones_like(labels, dtype=torch.bool)
     is_binary = torch.tensor([True, False])
     losses = masked_task_losses(logits, labels, mask, is_binary, None, model.output_scale)
-    (losses.sum() + (model.auxiliary_loss(logits) if model.auxiliary_loss(logits) is not None else 0)).backward()
+    aux = model.auxiliary_loss(logits)
+    (losses.sum() if aux is None else losses.sum() + aux).backward()
     grads = {n: None if p.grad is None else p.grad.to_dense().clone() for n, p in model.named_parameters()}
     return losses.detach(), grads
 
@@ -101,7 +102,7 @@ def test_compile_resumes_to_the_uninterrupted_run(tmp_path):
             assert resumed.metrics["test"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
 
 
-def _plan(tmp_path, setting, remaining, said):
+def _plan(tmp_path, setting, said):
     return CompilePlan(
         setting=setting,
         model=_tiny("ple"),
@@ -109,7 +110,6 @@ def _plan(tmp_path, setting, remaining, said):
         bf16=False,
         folder=tmp_path,
         say=said.append,
-        remaining=remaining,
     )
 
 
@@ -123,16 +123,16 @@ def test_auto_compiles_only_where_the_remaining_steps_pay_for_it(tmp_path, monke
     record = {key: {"eager_step": 0.010, "compiled_step": 0.008, "cold_compile_seconds": 20.0}}
     (tmp_path / COMPILE_RECORD).write_text(json.dumps(record))
     said = []
-    many = _plan(tmp_path, "auto", 20_000, said)  # 40 s saved against 20 s
-    many.start()
+    many = _plan(tmp_path, "auto", said)  # 40 s saved against 20 s
+    many.start(20_000)
     assert many.decided and len(compiles) == 1
-    few = _plan(tmp_path, "auto", 5_000, said)  # 10 s saved against 20 s
-    few.start()
+    few = _plan(tmp_path, "auto", said)  # 10 s saved against 20 s
+    few.start(5_000)
     assert few.decided and len(compiles) == 1
     assert "compile = auto: off (measured here before: 10.0 s saved over 5000 steps against 20.0 s" in said[-1]
     record[key]["warm_compile_seconds"] = 5.0  # a warm cache costs less: now the short run pays too
     (tmp_path / COMPILE_RECORD).write_text(json.dumps(record))
-    _plan(tmp_path, "auto", 5_000, said).start()
+    _plan(tmp_path, "auto", said).start(5_000)
     assert len(compiles) == 2
 
 
@@ -146,8 +146,8 @@ def test_auto_times_the_first_eager_steps_for_a_shape_never_compiled(tmp_path, m
     for remaining, expected in ((100_000, 1), (1_000, 0)):
         compiles.clear()
         said = []
-        plan = _plan(tmp_path, "auto", remaining, said)
-        plan.start()
+        plan = _plan(tmp_path, "auto", said)
+        plan.start(remaining)
         assert not plan.decided
         for _ in range(PROBE_SKIP + PROBE_STEPS - 1):
             plan.before_step()
@@ -166,3 +166,31 @@ def test_compile_setting_is_checked(tmp_path):
     write_table(tmp_path / "t.csv", rows=50)
     with pytest.raises(ValueError, match="Expected \\[train\\] `compile` to be true, false or \"auto\", but got 'yes'"):
         experiment(tmp_path / "t.csv", compile="yes")
+
+
+def test_auto_goes_back_to_eager_when_compiling_fails(tmp_path, monkeypatch):
+    """Under "auto", a backend that fails in the first compiled step: the run says so, trains that step again
+    eager, and ends with the eager run's metrics; under compile = true the same failure stops the run."""
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(compiled_module, "BACKEND", broken)
+    write_table(tmp_path / "t.csv", rows=400)
+    cache = tmp_path / "cache"
+    eager = fit(experiment(tmp_path / "t.csv", epochs=2, compile=False))
+    key = shape_key(eager.model, 64, False)  # the run's model shape: compile leaves the model as it is
+    cache.mkdir()
+    (cache / COMPILE_RECORD).write_text(
+        json.dumps({key: {"eager_step": 1.0, "compiled_step": 0.0, "cold_compile_seconds": 0.0}})
+    )
+    torch._dynamo.reset()
+    said = []
+    run = fit(experiment(tmp_path / "t.csv", epochs=2, compile="auto", compile_cache=str(cache)), log=said.append)
+    assert any(line.startswith("compile = auto: on (measured here before") for line in said), said
+    assert any("compile = auto: compiling failed" in line and "no compiler today" in line for line in said), said
+    for task, values in eager.metrics["test"].items():
+        assert run.metrics["test"][task] == pytest.approx(values), task
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no compiler today"):
+        fit(experiment(tmp_path / "t.csv", epochs=2, compile=True, compile_cache=str(cache)))

@@ -87,8 +87,8 @@ def read_record(folder: Path) -> dict:
 
 @dataclass
 class CompilePlan:
-    """When a run's body is compiled, and what that cost: driven by `_Run` through `before_step` and
-    `after_step` around every training step (rank 0 says what it decided)."""
+    """When a run's body is compiled, and what that cost: `start` once the run knows its remaining steps, then
+    `before_step` and `after_step` around every training step (rank 0 says what it decided)."""
 
     setting: bool | str
     model: object  # MultiTaskModel
@@ -96,27 +96,26 @@ class CompilePlan:
     bf16: bool
     folder: Path
     say: Callable[[str], None]
-    remaining: int  # steps left in the run when it (re)started
-    enabled: bool = True  # False under DDP for "auto" (not measured there)
+    distributed: bool = False  # under torchrun "auto" stays off (not measured there)
+    remaining: int = 0  # steps left in the run when it (re)started
+    decided: bool = False  # compiled, or eager for good
     compiled: bool = False
-    decided: bool = False
-    eager_times: list[float] = field(default_factory=list)
+    eager_times: list[float] = field(default_factory=list)  # full eager batches, while "auto" probes
+    eager_step: float | None = None  # their median after PROBE_SKIP, once probed
     compiled_times: list[float] = field(default_factory=list)
     compile_seconds: float | None = None
     steps: int = 0
+    _started: float = 0.0
 
-    @property
-    def key(self) -> str:
-        return shape_key(self.model, self.rows, self.bf16)
-
-    def start(self) -> None:
+    def start(self, remaining: int) -> None:
         """Decide what can be decided before any step: always (true), never (false, or "auto" where a known
         shape does not pay); otherwise "auto" times the first eager steps."""
+        self.remaining = remaining
         if self.setting is False:
             self.decided = True
         elif self.setting is True:
             self._compile("compile = true")
-        elif not self.enabled:
+        elif self.distributed:
             self.decided = True
             self.say("compile = auto: off (under torchrun it is not measured; set compile = true to compile)")
         elif next(self.model.parameters()).device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
@@ -126,12 +125,15 @@ class CompilePlan:
             known = read_record(self.folder).get(self.key) or {}
             cost = known.get("warm_compile_seconds", known.get("cold_compile_seconds"))
             if cost is not None and {"eager_step", "compiled_step"} <= known.keys():
-                gain = self.remaining * (known["eager_step"] - known["compiled_step"])
+                gain = remaining * (known["eager_step"] - known["compiled_step"])
                 self._decide(
-                    pays_off(self.remaining, known["eager_step"], known["compiled_step"], cost),
-                    f"measured here before: {gain:.1f} s saved over {self.remaining} steps against "
-                    f"{cost:.1f} s to compile",
+                    pays_off(remaining, known["eager_step"], known["compiled_step"], cost),
+                    f"measured here before: {gain:.1f} s saved over {remaining} steps against {cost:.1f} s to compile",
                 )
+
+    @property
+    def key(self) -> str:
+        return shape_key(self.model, self.rows, self.bf16)
 
     def before_step(self) -> None:
         self._started = time.perf_counter()
@@ -142,10 +144,10 @@ class CompilePlan:
         self.steps += 1
         if rows != self.rows:
             return
-        if not self.decided and not self.compiled:
+        if not self.decided:  # "auto", probing
             self.eager_times.append(seconds)
             if len(self.eager_times) == PROBE_SKIP + PROBE_STEPS:
-                eager = statistics.median(self.eager_times[PROBE_SKIP:])
+                self.eager_step = eager = statistics.median(self.eager_times[PROBE_SKIP:])
                 left = self.remaining - self.steps
                 gain = left * eager * PRIOR_SAVING
                 self._decide(
@@ -154,9 +156,8 @@ class CompilePlan:
                     f"about {gain:.1f} s against about {PRIOR_COMPILE_SECONDS:.0f} s to compile",
                 )
         elif self.compiled:
-            if self.compile_seconds is None:
-                typical = statistics.median(self.eager_times[PROBE_SKIP:]) if self.eager_times else 0.0
-                self.compile_seconds = max(seconds - typical, 0.0)
+            if self.compile_seconds is None:  # the step that compiled, less what an eager step takes
+                self.compile_seconds = max(seconds - (self.eager_step or 0.0), 0.0)
             elif len(self.compiled_times) < TIMED_STEPS:
                 self.compiled_times.append(seconds)
                 if len(self.compiled_times) == TIMED_STEPS:
@@ -189,19 +190,17 @@ class CompilePlan:
     def _write_record(self) -> None:
         """This shape's measured figures, for "auto" next time; the compile time is reported either way."""
         compiled = statistics.median(self.compiled_times)
-        entry = dict(read_record(self.folder).get(self.key) or {})
+        record = read_record(self.folder)
+        entry = record.setdefault(self.key, {})
         entry["compiled_step"] = compiled
-        if self.eager_times[PROBE_SKIP:]:
-            entry["eager_step"] = statistics.median(self.eager_times[PROBE_SKIP:])
+        if self.eager_step is not None:
+            entry["eager_step"] = self.eager_step
         # The first compile of a shape here is cold; every later one reads Inductor's caches (warm).
         entry["warm_compile_seconds" if "cold_compile_seconds" in entry else "cold_compile_seconds"] = (
             self.compile_seconds
         )
-        record = read_record(self.folder)
-        record[self.key] = entry
         jsonio.write_json(self.folder / COMPILE_RECORD, record)
-        eager = entry.get("eager_step")
-        versus = f" against {eager * 1e3:.2f} ms eager" if eager else ""
+        versus = f" against {self.eager_step * 1e3:.2f} ms eager" if self.eager_step is not None else ""
         self.say(
             f"compile: {self.compile_seconds:.1f} s to compile; a compiled step takes {compiled * 1e3:.2f} ms{versus}"
         )

@@ -489,7 +489,8 @@ def _fit(
         say(f"resumed from {folder / LAST} at epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
     if ctx.is_main:
         run.observers = [*observers, *configured_observers(exp, out, observers)]
-    run.plan_compile()
+    p = run.progress
+    run.compile_plan.start(remaining=max((exp.train.epochs - p.epoch) * len(run.source) - p.batch, 0))
     try:
         for observer in run.observers:
             observer.start(run)
@@ -502,8 +503,7 @@ def _fit(
             observer.finish(run, result)
         return result
     finally:
-        if run.compile_plan is not None:
-            run.compile_plan.close()
+        run.compile_plan.close()
         for observer in run.observers:
             observer.close()
 
@@ -526,14 +526,13 @@ class _Run:
     source: InMemoryBatches | ParquetBatches
     is_binary: torch.Tensor  # (T,) bool
     autocast: torch.autocast
+    compile_plan: CompilePlan  # whether and when the body is compiled ([train] compile)
     progress: Progress = field(default_factory=Progress)
     best_state: dict | None = None  # the best epoch's weights, copied only once later weights differ
     running: torch.Tensor | None = None  # (T,) this rank's task losses summed over the epoch's steps
     started: float = 0.0
     epoch_started: float = 0.0  # when this process began the epoch in progress
     observers: list[RunObserver] = field(default_factory=list)  # rank 0 only (plerec.observe)
-    compile_plan: CompilePlan | None = None  # whether and when the body is compiled ([train] compile)
-    bf16: bool = False  # whether `autocast` is on
 
     @classmethod
     def start(cls, exp, data, ctx, folder, out, say) -> _Run:
@@ -565,31 +564,23 @@ class _Run:
             source=source,
             is_binary=torch.tensor([t.kind == "binary" for t in exp.tasks], device=ctx.device),
             autocast=torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
+            compile_plan=CompilePlan(
+                setting=exp.train.compile,
+                model=model,
+                rows=check_batch_size(exp.train.batch_size, ctx),
+                bf16=bf16,
+                folder=cache_folder(exp.train.compile_cache),
+                say=say,
+                distributed=ctx.enabled,
+            ),
         )
         run.running = torch.zeros(len(exp.tasks), device=ctx.device)
-        run.bf16 = bf16
         run.started = time.perf_counter()
         return run
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.exp.tasks]
-
-    def plan_compile(self) -> None:
-        """[train] compile: decided now where it can be, else after the first steps (plerec.compiled)."""
-        exp, p = self.exp, self.progress
-        steps = len(self.source)
-        self.compile_plan = CompilePlan(
-            setting=exp.train.compile,
-            model=self.model,
-            rows=exp.train.batch_size // self.ctx.world_size,
-            bf16=self.bf16,
-            folder=cache_folder(exp.train.compile_cache),
-            say=self.say,
-            remaining=max((exp.train.epochs - p.epoch) * steps - p.batch, 0),
-            enabled=not self.ctx.enabled,
-        )
-        self.compile_plan.start()
 
     def restore(self, saved: dict) -> None:
         """Continue from a training state (last.pt): weights, optimisers, balancing, RNG, batch order, progress."""
