@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 
 PLEREC = "plerec"
 PLEREC_BF16 = "plerec-bf16"
+PLEREC_COMPILE = "plerec-compile"  # [train] compile = true: cold cache in the full run, warm in the repeats
 PEERS = ("torch-rechub", "deepctr-torch")  # the peers' own trainers
 MiB = 2**20
 SIMD_FLAGS = ("sse4", "avx", "amx", "fma", "f16c", "asimd", "sve")  # the CPU flags that matter for torch's kernels
@@ -51,6 +53,7 @@ def summarise(library: str, model: str, batch_size: int, runs: list[dict]) -> di
                 "peak_rss_bytes": r["peak_rss_bytes"],
                 "auc": r["auc"],
                 "load_average_start_end": r.get("load_average_start_end"),
+                **({"compiled": r["plerec_compiled"]} if r.get("plerec_compiled") else {}),
             }
             for r in ok
         ],
@@ -171,6 +174,7 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
         lines += [f"¹ from a short run ({context['short_rows']:,} training rows): not comparable with the others.", ""]
 
     lines += ceiling_markdown(records, ceiling)
+    lines += compile_markdown(records)
     if sequence:
         lines += sequence_markdown(records)
         for model in models:
@@ -180,6 +184,41 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
         lines += targets_markdown(records, ceiling)
         lines += runs_markdown(records)
     return "\n".join(lines) + "\n"
+
+
+def compile_markdown(records: list[dict]) -> list[str]:
+    """plerec-compile run by run: the compile time (the full run compiles from a cold cache, the repeats read
+    it warm), the compiled step against the eager plerec's, and training samples/s with and without the
+    compile time."""
+    compiled = [r for r in records if r["library"] == PLEREC_COMPILE and r.get("per_run")]
+    if not compiled:
+        return []
+    lines = [
+        "## Compiled training (plerec-compile: `[train] compile = true`)",
+        "",
+        "Inductor's cache starts empty in each benchmark folder (`work/inductor`): the full-epoch run compiles "
+        "cold, the repeats warm. Compile seconds: the first compiled step less an eager step's time, as plerec "
+        "measures it. Compiled step: median of the 20 steps after it. Train samples/s: training rows over the "
+        "training time (compile included), and over the training time less the compile seconds (the steady "
+        "rate); the eager plerec's median beside it.",
+        "",
+        "| model | batch | run | rows | compile s | compiled step ms | train samples/s | without the compile "
+        "| plerec (eager) median |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in compiled:
+        eager = _find(records, PLEREC, r["model"], r["batch_size"]) or {}
+        for k, run in enumerate(r["per_run"]):
+            c = run.get("compiled") or {}
+            seconds = c.get("compile_seconds")
+            steady = run["train_rows"] / (run["train_seconds"] - seconds) if seconds is not None else None
+            step = f"{c['compiled_step'] * 1e3:.2f}" if c.get("compiled_step") else "—"
+            lines.append(
+                f"| {r['model'].upper()} | {r['batch_size']} | {run['kind']} {'(cold)' if k == 0 else '(warm)'} "
+                f"| {run['train_rows']:,} | {f'{seconds:.1f}' if seconds is not None else '—'} | {step} "
+                f"| {_num(run['train_samples_per_s'])} | {_num(steady)} | {_num(eager.get('train_samples_per_s'))} |"
+            )
+    return lines + [""]
 
 
 def history_lines(data: dict) -> list[str]:
@@ -213,37 +252,41 @@ def sequence_markdown(records: list[dict]) -> list[str]:
         "| model | batch | measure | plerec | better peer | value | plerec ÷ peer | verdict |",
         "|---|---:|---|---:|---|---:|---:|---|",
     ]
-    for model in sorted({r["model"] for r in records}, key=["ple", "mmoe"].index):
-        for bs in sorted({r["batch_size"] for r in records}):
-            ours = _find(records, PLEREC, model, bs)
-            peers = [p for p in (_find(records, lib, model, bs) for lib in PEERS) if p and p["train_samples_per_s"]]
-            if not ours or not ours["train_samples_per_s"] or not peers:
-                lines.append(f"| {model.upper()} | {bs} | — | failed or missing |||||")
-                continue
-            for key, what in (("train_samples_per_s", "train samples/s"), ("infer_samples_per_s", "infer samples/s")):
-                peer = max(peers, key=lambda p: p[key])
-                ratio, best = ours[key] / peer[key], ours[key + "_max"] / peer[key + "_max"]
-                verdict = ""
-                if key == "train_samples_per_s":
-                    verdict = "pass" if ratio >= SEQUENCE_TRAIN_GOAL else "FAIL"
-                    verdict += f" ({ratio / SEQUENCE_TRAIN_GOAL:.2f}× of the goal)"
-                lines.append(
-                    f"| {model.upper()} | {bs} | {what} | {_num(ours[key])} | {peer['library']} | {_num(peer[key])} "
-                    f"| {ratio:.2f}× [{best:.2f}×] | {verdict} |"
-                )
-            peer = min(peers, key=lambda p: p["peak_rss_bytes"])
+    models = sorted({r["model"] for r in records}, key=["ple", "mmoe"].index)
+    sizes = sorted({r["batch_size"] for r in records})
+    for model, bs, ours_lib in itertools.product(models, sizes, (PLEREC, PLEREC_COMPILE)):
+        ours = _find(records, ours_lib, model, bs)
+        label = model.upper() + ("" if ours_lib == PLEREC else f" ({ours_lib})")
+        if ours_lib != PLEREC and not ours:
+            continue
+        peers = [p for p in (_find(records, lib, model, bs) for lib in PEERS) if p and p["train_samples_per_s"]]
+        if not ours or not ours["train_samples_per_s"] or not peers:
+            lines.append(f"| {label} | {bs} | — | {ours_lib}: failed or missing |||||")
+            continue
+        for key, what in (("train_samples_per_s", "train samples/s"), ("infer_samples_per_s", "infer samples/s")):
+            peer = max(peers, key=lambda p: p[key])
+            ratio, best = ours[key] / peer[key], ours[key + "_max"] / peer[key + "_max"]
+            verdict = ""
+            if key == "train_samples_per_s":
+                verdict = "pass" if ratio >= SEQUENCE_TRAIN_GOAL else "FAIL"
+                verdict += f" ({ratio / SEQUENCE_TRAIN_GOAL:.2f}× of the goal)"
             lines.append(
-                f"| {model.upper()} | {bs} | peak RSS MiB | {ours['peak_rss_bytes'] / MiB:,.0f} | {peer['library']} "
-                f"| {peer['peak_rss_bytes'] / MiB:,.0f} | {ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}× | |"
+                f"| {label} | {bs} | {what} | {_num(ours[key])} | {peer['library']} | {_num(peer[key])} "
+                f"| {ratio:.2f}× [{best:.2f}×] | {verdict} |"
             )
-            for task in ours["auc"]:
-                peer = max((p for p in peers if task in p["auc"]), key=lambda p: p["auc"][task])
-                gap = ours["auc"][task] - peer["auc"][task]
-                verdict = "pass" if gap >= -AUC_TOLERANCE else "FAIL"
-                lines.append(
-                    f"| {model.upper()} | {bs} | AUC {task} | {ours['auc'][task]:.4f} | {peer['library']} "
-                    f"| {peer['auc'][task]:.4f} | {gap:+.4f} | {verdict} |"
-                )
+        peer = min(peers, key=lambda p: p["peak_rss_bytes"])
+        lines.append(
+            f"| {label} | {bs} | peak RSS MiB | {ours['peak_rss_bytes'] / MiB:,.0f} | {peer['library']} "
+            f"| {peer['peak_rss_bytes'] / MiB:,.0f} | {ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}× | |"
+        )
+        for task in ours["auc"]:
+            peer = max((p for p in peers if task in p["auc"]), key=lambda p: p["auc"][task])
+            gap = ours["auc"][task] - peer["auc"][task]
+            verdict = "pass" if gap >= -AUC_TOLERANCE else "FAIL"
+            lines.append(
+                f"| {label} | {bs} | AUC {task} | {ours['auc'][task]:.4f} | {peer['library']} "
+                f"| {peer['auc'][task]:.4f} | {gap:+.4f} | {verdict} |"
+            )
     return lines + [""]
 
 
@@ -261,7 +304,7 @@ def ceiling_markdown(records: list[dict], ceiling: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for model, c in ceiling["all_models"].items():
-        for lib in (PLEREC, PLEREC_BF16):
+        for lib in (PLEREC, PLEREC_COMPILE, PLEREC_BF16):
             ours = _find(records, lib, model, 1024)
             if lib != PLEREC and not ours:
                 continue
@@ -358,7 +401,11 @@ def targets_markdown(records: list[dict], ceiling: dict) -> list[str]:
         return "n/a" if ok is None else ("pass" if ok else "FAIL")
 
     lines = []
-    for ours, what in ((PLEREC, "fp32, as the peers"), (PLEREC_BF16, "bfloat16 autocast")):
+    for ours, what in (
+        (PLEREC, "fp32, as the peers"),
+        (PLEREC_COMPILE, "fp32, compiled body; the compile time counts in the training time"),
+        (PLEREC_BF16, "bfloat16 autocast"),
+    ):
         if not _find(records, ours, "ple", 1024):
             continue
         lines += [

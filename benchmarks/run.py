@@ -32,7 +32,11 @@ CONSTRAINTS = ROOT / "constraints.txt"
 
 PLEREC = "plerec"
 PLEREC_BF16 = "plerec-bf16"  # plerec with [train] bf16 = true: bfloat16 autocast (AMX/AVX-512 BF16 on CPU)
-OWN_TRAINERS = ("plerec", "plerec-bf16", "torch-rechub", "deepctr-torch")
+# plerec with [train] compile = true, Inductor's cache in DIR/work/inductor: the first run of a configuration
+# compiles from a cold cache, the repeats from a warm one
+PLEREC_COMPILE = "plerec-compile"
+PLEREC_OWN = (PLEREC, PLEREC_BF16, PLEREC_COMPILE)
+OWN_TRAINERS = ("plerec", "plerec-compile", "plerec-bf16", "torch-rechub", "deepctr-torch")
 ON_PLEREC_BATCHING = ("torch-rechub+plerec-batching", "deepctr-torch+plerec-batching")
 LIBRARIES = OWN_TRAINERS + ON_PLEREC_BATCHING
 MODELS = ("ple", "mmoe")
@@ -47,7 +51,7 @@ ARCH = {  # mirrored in worker.py, which builds every model from its own copy
 SCALING_ROWS = (250_000, 1_000_000, 4_000_000)
 # The sequence case: the data set gets the history column hist_item_ids (datagen.py --history) and every
 # library its own sequence feature, mean-pooled over the item field's table; only the libraries' own trainers.
-SEQUENCE_LIBRARIES = ("plerec", "plerec-bf16", "torch-rechub", "deepctr-torch")
+SEQUENCE_LIBRARIES = ("plerec", "plerec-compile", "plerec-bf16", "torch-rechub", "deepctr-torch")
 SEQUENCE_DEFAULT_LIBRARIES = ("plerec", "torch-rechub", "deepctr-torch")
 
 
@@ -262,9 +266,14 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
     else:
         ceiling_runs = [measure_ceiling(python, work, "before", args.threads)]
 
-    base = {"data": str((args.out / "data").resolve()), "threads": args.threads, "seed": args.seed}
+    base = {
+        "data": str((args.out / "data").resolve()),
+        "threads": args.threads,
+        "seed": args.seed,
+        "compile_cache": str((work / "inductor").resolve()),  # plerec-compile only: cold in round 0, then warm
+    }
     encoder_path = work / "plerec_encoder.json"
-    if any(lib in (PLEREC, PLEREC_BF16) or lib in ON_PLEREC_BATCHING for lib in libraries) and not (
+    if any(lib in PLEREC_OWN or lib in ON_PLEREC_BATCHING for lib in libraries) and not (
         args.resume and encoder_path.exists()
     ):
         # Short runs read the head of the training file but keep the vocabularies of the whole file, so
@@ -289,7 +298,7 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
         full = r == 0
         spec = {**base, "library": lib, "model": model, "batch_size": bs}
         spec["train_file"] = "train.parquet" if full else "train_head.parquet"
-        if not full and (lib in (PLEREC, PLEREC_BF16) or lib in ON_PLEREC_BATCHING):
+        if not full and (lib in PLEREC_OWN or lib in ON_PLEREC_BATCHING):
             spec["encoder"] = str(encoder_path.resolve())
         kind = "full" if full else "short"
         name = f"{lib}-{model}-{bs}-r{r}"

@@ -58,6 +58,7 @@ def main(spec_path: str, result_path: str) -> None:
     runner = {
         "plerec": run_plerec,
         "plerec-bf16": run_plerec,
+        "plerec-compile": run_plerec,
         "torch-rechub": run_rechub,
         "deepctr-torch": run_deepctr,
         "torch-rechub+plerec-batching": run_peer_on_plerec_batching,
@@ -111,6 +112,11 @@ def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
             "threads": spec["threads"],
             "progress": False,
             "bf16": spec["library"] == "plerec-bf16",
+            **(
+                {"compile": True, "compile_cache": spec["compile_cache"]}
+                if spec["library"] == "plerec-compile"
+                else {}  # the default ("auto")
+            ),
         },
     }
 
@@ -146,6 +152,7 @@ def run_plerec(spec: dict, meta: dict, data_dir: Path) -> dict:
             lambda logits: torch.sigmoid(logits).numpy(),
         ),
         "plerec_test_auc": {t: m["auc"] for t, m in result.metrics["test"].items()},
+        "plerec_compiled": result.compiled,  # whether the body was compiled, its compile seconds and step times
         "vocab_ids": sum(data.encoder.vocab_sizes),
         "plerec_train_config": experiment_to_dict(exp)["train"],
     }

@@ -494,8 +494,8 @@ def test_balancing_keys_at_their_defaults_leave_fingerprints_unchanged(table_pat
     assert differences(before, now, defaults=key_defaults()) == []
     changed = experiment_to_dict(_experiment(table_path, balancing="dwa", dwa={"temperature": 1.0}))
     assert differences(before, changed, defaults=key_defaults()) == [
-        "train.balancing: (absent) -> 'dwa'",
-        "train.dwa: (absent) -> {'temperature': 1.0}",
+        "train.balancing: (absent, so 'fixed') -> 'dwa'",
+        "train.dwa: (absent, so {'temperature': 2.0}) -> {'temperature': 1.0}",
     ]
 
 

@@ -85,6 +85,8 @@ def test_a_run_with_a_partial_last_batch_and_evaluation_compiles_once(tmp_path, 
             for metric, value in values.items():
                 assert run.metrics[split][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (split, task)
     assert "_compiled_body" not in run.model.__dict__, "the fitted model keeps a compiled body"
+    assert run.compiled["compiled"] and run.compiled["compile_seconds"] > 0, run.compiled  # what FitResult reports
+    assert not eager.compiled["compiled"] and eager.compiled["compile_seconds"] is None, eager.compiled
 
 
 def test_compile_resumes_to_the_uninterrupted_run(tmp_path):

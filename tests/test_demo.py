@@ -13,7 +13,7 @@ def test_demo_prints_gains_with_intervals_and_verdicts_for_every_model(tmp_path,
     for model in DEMO_MODELS[1:]:
         row = next(line for line in printed.splitlines() if line.startswith(f"| {model} |"))
         # two tasks, each: mean [low, high] verdict; then the model's verdict
-        assert len(re.findall(r"[+−]\d\.\d{4} \[[+−]\d\.\d{4}, [+−]\d\.\d{4}\] (gain|loss|n\.s\.)", row)) == 2, row
+        assert len(re.findall(r"[+−]\d+\.\d{4} \[[+−]\d+\.\d{4}, [+−]\d+\.\d{4}\] (gain|loss|n\.s\.)", row)) == 2, row
         assert row.rstrip().endswith("|") and row.split("|")[-2].strip(), row
     assert re.search(r"\(\d+\.\d min\)", printed), "the demo prints how long it took"
     # the single-task baseline is two one-task fits per seed, and every run kept its test predictions

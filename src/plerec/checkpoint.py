@@ -195,9 +195,10 @@ def differences(saved: Any, current: Any, prefix: str = "", defaults: Any = None
     """Every key whose value differs between two experiment dictionaries, as `key: saved -> current`.
 
     Lists of tables with a `name` (the tasks) are compared by name, so a reordering is reported clearly.
-    `defaults` (config.key_defaults(), or its part for `prefix`) holds every key's default: a key that
-    `saved` lacks and `current` holds at its default is not a change (a record written before plerec had
-    the key was computed as the default computes).
+    `defaults` (config.key_defaults(), or its part for `prefix`) holds what an absent key means, mostly its
+    default: a key that `saved` lacks and `current` holds at that value is not a change (a record written
+    before plerec had the key was computed as that value computes); held at another value, it is reported
+    as `key: (absent, so meant) -> current`.
     """
     if isinstance(saved, dict) and isinstance(current, dict):
         found = []
@@ -205,8 +206,10 @@ def differences(saved: Any, current: Any, prefix: str = "", defaults: Any = None
         for key in sorted(set(saved) | set(current), key=str):
             where = f"{prefix}.{key}" if prefix else str(key)
             if key not in saved:
-                if key not in defaults or _normalise(defaults[key]) != _normalise(current[key]):
+                if key not in defaults:
                     found.append(f"{where}: (absent) -> {current[key]!r}")
+                elif _normalise(defaults[key]) != _normalise(current[key]):
+                    found.append(f"{where}: (absent, so {defaults[key]!r}) -> {current[key]!r}")
             elif key not in current:
                 found.append(f"{where}: {saved[key]!r} -> (absent)")
             else:

@@ -594,6 +594,8 @@ def _evaluate(args) -> int:
     saved, now = experiment_to_dict(trained), experiment_to_dict(exp)
     for side in (saved, now):
         side["tasks"] = [{k: v for k, v in t.items() if k in scored} for t in side["tasks"]]
+        for init in ("dense_init", "embedding_init_std"):  # how the weights began: the checkpoint's replace them
+            side["model"].pop(init, None)
     defaults = key_defaults()
     differ = [
         d

@@ -205,6 +205,15 @@ class CompilePlan:
             f"compile: {self.compile_seconds:.1f} s to compile; a compiled step takes {compiled * 1e3:.2f} ms{versus}"
         )
 
+    def summary(self) -> dict:
+        """Whether the body was compiled, and the seconds this process measured (None where not measured)."""
+        return {
+            "compiled": self.compiled,
+            "compile_seconds": self.compile_seconds,
+            "compiled_step": statistics.median(self.compiled_times) if self.compiled_times else None,
+            "eager_step": self.eager_step,
+        }
+
     def close(self) -> None:
         """The model back to its eager body (the fitted model is used for scoring, and may be saved or copied)."""
         self.model.compile_body(None, 0)

@@ -96,6 +96,7 @@ class FitResult:
     best_epoch: int = 0
     train_seconds: float = 0.0  # the training steps only, without evaluation
     best_epochs: dict[str, int] = field(default_factory=dict)  # the single-task baseline: each task's own
+    compiled: dict = field(default_factory=dict)  # [train] compile: what was decided and measured (CompilePlan.summary)
 
 
 def prepare_data(exp: Experiment, encoder: Encoder | None = None) -> PreparedData:
@@ -732,7 +733,13 @@ class _Run:
             if split != "train"
         }
         result = FitResult(
-            self.model, data.encoder, metrics, progress.history, progress.best_epoch, progress.train_seconds
+            self.model,
+            data.encoder,
+            metrics,
+            progress.history,
+            progress.best_epoch,
+            progress.train_seconds,
+            compiled=self.compile_plan.summary(),
         )
         if self.out is not None:
             write_json(self.out / "metrics.json", metrics_record(exp, metrics, progress.train_seconds))
