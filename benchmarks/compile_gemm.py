@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Inductor's GEMM choices on the benchmark's model body: eager (oneDNN/MKL through ATen) against
+`torch.compile` with the default mode and with max-autotune (Inductor times its CPU GEMM templates against
+ATen's kernels for every matrix product and keeps the faster one).
+
+    python benchmarks/compile_gemm.py --out DIR [--models ple,mmoe] [--batch-size 1024] [--steps 60]
+
+For each model and variant, in its own process (so one compile does not warm another's caches), with an
+empty Inductor cache: the seconds to the end of the first compiled step, then the median of `--steps`
+training steps of the body alone (forward, the sum of its outputs, backward, no optimiser) after 5 warm-up
+steps, and which GEMM implementation max-autotune chose (Inductor's "autotune" log). Writes DIR/compile_gemm.json
+and DIR/compile_gemm.md. The body is the benchmark's (run.py ARCH) on a (batch, 328) input: the 20 fields'
+16-wide embeddings and 8 numeric fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = ("eager", "default", "max-autotune")
+IN_DIM = 20 * 16 + 8
+
+
+def body_of(model_name: str):
+    from plerec.models import build_model
+
+    arch = {"embedding_dim": 16, "expert_dims": [256, 128], "tower_dims": [64]}
+    arch.update({"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 1} if model_name == "ple" else {})
+    arch.update({"num_experts": 3} if model_name == "mmoe" else {})
+    model = build_model(model_name, arch, [1000] * 20, 8, 2)
+    assert model.input.out_dim == IN_DIM, model.input.out_dim
+    return model.body
+
+
+def measure(model_name: str, variant: str, batch: int, steps: int, threads: int) -> dict:
+    """One variant in this process: compile seconds (first step) and the median step."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    body = body_of(model_name).train()
+    run = body
+    if variant != "eager":
+        run = torch.compile(body, dynamic=False, mode=None if variant == "default" else "max-autotune-no-cudagraphs")
+    x = torch.randn(batch, IN_DIM, requires_grad=True)
+
+    def step() -> float:
+        started = time.perf_counter()
+        run(x).sum().backward()
+        return time.perf_counter() - started
+
+    first = step()
+    for _ in range(5):
+        step()
+    times = [step() for _ in range(steps)]
+    return {
+        "model": model_name,
+        "variant": variant,
+        "batch_size": batch,
+        "first_step_seconds": first,
+        "step_ms": statistics.median(times) * 1e3,
+        "step_ms_min": min(times) * 1e3,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def cpu() -> dict:
+    flags, name = [], platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))]
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "flags": flags, "cores": os.cpu_count()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", default="ple,mmoe")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)  # a child process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(*args.one, args.batch_size, args.steps, args.threads)))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model_name in args.models.split(","):
+        for variant in VARIANTS:
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(args.threads)}
+                env["TORCH_LOGS"] = "+autotuning" if variant == "max-autotune" else ""
+                command = [sys.executable, __file__, "--out", str(args.out), "--one", model_name, variant]
+                command += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+                command += ["--threads", str(args.threads)]
+                started = time.perf_counter()
+                done = subprocess.run(command, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    results.append({"model": model_name, "variant": variant, "error": done.stderr[-2000:]})
+                    print(f"{model_name} {variant}: FAILED\n{done.stderr[-2000:]}", flush=True)
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result["process_seconds"] = time.perf_counter() - started
+                # What max-autotune picked: Inductor logs each choice ("AUTOTUNE mm(...)" then the timings).
+                result["autotune_log"] = [
+                    line for line in done.stderr.splitlines() if "AUTOTUNE" in line or "cpp_" in line.lower()
+                ][:60]
+                results.append(result)
+                print(
+                    f"{model_name} {variant}: first step {result['first_step_seconds']:.1f} s, "
+                    f"step {result['step_ms']:.2f} ms (min {result['step_ms_min']:.2f})",
+                    flush=True,
+                )
+    context = {**cpu(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_end": os.getloadavg()}
+    (args.out / "compile_gemm.json").write_text(json.dumps({"context": context, "results": results}, indent=2) + "\n")
+    lines = [
+        "# Inductor GEMM choices on the benchmark's model body",
+        "",
+        f"{context['date']} · {context['cpu']} (flags: {' '.join(context['flags'])}) · {args.threads} threads · "
+        f"batch {args.batch_size} · body forward + backward, median of {args.steps} steps after 5 warm-up steps; "
+        "compile: the first step, from an empty cache, in its own process.",
+        "",
+        "| model | variant | first step s (compile) | step ms (median) | step ms (min) | vs eager |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | failed |||")
+            continue
+        eagers = [e for e in results if (e["model"], e["variant"]) == (r["model"], "eager") and "error" not in e]
+        eager = eagers[0] if eagers else None
+        ratio = f"{eager['step_ms'] / r['step_ms']:.2f}×" if eager else "—"
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['first_step_seconds']:.1f} | {r['step_ms']:.2f} "
+            f"| {r['step_ms_min']:.2f} | {ratio} |"
+        )
+    (args.out / "compile_gemm.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
