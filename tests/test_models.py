@@ -214,11 +214,8 @@ def _all_models(num_tasks=3):
         yield name, build_model(name, params, VOCABS, NUM_DENSE, num_tasks)
 
 
-@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("batch", [1, 8])
 def test_every_parameter_gets_a_gradient(batch):
-    """Every parameter is on the path to the outputs. With one row, a narrow ReLU layer can be wholly off (with
-    zero biases, as "he" starts, each unit is off for about half of the rows), so its weights' gradient is
-    rightly zero: a nonzero gradient is asserted where the batch makes that chance negligible."""
     for name, model in _all_models():
         sparse, dense = _inputs(batch)
         logits = model(sparse, dense)
@@ -227,7 +224,7 @@ def test_every_parameter_gets_a_gradient(batch):
         logits.pow(2).sum().backward()
         for pname, p in model.named_parameters():
             assert p.grad is not None, f"{name}: {pname} has no gradient"
-            if pname != "input.embedding.weight" and batch > 1:  # only the looked-up rows get a gradient
+            if pname != "input.embedding.weight":  # only the looked-up rows get a gradient
                 assert p.grad.abs().sum() > 0, f"{name}: {pname} has a zero gradient"
 
 
@@ -503,12 +500,12 @@ def test_state_shapes_are_those_of_the_built_model():
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_dense_init_he_draws_every_dense_layer_from_n_0_2_over_fan_in(name):
-    """[model] dense_init = "he" (the default): each ParallelMLP weight N(0, 2 / fan_in), biases 0; "uniform"
-    gives the weights of before the option existed (nn.Linear's uniform, bounded by 1/√fan_in)."""
+    """[model] dense_init = "he": each ParallelMLP weight N(0, 2 / fan_in), biases 0; the default is untouched
+    (the same weights as before the option existed: nn.Linear's uniform, bounded by 1/√fan_in)."""
     torch.manual_seed(0)
-    uniform = build_model(name, {"embedding_dim": 4, "tower_dims": [32], "dense_init": "uniform"}, [7, 5], 3, 2)
+    uniform = build_model(name, {"embedding_dim": 4, "tower_dims": [32]}, [7, 5], 3, 2)
     torch.manual_seed(0)
-    he = build_model(name, {"embedding_dim": 4, "tower_dims": [32]}, [7, 5], 3, 2)
+    he = build_model(name, {"embedding_dim": 4, "tower_dims": [32], "dense_init": "he"}, [7, 5], 3, 2)
     banks = [(a, b) for a, b in zip(uniform.modules(), he.modules(), strict=True) if isinstance(a, ParallelMLP)]
     assert banks
     weights = [w for _, bank in banks for w in bank.weights]

@@ -296,8 +296,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_model_or_schema(trained, exper
 
 
 def test_evaluate_takes_a_checkpoint_whose_weights_began_from_another_initialisation(trained, experiment, capsys):
-    """How the weights were initialised does not decide what the checkpoint scores (its weights replace them):
-    a checkpoint trained before `dense_init` existed (absent: "uniform") evaluates under today's "he"."""
+    """How the weights were initialised does not decide what the checkpoint scores (its weights replace them)."""
     args = ["evaluate", str(experiment), "--checkpoint", str(trained / "best.pt")]
-    assert main([*args, "--set", 'model.dense_init="uniform"', "--set", "model.embedding_init_std=0.01"]) == 0
+    assert main([*args, "--set", 'model.dense_init="he"', "--set", "model.embedding_init_std=0.01"]) == 0
     assert "differs" not in capsys.readouterr().err

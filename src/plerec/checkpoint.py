@@ -195,10 +195,10 @@ def differences(saved: Any, current: Any, prefix: str = "", defaults: Any = None
     """Every key whose value differs between two experiment dictionaries, as `key: saved -> current`.
 
     Lists of tables with a `name` (the tasks) are compared by name, so a reordering is reported clearly.
-    `defaults` (config.key_defaults(), or its part for `prefix`) holds what an absent key means, mostly its
-    default: a key that `saved` lacks and `current` holds at that value is not a change (a record written
-    before plerec had the key was computed as that value computes); held at another value, it is reported
-    as `key: (absent, so meant) -> current`.
+    `defaults` (config.key_defaults(), or its part for `prefix`) holds every key's default: a key that
+    `saved` lacks and `current` holds at its default is not a change (a record written before plerec had
+    the key was computed as the default computes); held at another value, it is reported as
+    `key: (absent, so default) -> current`.
     """
     if isinstance(saved, dict) and isinstance(current, dict):
         found = []

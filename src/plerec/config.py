@@ -693,17 +693,9 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     }
 
 
-# Keys whose default changed after they were added: what a record that lacks the key was computed with (a
-# record written before the key existed ran with the behaviour of the key's first default, not today's).
-ABSENT_MEANS: dict[tuple[str, ...], Any] = {
-    ("model", "dense_init"): "uniform",  # added as "uniform"; "he" is the default since issue 20
-}
-
-
 def key_defaults() -> dict[str, Any]:
-    """What a key absent from a recorded experiment means, shaped like `experiment_to_dict`: the key's default
-    (tasks: one task's keys; model: only the keys whose default is the same for every model), or for a key
-    whose default changed since it was added, its first default (ABSENT_MEANS)."""
+    """Every section's keys with their defaults, shaped like `experiment_to_dict` (tasks: one task's keys;
+    model: only the keys whose default is the same for every model, e.g. `dense_init`)."""
 
     def defaults(cls: type) -> dict[str, Any]:
         from dataclasses import MISSING
@@ -720,7 +712,7 @@ def key_defaults() -> dict[str, Any]:
     for spec in MODELS.values():
         own = defaults(spec.config)
         model = own if model is None else {k: v for k, v in model.items() if k in own and own[k] == v}
-    meant = {
+    return {
         "model": model or {},
         "data": {**defaults(DataConfig), "csv": defaults(CsvOptions)},
         "features": defaults(FeaturesConfig),
@@ -729,12 +721,6 @@ def key_defaults() -> dict[str, Any]:
         "rank": defaults(RankConfig),
         "evaluate": defaults(EvaluateConfig),
     }
-    for (*sections, key), value in ABSENT_MEANS.items():
-        node = meant
-        for section in sections:
-            node = node[section]
-        node[key] = value
-    return meant
 
 
 def _plain(value: Any) -> Any:
