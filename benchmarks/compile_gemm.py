@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,17 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from report import SIMD_FLAGS
+from run import ARCH, machine
+
 VARIANTS = ("eager", "default", "max-autotune")
-IN_DIM = 20 * 16 + 8
+IN_DIM = 20 * ARCH["embedding_dim"] + 8
 
 
 def body_of(model_name: str):
+    """The benchmark's model (run.py ARCH) over 20 fields and 8 numeric ones; its dense body."""
     from plerec.models import build_model
 
-    arch = {"embedding_dim": 16, "expert_dims": [256, 128], "tower_dims": [64]}
-    arch.update({"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 1} if model_name == "ple" else {})
-    arch.update({"num_experts": 3} if model_name == "mmoe" else {})
+    arch = {k: ARCH[k] for k in ("embedding_dim", "expert_dims", "tower_dims")} | ARCH[model_name]
     model = build_model(model_name, arch, [1000] * 20, 8, 2)
     assert model.input.out_dim == IN_DIM, model.input.out_dim
     return model.body
@@ -88,20 +88,6 @@ def autotune_choices(log: str) -> list[dict]:
     return found
 
 
-def cpu() -> dict:
-    flags, name = [], platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))]
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "flags": flags, "cores": os.cpu_count()}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -144,12 +130,13 @@ def main() -> int:
                     f"step {result['step_ms']:.2f} ms (min {result['step_ms_min']:.2f})",
                     flush=True,
                 )
-    context = {**cpu(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_end": os.getloadavg()}
+    context = {**machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_end": os.getloadavg()}
+    simd = [f for f in context["cpu_flags"] if f.startswith(SIMD_FLAGS)]
     (args.out / "compile_gemm.json").write_text(json.dumps({"context": context, "results": results}, indent=2) + "\n")
     lines = [
         "# Inductor GEMM choices on the benchmark's model body",
         "",
-        f"{context['date']} · {context['cpu']} (flags: {' '.join(context['flags'])}) · {args.threads} threads · "
+        f"{context['date']} · {context['cpu']} (flags: {' '.join(simd)}) · {args.threads} threads · "
         f"batch {args.batch_size} · body forward + backward, median of {args.steps} steps after 5 warm-up steps; "
         "compile: the first step, from an empty cache, in its own process.",
         "",

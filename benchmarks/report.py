@@ -6,8 +6,10 @@ import itertools
 import statistics
 
 PLEREC = "plerec"
-PLEREC_BF16 = "plerec-bf16"
-PLEREC_COMPILE = "plerec-compile"  # [train] compile = true: cold cache in the full run, warm in the repeats
+PLEREC_BF16 = "plerec-bf16"  # plerec with [train] bf16 = true: bfloat16 autocast (AMX/AVX-512 BF16 on CPU)
+# plerec with [train] compile = true, Inductor's cache in DIR/work/inductor: the first run of a configuration
+# compiles from a cold cache, the repeats from a warm one
+PLEREC_COMPILE = "plerec-compile"
 PEERS = ("torch-rechub", "deepctr-torch")  # the peers' own trainers
 MiB = 2**20
 SIMD_FLAGS = ("sse4", "avx", "amx", "fma", "f16c", "asimd", "sve")  # the CPU flags that matter for torch's kernels
@@ -197,8 +199,9 @@ def compile_markdown(records: list[dict]) -> list[str]:
         "## Compiled training (plerec-compile: `[train] compile = true`)",
         "",
         "Inductor's cache starts empty in each benchmark folder (`work/inductor`): the full-epoch run compiles "
-        "cold, the repeats warm. Compile seconds: the first compiled step less an eager step's time, as plerec "
-        "measures it. Compiled step: median of the 20 steps after it. Train samples/s: training rows over the "
+        "cold, the repeats warm. Compile seconds: the first compiled step, whole (with `compile = true` plerec "
+        "times no eager step to subtract). Compiled step: median of up to 20 steps after it. Train samples/s: "
+        "training rows over the "
         "training time (compile included), and over the training time less the compile seconds (the steady "
         "rate); the eager plerec's median beside it.",
         "",

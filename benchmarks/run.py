@@ -30,13 +30,11 @@ VENV = HERE / ".venv-peers"
 REQUIREMENTS = HERE / "requirements-peers.txt"
 CONSTRAINTS = ROOT / "constraints.txt"
 
-PLEREC = "plerec"
-PLEREC_BF16 = "plerec-bf16"  # plerec with [train] bf16 = true: bfloat16 autocast (AMX/AVX-512 BF16 on CPU)
-# plerec with [train] compile = true, Inductor's cache in DIR/work/inductor: the first run of a configuration
-# compiles from a cold cache, the repeats from a warm one
-PLEREC_COMPILE = "plerec-compile"
+sys.path.insert(0, str(HERE))  # report.py, beside this file, whichever folder the script is run from
+from report import PLEREC, PLEREC_BF16, PLEREC_COMPILE  # noqa: E402  (the libraries' names: one definition)
+
 PLEREC_OWN = (PLEREC, PLEREC_BF16, PLEREC_COMPILE)
-OWN_TRAINERS = ("plerec", "plerec-compile", "plerec-bf16", "torch-rechub", "deepctr-torch")
+OWN_TRAINERS = (PLEREC, PLEREC_COMPILE, PLEREC_BF16, "torch-rechub", "deepctr-torch")
 ON_PLEREC_BATCHING = ("torch-rechub+plerec-batching", "deepctr-torch+plerec-batching")
 LIBRARIES = OWN_TRAINERS + ON_PLEREC_BATCHING
 MODELS = ("ple", "mmoe")
@@ -51,8 +49,8 @@ ARCH = {  # mirrored in worker.py, which builds every model from its own copy
 SCALING_ROWS = (250_000, 1_000_000, 4_000_000)
 # The sequence case: the data set gets the history column hist_item_ids (datagen.py --history) and every
 # library its own sequence feature, mean-pooled over the item field's table; only the libraries' own trainers.
-SEQUENCE_LIBRARIES = ("plerec", "plerec-compile", "plerec-bf16", "torch-rechub", "deepctr-torch")
-SEQUENCE_DEFAULT_LIBRARIES = ("plerec", "torch-rechub", "deepctr-torch")
+SEQUENCE_LIBRARIES = OWN_TRAINERS
+SEQUENCE_DEFAULT_LIBRARIES = (PLEREC, "torch-rechub", "deepctr-torch")
 
 
 def main() -> int:
@@ -511,8 +509,6 @@ def versions(python: Path) -> dict:
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True, env=child_env(1))
     return {**json.loads(out.stdout), "python": platform.python_version()}
 
-
-sys.path.insert(0, str(HERE))
 
 if __name__ == "__main__":
     sys.exit(main())
