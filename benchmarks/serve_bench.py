@@ -349,6 +349,8 @@ def main() -> None:
     parser.add_argument("--candidates", default="100,500", help="candidates per /rank request")
     parser.add_argument("--batch-window-ms", type=float, default=2.0, help="micro-batching server; 0 skips it")
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="commit of today's server; '' skips it")
+    parser.add_argument("--servers", default="", help="comma-separated server names to run (default: all)")
+    parser.add_argument("--no-forward", action="store_true", help="skip the forward-pass limits")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: small model data, short scenarios")
     args = parser.parse_args()
     if args.smoke:
@@ -365,13 +367,16 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     bodies = {size: request_bodies(pool, 100, size) for size in sizes}
     scenarios, first_answers = [], {}
-    for size in sizes:
+    for size in sizes if not args.no_forward else ():
         for backend in ("torch", "onnx"):
             result = forward_limit(checkpoint, experiment, bodies[size]["columns"], args.seconds, size, backend)
             row = {"server": f"forward ({backend})", "form": "-", **result, "load_avg_1min": os.getloadavg()[0]}
             scenarios.append(row)
             print(_line(row), flush=True)
+    chosen = {name.strip() for name in args.servers.split(",") if name.strip()}
     for name, form, command, env in servers(checkpoint, experiment, baseline, args.batch_window_ms):
+        if chosen and name not in chosen:
+            continue
         workers = json.loads(command[-1]).get("workers", 1) if name != "baseline" else 1
         log = work / f"serve-{name.replace(' ', '_').replace(',', '')}.log"
         process, url = start_server(command, {**os.environ, **env}, log, workers)
