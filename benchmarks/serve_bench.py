@@ -8,6 +8,7 @@ keep-alive connections, N requests in flight) with /rank requests of one user's 
 - `baseline`: today's server, the plerec of `--baseline-rev` (git archive of that commit), row form;
 - `rows`, `columns`: this plerec, one worker, the row form and the columnar form of the same requests;
 - `columns, 2 workers`: this plerec with `workers=2` (one torch thread each);
+- `columns, 2 threads`, `columns, onnx, 2 threads`: one worker whose forward pass takes two threads;
 - `columns, onnx`: this plerec with `backend="onnx"` (ONNX Runtime on the model exported at start);
 - `columns, batch W ms`: this plerec with micro-batching (`batch_window`), one worker;
 - `forward (torch)`, `forward (onnx)`: the model's own cost, the forward pass alone (one thread) on the
@@ -289,6 +290,10 @@ def servers(checkpoint: Path, experiment: Path, baseline: Path | None, window_ms
     out.append(("columns", "columns", [*launch, json.dumps({"threads": 1})], env))
     out.append(("columns, 2 workers", "columns", [*launch, json.dumps({"threads": 1, "workers": 2})], env))
     out.append(("columns, onnx", "columns", [*launch, json.dumps({"threads": 1, "backend": "onnx"})], env))
+    # Both cores on each request's forward pass: `plerec serve`'s default (torch's threads) on a 2-core machine.
+    two = {"OMP_NUM_THREADS": "2"}
+    out.append(("columns, 2 threads", "columns", [*launch, json.dumps({"threads": 2})], two))
+    out.append(("columns, onnx, 2 threads", "columns", [*launch, json.dumps({"threads": 2, "backend": "onnx"})], two))
     if window_ms:
         options = {"threads": 1, "batch_window": window_ms / 1000}
         out.append((f"columns, batch {window_ms:g} ms", "columns", [*launch, json.dumps(options)], env))
@@ -406,7 +411,7 @@ def main() -> None:
         "machine": cpu(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "server_threads": 1,
+        "server_threads": "1 (2 for the servers named '2 threads')",
         "model": "ple, embedding 16, experts [256, 128], towers [64], 20 categorical + 8 numeric fields",
         "training_rows": args.rows,
         "top_k": TOP_K,
@@ -449,7 +454,7 @@ def _markdown(context: dict, scenarios: list[dict]) -> str:
         f"# plerec serve: throughput and latency ({context['date']})",
         "",
         f"{context['model']}; /rank of one user's candidates, top {context['top_k']}; every server with one torch "
-        f"thread per process; load generator (asyncio over raw sockets, requests built beforehand, closed loop) "
+        f"thread per process but those named '2 threads'; load generator (asyncio over raw sockets, requests built beforehand, closed loop) "
         "on the same machine: "
         f"{machine.get('model', machine['processor'])}, {machine['cpus']} CPUs, flags "
         f"{' '.join(machine.get('flags', []))}, torch {context['torch']} ({machine.get('torch_cpu_capability', '?')}), "
