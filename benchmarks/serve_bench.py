@@ -454,8 +454,8 @@ def _markdown(context: dict, scenarios: list[dict]) -> str:
         f"# plerec serve: throughput and latency ({context['date']})",
         "",
         f"{context['model']}; /rank of one user's candidates, top {context['top_k']}; every server with one torch "
-        f"thread per process but those named '2 threads'; load generator (asyncio over raw sockets, requests built beforehand, closed loop) "
-        "on the same machine: "
+        f"thread per process but those named '2 threads'; load generator (asyncio over raw sockets, requests "
+        "built beforehand, closed loop) on the same machine: "
         f"{machine.get('model', machine['processor'])}, {machine['cpus']} CPUs, flags "
         f"{' '.join(machine.get('flags', []))}, torch {context['torch']} ({machine.get('torch_cpu_capability', '?')}), "
         f"Python {context['python']}. Load average before {context['load_avg_before'][0]:.2f}, after "
