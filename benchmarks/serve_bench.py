@@ -5,7 +5,8 @@ Trains the benchmark's PLE (embedding 16, experts [256, 128], towers [64]; datag
 own process on a free localhost port, driven by a closed-loop load generator (asyncio over raw sockets,
 keep-alive connections, N requests in flight) with /rank requests of one user's C candidates (top 10):
 
-- `baseline`: today's server, the plerec of `--baseline-rev` (git archive of that commit), row form;
+- `baseline`: today's server, the plerec of `--baseline-rev` (git archive of that commit), row form; run
+  first and again last (`baseline, again`), since the machine's speed drifts within a run;
 - `rows`, `columns`: this plerec, one worker, the row form and the columnar form of the same requests;
 - `columns, 2 workers`: this plerec with `workers=2` (one torch thread each);
 - `columns, 2 threads`, `columns, onnx, 2 threads`: one worker whose forward pass takes two threads;
@@ -297,6 +298,8 @@ def servers(checkpoint: Path, experiment: Path, baseline: Path | None, window_ms
     if window_ms:
         options = {"threads": 1, "batch_window": window_ms / 1000}
         out.append((f"columns, batch {window_ms:g} ms", "columns", [*launch, json.dumps(options)], env))
+    if baseline is not None:  # measured again last: the machine's speed drifts over a run, and ratios rest on it
+        out.append(("baseline, again", *out[0][1:]))
     return out
 
 
@@ -354,7 +357,7 @@ def main() -> None:
     parser.add_argument("--candidates", default="100,500", help="candidates per /rank request")
     parser.add_argument("--batch-window-ms", type=float, default=2.0, help="micro-batching server; 0 skips it")
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="commit of today's server; '' skips it")
-    parser.add_argument("--servers", default="", help="comma-separated server names to run (default: all)")
+    parser.add_argument("--servers", default="", help="server names to run, separated by ; (default: all)")
     parser.add_argument("--no-forward", action="store_true", help="skip the forward-pass limits")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: small model data, short scenarios")
     args = parser.parse_args()
@@ -378,11 +381,11 @@ def main() -> None:
             row = {"server": f"forward ({backend})", "form": "-", **result, "load_avg_1min": os.getloadavg()[0]}
             scenarios.append(row)
             print(_line(row), flush=True)
-    chosen = {name.strip() for name in args.servers.split(",") if name.strip()}
+    chosen = {name.strip() for name in args.servers.split(";") if name.strip()}
     for name, form, command, env in servers(checkpoint, experiment, baseline, args.batch_window_ms):
         if chosen and name not in chosen:
             continue
-        workers = json.loads(command[-1]).get("workers", 1) if name != "baseline" else 1
+        workers = json.loads(command[-1]).get("workers", 1) if not name.startswith("baseline") else 1
         log = work / f"serve-{name.replace(' ', '_').replace(',', '')}.log"
         process, url = start_server(command, {**os.environ, **env}, log, workers)
         try:
