@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -868,10 +868,6 @@ def create_app(
     )
     app.state.model, app.state.metrics = model, metrics
 
-    @app.exception_handler(RequestError)
-    def request_error(request: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse({"error": err.message}, status_code=err.status)
-
     @app.exception_handler(HTTPException)
     def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return JSONResponse({"error": _clip(str(err.detail))}, status_code=err.status_code, headers=err.headers)
@@ -889,10 +885,8 @@ def create_app(
         metrics.scored(path, len(job.table))
         return answer
 
-    async def answered(request: Request, path: str) -> Response:
-        return Response(await answer(path, await request.body()), media_type="application/json")
-
     async def answer(path: str, body: bytes) -> bytes:
+        """A POST to /score or /rank, body to answer bytes (`Guard` calls it, in front of the routes)."""
         served = model.current
         if batcher is None:
             content = await anyio.to_thread.run_sync(whole, served, path, body)
@@ -921,15 +915,17 @@ def create_app(
             "reloads": served.generation,
         }
 
+    # POST /score and /rank are answered by `Guard` (`answer`) before any route is looked up: these two routes
+    # only describe them in the OpenAPI schema (and make other methods a 405).
     @app.post("/score")
-    async def score(request: Request) -> Response:
+    def score() -> None:
         """{"rows": [{FEATURE: value, …}, …]} or {"columns": {FEATURE: [value, …], …}}"""
-        return await answered(request, "/score")
+        raise RuntimeError("POST /score is answered by the Guard middleware, never by this route")
 
     @app.post("/rank")
-    async def rank_items(request: Request) -> Response:
+    def rank_items() -> None:
         """{"user": {…}, "candidates": [{…}, …], "top_k": k} or {"user": {…}, "columns": {FEATURE: […]}, "top_k": k}"""
-        return await answered(request, "/rank")
+        raise RuntimeError("POST /rank is answered by the Guard middleware, never by this route")
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:
@@ -1064,9 +1060,7 @@ class Guard:
             status, content = err.status, _error_body(err.message)
         except Exception as err:
             status, content = 500, _error_body(_internal(err))
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        await _send_json(send, status, content)
 
     def _authorised(self, value: bytes) -> bool:
         scheme, _, given = value.strip().partition(b" ")
@@ -1085,12 +1079,15 @@ def _internal(err: Exception) -> str:
     return f"Internal error: {type(err).__name__}: {_clip(str(err))}"
 
 
-async def _refuse(send: Callable, status: int, message: str, headers: list | None = None) -> None:
-    body = jsonio.dumps({"error": message}).encode()
-    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    start += [(b"connection", b"close"), *(headers or [])]
+async def _send_json(send: Callable, status: int, body: bytes, headers: list | None = None) -> None:
+    start = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *(headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": start})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(send: Callable, status: int, message: str, headers: list | None = None) -> None:
+    body = jsonio.dumps({"error": message}).encode()
+    await _send_json(send, status, body, [(b"connection", b"close"), *(headers or [])])
 
 
 _BUSY = jsonio.dumps({"error": "The service is busy: too many open connections"}).encode()
