@@ -32,13 +32,16 @@ def summarise(library: str, model: str, batch_size: int, runs: list[dict]) -> di
         )
         return record
     ref = next((r for r in ok if r["kind"] == "full"), ok[0])
+    seeds = [r for r in ok if r["kind"] == "full" and r["auc"].keys() == ref["auc"].keys()] or [ref]
     train = [r["train_samples_per_s"] for r in ok]
     infer = [r["infer_samples_per_s"] for r in ok]
     record.update(
         train_samples_per_s=statistics.median(train),
         infer_samples_per_s=statistics.median(infer),
         peak_rss_bytes=ref["peak_rss_bytes"],
-        auc=ref["auc"],
+        auc={t: statistics.fmean(r["auc"][t] for r in seeds) for t in ref["auc"]},
+        auc_seeds=[r["seed"] for r in seeds],
+        **({"auc_sd": {t: statistics.stdev(r["auc"][t] for r in seeds) for t in ref["auc"]}} if len(seeds) > 1 else {}),
         train_samples_per_s_min=min(train),
         train_samples_per_s_max=max(train),
         infer_samples_per_s_min=min(infer),
@@ -48,6 +51,7 @@ def summarise(library: str, model: str, batch_size: int, runs: list[dict]) -> di
         per_run=[
             {
                 "kind": r["kind"],
+                "seed": r["seed"],
                 "train_rows": r["train_rows"],
                 "train_seconds": r["train_seconds"],
                 "train_samples_per_s": r["train_samples_per_s"],
@@ -83,6 +87,24 @@ def _num(x: float | None) -> str:
 def _spread(record: dict, key: str) -> str:
     """median [min–max]"""
     return f"{_num(record[key])} [{_num(record[key + '_min'])}–{_num(record[key + '_max'])}]"
+
+
+def _auc(record: dict, task: str) -> str:
+    """The test AUC: one full epoch's, or the mean ± sd over the seeds' full epochs (n in brackets)."""
+    value = record["auc"].get(task)
+    if value is None:
+        return "—"
+    sd = record.get("auc_sd", {}).get(task)
+    return f"{value:.4f}" if sd is None else f"{value:.4f} ± {sd:.4f} (n={len(record['auc_seeds'])})"
+
+
+def _gap(ours: dict, peer: dict, task: str) -> str:
+    """plerec's AUC less the peer's, with the standard error of that difference of means where both have seeds."""
+    gap = ours["auc"][task] - peer["auc"][task]
+    sds = [(r.get("auc_sd", {}).get(task), len(r.get("auc_seeds", []))) for r in (ours, peer)]
+    if any(sd is None for sd, _ in sds):
+        return f"{gap:+.4f}"
+    return f"{gap:+.4f} ± {sum(sd**2 / n for sd, n in sds) ** 0.5:.4f}"
 
 
 def _minutes(seconds: float | None) -> str:
@@ -128,8 +150,15 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
         "the training time as plerec's `train_seconds` defines it: the epoch's steps, without the validation pass "
         "(torch-rechub: `MTLTrainer.train_one_epoch` inside `fit`; DeepCTR-Torch: `fit` less its `evaluate`); "
         "median [min–max] over the runs. Inference: the whole test split at the same batch size with the "
-        "library's predict call, median over the runs. AUC (test) and peak RSS of the process: from the full-epoch "
-        "run. "
+        "library's predict call, median over the runs. "
+        + (
+            "AUC (test) and peak RSS of the process: from the full-epoch run. "
+            if context.get("auc_seeds", 1) <= 1
+            else f"The full epoch also runs with {context['auc_seeds'] - 1} more seeds (model initialisation and "
+            "batch order; the same data), each counted among the runs: test AUC is the mean ± sd over the "
+            f"{context['auc_seeds']} seeds' full epochs (n = their number), a gap's ± the standard error of the "
+            "difference of two means; peak RSS from the first full epoch. "
+        )
         + (
             ""
             if sequence
@@ -159,7 +188,7 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
                     continue
                 train, infer = _spread(r, "train_samples_per_s"), _spread(r, "infer_samples_per_s")
                 mark = "" if "full" in r["auc_and_rss_from"] else " ¹"
-                auc = [f"{r['auc'].get(t, float('nan')):.4f}{mark}" for t in ("click", "conversion")]
+                auc = [f"{_auc(r, t)}{mark}" for t in ("click", "conversion")]
                 own = ours if ours and ours.get("train_samples_per_s") else {}
                 ratios = {
                     k: _ratio(own.get(k), r[k])
@@ -287,8 +316,8 @@ def sequence_markdown(records: list[dict]) -> list[str]:
             gap = ours["auc"][task] - peer["auc"][task]
             verdict = "pass" if gap >= -AUC_TOLERANCE else "FAIL"
             lines.append(
-                f"| {label} | {bs} | AUC {task} | {ours['auc'][task]:.4f} | {peer['library']} "
-                f"| {peer['auc'][task]:.4f} | {gap:+.4f} | {verdict} |"
+                f"| {label} | {bs} | AUC {task} | {_auc(ours, task)} | {peer['library']} "
+                f"| {_auc(peer, task)} | {_gap(ours, peer, task)} | {verdict} |"
             )
     return lines + [""]
 
@@ -362,10 +391,10 @@ def targets(
         0.75,
         f"{ours / c:.0%}" if ours and c else "—",
     )
-    ours_auc = get(ours_lib, "auc") or {}
+    mine = _find(records, ours_lib, model, bs) or {"auc": {}}
     for task in ("click", "conversion"):
         peers = [
-            r["auc"][task]
+            r
             for r in records
             if r["model"] == model
             and r["batch_size"] == bs
@@ -373,14 +402,14 @@ def targets(
             and task in r.get("auc", {})
             and "full" in r.get("auc_and_rss_from", "")
         ]
-        best = max(peers) if peers else None
-        mine = ours_auc.get(task)
+        best = max(peers, key=lambda r: r["auc"][task]) if peers else None
         name = f"test AUC {task} within 0.002 of the best peer"
-        if mine is None or best is None:
+        if task not in mine["auc"] or best is None:
             out.append((name, "—", "—", None))
         else:
-            gap = mine - best
-            out.append((name, f"{mine:.4f} vs {best:.4f}", f"{gap:+.4f}", gap >= -0.002))
+            gap = mine["auc"][task] - best["auc"][task]
+            measured = f"{_auc(mine, task)} vs {_auc(best, task)}"
+            out.append((name, measured, _gap(mine, best, task), gap >= -AUC_TOLERANCE))
     rss, peer_rss = get(ours_lib, "peak_rss_bytes"), get("torch-rechub", "peak_rss_bytes")
     add(
         "peak RSS ≤ ½ torch-rechub's",

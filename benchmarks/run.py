@@ -71,6 +71,12 @@ def main() -> int:
         default=",".join(OWN_TRAINERS),
         help="libraries whose first run trains one epoch on all rows (the others: short runs only)",
     )
+    parser.add_argument(
+        "--auc-seeds",
+        type=int,
+        default=1,
+        help="full-epoch runs per configuration, seeds --seed, --seed + 1, ...: AUC as mean ± sd over them",
+    )
     parser.add_argument("--scaling", action="store_true", help="time plerec's training at 250k, 1M and 4M rows instead")
     parser.add_argument("--scaling-rows", default=",".join(map(str, SCALING_ROWS)))
     parser.add_argument(
@@ -292,14 +298,19 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
     # Rounds rather than configurations outermost, so a slow spell of the machine hits every library.
     plan = [(r, c) for r in range(args.repeats) for c in configs if r > 0 or c[0] in full_epoch]
     plan += [(r, c) for r in range(args.repeats, args.repeats + 1) for c in configs if c[0] not in full_epoch]
+    # More seeds (model initialisation and batch order; the data stay): full epochs only, for the AUC's spread.
+    plan += [(-s, c) for s in range(1, args.auc_seeds) for c in configs if c[0] in full_epoch]
     for i, (r, (lib, model, bs)) in enumerate(plan, 1):
-        full = r == 0
+        full = r <= 0
         spec = {**base, "library": lib, "model": model, "batch_size": bs}
         spec["train_file"] = "train.parquet" if full else "train_head.parquet"
         if not full and (lib in PLEREC_OWN or lib in ON_PLEREC_BATCHING):
             spec["encoder"] = str(encoder_path.resolve())
         kind = "full" if full else "short"
         name = f"{lib}-{model}-{bs}-r{r}"
+        if r < 0:
+            spec["seed"] = args.seed - r
+            name = f"{lib}-{model}-{bs}-s{-r}"
         result = measure(python, spec, work, name, args.timeout, args.resume)
         result["kind"] = kind
         runs[(lib, model, bs)].append(result)
@@ -331,6 +342,7 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
         "rows": args.rows,
         "short_rows": short_rows,
         "repeats": args.repeats,
+        "auc_seeds": args.auc_seeds,
         "threads": args.threads,
         "full_epoch_libraries": sorted(full_epoch),
         "load_average_before": load_before,
@@ -384,7 +396,7 @@ def report_only(out: Path, python: Path) -> None:
     work = out / "work"
     meta = json.loads((out / "data" / "meta.json").read_text())
     runs: dict[tuple[str, str, int], list[dict]] = {}
-    for path in sorted(work.glob("*-r[0-9]*.json")):
+    for path in sorted([*work.glob("*-r[0-9]*.json"), *work.glob("*-s[0-9]*.json")]):
         if path.name.endswith(".spec.json"):
             continue
         result = json.loads(path.read_text())
@@ -409,6 +421,7 @@ def report_only(out: Path, python: Path) -> None:
         "rows": meta["rows"]["train"],
         "short_rows": meta["rows"].get("train_head"),
         "repeats": max(len(v) for v in runs.values()),
+        "auc_seeds": max(sum(r["kind"] == "full" for r in v) for v in runs.values()),
         "threads": any_run["threads"],
         "full_epoch_libraries": sorted({k[0] for k, v in runs.items() if any(r["kind"] == "full" for r in v)}),
         "load_average_before": previous.get("load_average_before"),
