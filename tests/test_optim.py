@@ -120,3 +120,30 @@ def test_training_optimizers_do_not_import_torchdynamo():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+def test_row_sparse_adam_sums_duplicate_ids_as_the_dense_gradient_does():
+    """A batch's sparse gradient repeats an id once per lookup; the update must see each row's summed
+    gradient (what a dense gradient holds), whatever the order and multiplicity of the ids."""
+    g = torch.Generator().manual_seed(3)
+    weights = torch.randn(50, 4, generator=g)
+    sparse_table = torch.nn.Parameter(weights.clone())
+    dense_table = torch.nn.Parameter(weights.clone())
+    sparse_opt, dense_opt = RowSparseAdam([sparse_table], lr=0.01), RowSparseAdam([dense_table], lr=0.01)
+    for _ in range(6):
+        ids = torch.randint(0, 20, (300,), generator=g)  # 20 rows touched ~15 times each, in random order
+        values = torch.randn(len(ids), 4, generator=g)
+        grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (50, 4))
+        assert not grad.is_coalesced()
+        sparse_table.grad, dense_table.grad = grad, grad.to_dense()
+        sparse_opt.step()
+        dense_opt.step()
+        torch.testing.assert_close(sparse_table, dense_table, rtol=1e-6, atol=1e-7)
+    assert torch.equal(sparse_table[20:], weights[20:])  # rows no batch touched never move
+    assert not torch.equal(sparse_table[:20], weights[:20])
+    # a gradient without rows (a table only empty lists looked up) changes nothing, but counts as a step
+    before = sparse_table.detach().clone()
+    sparse_table.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 4), (50, 4))
+    sparse_opt.step()
+    assert torch.equal(sparse_table, before)
+    assert sparse_opt.state_dict()["state"][0]["step"] == 7

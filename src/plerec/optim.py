@@ -177,8 +177,6 @@ class RowSparseAdam(_Optimizer):
         if grad.is_coalesced():
             return grad.indices()[0], grad.values()
         ids, values = grad._indices()[0], grad._values()
-        if not len(ids):
-            return ids, values
         ordered, order = torch.sort(ids, stable=True)
         rows, counts = torch.unique_consecutive(ordered, return_counts=True)
         starts = counts.new_zeros(len(rows))
@@ -200,8 +198,6 @@ class RowSparseAdam(_Optimizer):
                     state["moments"] = param.new_zeros(param.shape[0], 2, *param.shape[1:])
                 state["step"] += 1
                 rows, values = self._touched(grad)
-                if not len(rows):
-                    continue
                 moments = state["moments"].index_select(0, rows)  # (U, 2, dim): exp_avg, exp_avg_sq
                 exp_avg, exp_avg_sq = moments[:, 0], moments[:, 1]
                 _update_moments(exp_avg, exp_avg_sq, values, group["betas"])
