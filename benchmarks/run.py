@@ -453,15 +453,23 @@ def run_scaling(args: argparse.Namespace, python: Path) -> None:
     heads = {f"train_{n}": n for n in sizes}
     meta = make_data(python, args.out / "scaling_data", max(sizes), args.seed, heads, 20_000)
     base = {"data": str((args.out / "scaling_data").resolve()), "threads": args.threads, "seed": args.seed}
+    base["compile_cache"] = str((work / "inductor").resolve())  # plerec-compile: cold at the first size, then warm
+    libraries = split(args.libraries or PLEREC, PLEREC_OWN)
     results = []
     for n in sizes:
-        spec = {**base, "library": PLEREC, "model": "ple", "batch_size": 1024, "train_file": f"train_{n}.parquet"}
-        result = measure(python, spec, work, f"scaling-{n}", args.timeout)
-        results.append(result)
-        if "error" in result:
-            log(f"scaling {n:,} rows: FAILED ({result['error']})")
-        else:
-            log(f"scaling {n:,} rows: {result['train_seconds']:.1f} s, {result['train_samples_per_s']:,.0f} samples/s")
+        for lib in libraries:
+            spec = {**base, "library": lib, "model": "ple", "batch_size": 1024, "train_file": f"train_{n}.parquet"}
+            name = f"scaling-{n}" if lib == PLEREC else f"scaling-{lib}-{n}"
+            result = measure(python, spec, work, name, args.timeout)
+            results.append(result)
+            if "error" in result:
+                log(f"scaling {lib} {n:,} rows: FAILED ({result['error']})")
+                continue
+            compiled = result.get("plerec_compiled") or {}
+            log(
+                f"scaling {lib} {n:,} rows: {result['train_seconds']:.1f} s, {result['train_samples_per_s']:,.0f} "
+                "samples/s" + (f", compile {compiled['compile_seconds']:.1f} s" if compiled.get("compiled") else "")
+            )
     from report import scaling_markdown
 
     context = {

@@ -133,7 +133,7 @@ def test_row_sparse_adam_sums_duplicate_ids_as_the_dense_gradient_does():
     for _ in range(6):
         ids = torch.randint(0, 20, (300,), generator=g)  # 20 rows touched ~15 times each, in random order
         values = torch.randn(len(ids), 4, generator=g)
-        grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (50, 4))
+        grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (50, 4), check_invariants=True)
         assert not grad.is_coalesced()
         sparse_table.grad, dense_table.grad = grad, grad.to_dense()
         sparse_opt.step()
@@ -143,7 +143,9 @@ def test_row_sparse_adam_sums_duplicate_ids_as_the_dense_gradient_does():
     assert not torch.equal(sparse_table[:20], weights[:20])
     # a gradient without rows (a table only empty lists looked up) changes nothing, but counts as a step
     before = sparse_table.detach().clone()
-    sparse_table.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 4), (50, 4))
+    sparse_table.grad = torch.sparse_coo_tensor(
+        torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 4), (50, 4), check_invariants=True
+    )
     sparse_opt.step()
     assert torch.equal(sparse_table, before)
     assert sparse_opt.state_dict()["state"][0]["step"] == 7
