@@ -9,7 +9,7 @@ from tiny_experiments import experiment, write_table
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from plerec import compiled as compiled_module
-from plerec.compiled import COMPILE_RECORD, PROBE_SKIP, PROBE_STEPS, CompilePlan, pays_off, shape_key
+from plerec.compiled import COMPILE_RECORD, PROBE_SKIP, PROBE_STEPS, TIMED_STEPS, CompilePlan, pays_off, shape_key
 from plerec.models import MODELS, build_model
 from plerec.train import fit, masked_task_losses
 
@@ -196,3 +196,34 @@ def test_auto_goes_back_to_eager_when_compiling_fails(tmp_path, monkeypatch):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="no compiler today"):
         fit(experiment(tmp_path / "t.csv", epochs=2, compile=True, compile_cache=str(cache)))
+
+
+def test_auto_goes_back_to_eager_when_the_compiled_step_is_no_faster(tmp_path, monkeypatch):
+    """ "auto" compiled on a probe (10 ms eager steps, many steps left); if the timed compiled steps are no
+    faster than that, the run returns to the eager body, says so, reports it, and records the figures so that
+    the next run's "auto" stays off; a faster compiled step keeps the compiled body."""
+    bodies = []
+    monkeypatch.setattr(CompilePlan, "_compile", lambda self, why: setattr(self, "compiled", True))
+    monkeypatch.setattr(type(_tiny("ple")), "compile_body", lambda self, fn, rows: bodies.append(fn))
+    for compiled_ms, reverts in ((12, True), (10, True), (8, False)):
+        bodies.clear()
+        durations = [0.010] * (PROBE_SKIP + PROBE_STEPS) + [2.0] + [compiled_ms / 1e3] * TIMED_STEPS
+        ticks = iter([t for d in durations for t in (0.0, d)])  # before_step reads 0, after_step the duration
+        monkeypatch.setattr(compiled_module.time, "perf_counter", lambda ticks=ticks: next(ticks))
+        folder = tmp_path / str(compiled_ms)
+        folder.mkdir()
+        said = []
+        plan = CompilePlan(setting="auto", model=_tiny("ple"), rows=ROWS, bf16=False, folder=folder, say=said.append)
+        plan.start(100_000)
+        for _ in durations:
+            plan.before_step()
+            plan.after_step(ROWS)
+        summary = plan.summary()
+        assert summary["compiled"] and summary["reverted"] == reverts, (compiled_ms, said)
+        assert plan.compiled != reverts and bodies == ([None] if reverts else []), (compiled_ms, bodies)
+        assert any(line.startswith("compile = auto: back to eager") for line in said) == reverts, said
+        assert summary["compile_seconds"] == pytest.approx(2.0 - 0.010)
+        # the record keeps what this machine measured: the next "auto" decides from it before any step
+        nxt = CompilePlan(setting="auto", model=_tiny("ple"), rows=ROWS, bf16=False, folder=folder, say=said.append)
+        nxt.start(100_000)
+        assert nxt.decided and nxt.compiled != reverts, (compiled_ms, said[-1])

@@ -15,6 +15,9 @@ with the figures this machine measured for the same model shape before (COMPILE_
 folder), or, for a shape never compiled here, the eager step timed over the run's first PROBE_STEPS steps,
 the saving PRIOR_SAVING of it and PRIOR_COMPILE_SECONDS (a cold cache). Every compiled run records its
 measured compile time and step times there, so the next decision rests on this machine's own figures.
+Where "auto" compiled on a probe and the compiled step then times no faster than the probe's eager step
+(TIMED_STEPS of each, medians), the run goes back to the eager body: the compile is spent, the steps left
+are not; the record written says so to the next run, whose "auto" then stays off.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class CompilePlan:
     eager_step: float | None = None  # their median after PROBE_SKIP, once probed
     compiled_times: list[float] = field(default_factory=list)
     compile_seconds: float | None = None
+    reverted: bool = False  # "auto" went back to eager: the compiled step was no faster than the eager one
     steps: int = 0
     _started: float = 0.0
 
@@ -162,6 +166,7 @@ class CompilePlan:
                 self.compiled_times.append(seconds)
                 if len(self.compiled_times) == TIMED_STEPS:
                     self._write_record()
+                    self._keep_or_revert()
 
     def fall_back(self, error: Exception) -> bool:
         """After a step raised `error`: where "auto" had just compiled (the first compiled step), go back to the
@@ -205,10 +210,24 @@ class CompilePlan:
             f"compile: {self.compile_seconds:.1f} s to compile; a compiled step takes {compiled * 1e3:.2f} ms{versus}"
         )
 
+    def _keep_or_revert(self) -> None:
+        """Under "auto", back to the eager body when the compiled step is no faster than the eager one timed
+        in this process (a probe); what was measured is in the record either way."""
+        compiled = statistics.median(self.compiled_times)
+        if self.setting != "auto" or self.eager_step is None or compiled < self.eager_step:
+            return
+        self.compiled, self.reverted = False, True
+        self.model.compile_body(None, 0)
+        self.say(
+            f"compile = auto: back to eager (a compiled step takes {compiled * 1e3:.2f} ms, an eager one "
+            f"{self.eager_step * 1e3:.2f} ms on this machine)"
+        )
+
     def summary(self) -> dict:
         """Whether the body was compiled, and the seconds this process measured (None where not measured)."""
         return {
-            "compiled": self.compiled,
+            "compiled": self.compiled or self.reverted,
+            "reverted": self.reverted,
             "compile_seconds": self.compile_seconds,
             "compiled_step": statistics.median(self.compiled_times) if self.compiled_times else None,
             "eager_step": self.eager_step,
