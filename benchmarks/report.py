@@ -491,7 +491,7 @@ def scaling_markdown(results: list[dict], context: dict) -> str:
         "PLE (2 levels, experts [256, 128], towers [64], embeddings 16), batch size 1024, one epoch, plerec's `fit` "
         "(training time as its `train_seconds`: the steps, without the validation pass) on the first N rows of one "
         "generated stream; each size in its own process, its vocabularies fitted on its own rows. "
-        "plerec: its defaults (`compile = \"auto\"`, which may compile; then its compile seconds are shown). "
+        'plerec: its defaults (`compile = "auto"`, which may compile; then its compile seconds are shown). '
         "plerec-compile: `[train] compile = true`, Inductor's cache empty at the first size (cold) and kept for "
         "the next (warm). Compile seconds are in the training time; the steady rate leaves them out.",
         "",
