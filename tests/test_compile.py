@@ -227,3 +227,42 @@ def test_auto_goes_back_to_eager_when_the_compiled_step_is_no_faster(tmp_path, m
         nxt = CompilePlan(setting="auto", model=_tiny("ple"), rows=ROWS, bf16=False, folder=folder, say=said.append)
         nxt.start(100_000)
         assert nxt.decided and nxt.compiled != reverts, (compiled_ms, said[-1])
+
+
+def test_the_record_keeps_the_median_of_the_last_runs(tmp_path, monkeypatch):
+    """One slow compiled process does not keep "auto" off for good: the record holds the step times of the last
+    RECORDED_RUNS runs per shape and "auto" decides on their medians; an entry of the older, one-figure form is
+    taken as the first of them."""
+    monkeypatch.setattr(CompilePlan, "_compile", lambda self, why: self.__dict__.update(decided=True, compiled=True))
+    key = shape_key(_tiny("ple"), ROWS, False)
+    (tmp_path / COMPILE_RECORD).write_text(
+        json.dumps({key: {"eager_step": 0.010, "compiled_step": 0.012, "cold_compile_seconds": 1.0}})
+    )
+    said = []
+
+    def compiled_run(compiled_ms):
+        durations = [2.0] + [compiled_ms / 1e3] * TIMED_STEPS  # the compiling step, then the timed ones
+        ticks = iter([t for d in durations for t in (0.0, d)])
+        monkeypatch.setattr(compiled_module.time, "perf_counter", lambda: next(ticks))
+        plan = CompilePlan(setting=True, model=_tiny("ple"), rows=ROWS, bf16=False, folder=tmp_path, say=said.append)
+        plan.start(100_000)
+        for _ in durations:
+            plan.before_step()
+            plan.after_step(ROWS)
+
+    def auto_compiles():
+        plan = CompilePlan(setting="auto", model=_tiny("ple"), rows=ROWS, bf16=False, folder=tmp_path, say=said.append)
+        plan.start(100_000)
+        assert plan.decided, said[-1]
+        return plan.compiled
+
+    assert not auto_compiles()  # 12 ms compiled against 10 ms eager
+    for compiled_ms in (7, 8, 9):
+        compiled_run(compiled_ms)
+    assert auto_compiles()  # the median of 12, 7, 8 and 9 ms: 8.5
+    for compiled_ms in (30, 31, 32):
+        compiled_run(compiled_ms)
+    entry = json.loads((tmp_path / COMPILE_RECORD).read_text())[key]
+    assert entry["compiled_steps"] == pytest.approx([0.008, 0.009, 0.030, 0.031, 0.032])  # the last 5 runs
+    assert entry["compiled_step"] == pytest.approx(0.030) and entry["eager_step"] == 0.010  # no probe: eager kept
+    assert not auto_compiles()

@@ -14,10 +14,11 @@ benchmarks/PROFILE.md), paid once per model shape when Inductor's on-disk caches
 with the figures this machine measured for the same model shape before (COMPILE_RECORD in the cache
 folder), or, for a shape never compiled here, the eager step timed over the run's first PROBE_STEPS steps,
 the saving PRIOR_SAVING of it and PRIOR_COMPILE_SECONDS (a cold cache). Every compiled run records its
-measured compile time and step times there, so the next decision rests on this machine's own figures.
+measured compile time and step times there (the last RECORDED_RUNS runs' step times, decided on by their
+medians), so the next decision rests on this machine's own figures.
 Where "auto" compiled on a probe and the compiled step then times no faster than the probe's eager step
 (TIMED_STEPS of each, medians), the run goes back to the eager body: the compile is spent, the steps left
-are not; the record written says so to the next run, whose "auto" then stays off.
+are not; the record written says so to the next run.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ COMPILE_RECORD = "plerec_compile_times.json"
 PROBE_SKIP = 3  # eager steps left out of the timing (allocator and oneDNN warm-up)
 PROBE_STEPS = 20  # eager steps timed after them, for "auto"
 TIMED_STEPS = 20  # compiled steps timed after the first (the compiling one), for the record
+RECORDED_RUNS = 5  # runs whose step times the record keeps per shape ("auto" reads their median)
 PRIOR_SAVING = 0.17  # of an eager step: PLE's body fwd+bwd 22.6 vs 27.3 ms compiled (benchmarks/PROFILE.md)
 PRIOR_COMPILE_SECONDS = 15.4  # a cold cache, the same measurement
 
@@ -197,9 +199,14 @@ class CompilePlan:
         compiled = statistics.median(self.compiled_times)
         record = read_record(self.folder)
         entry = record.setdefault(self.key, {})
-        entry["compiled_step"] = compiled
-        if self.eager_step is not None:
-            entry["eager_step"] = self.eager_step
+        # The step times of the last RECORDED_RUNS runs, and their medians for "auto": one slow process (the
+        # compiled step varies by a third between processes on some CPUs) does not decide alone.
+        for name, value in (("compiled_step", compiled), ("eager_step", self.eager_step)):
+            if value is None:
+                continue
+            earlier = entry.get(name + "s", [entry[name]] if isinstance(entry.get(name), float) else [])
+            entry[name + "s"] = [*earlier, value][-RECORDED_RUNS:]
+            entry[name] = statistics.median(entry[name + "s"])
         # The first compile of a shape here is cold; every later one reads Inductor's caches (warm).
         entry["warm_compile_seconds" if "cold_compile_seconds" in entry else "cold_compile_seconds"] = (
             self.compile_seconds
