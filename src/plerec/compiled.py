@@ -204,7 +204,7 @@ class CompilePlan:
         for name, value in (("compiled_step", compiled), ("eager_step", self.eager_step)):
             if value is None:
                 continue
-            earlier = entry.get(name + "s", [entry[name]] if isinstance(entry.get(name), float) else [])
+            earlier = entry.get(name + "s", [entry[name]] if isinstance(entry.get(name), (int, float)) else [])
             entry[name + "s"] = [*earlier, value][-RECORDED_RUNS:]
             entry[name] = statistics.median(entry[name + "s"])
         # The first compile of a shape here is cold; every later one reads Inductor's caches (warm).
