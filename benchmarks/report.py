@@ -107,6 +107,11 @@ def _gap(ours: dict, peer: dict, task: str) -> str:
     return f"{gap:+.4f} ± {sum(sd**2 / n for sd, n in sds) ** 0.5:.4f}"
 
 
+def _steady(run: dict, compile_seconds: float | None) -> float | None:
+    """A compiled run's training rate without its compile time (None where nothing was compiled)."""
+    return run["train_rows"] / (run["train_seconds"] - compile_seconds) if compile_seconds is not None else None
+
+
 def _minutes(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds else "—"
 
@@ -243,7 +248,7 @@ def compile_markdown(records: list[dict]) -> list[str]:
         for k, run in enumerate(r["per_run"]):
             c = run.get("compiled") or {}
             seconds = c.get("compile_seconds")
-            steady = run["train_rows"] / (run["train_seconds"] - seconds) if seconds is not None else None
+            steady = _steady(run, seconds)
             step = f"{c['compiled_step'] * 1e3:.2f}" if c.get("compiled_step") else "—"
             lines.append(
                 f"| {r['model'].upper()} | {r['batch_size']} | {run['kind']} {'(cold)' if k == 0 else '(warm)'} "
@@ -510,7 +515,7 @@ def scaling_markdown(results: list[dict], context: dict) -> str:
         ids = f"{r['vocab_ids']:,}" if r.get("vocab_ids") else "—"
         compiled = r.get("plerec_compiled") or {}
         seconds = compiled.get("compile_seconds") if compiled.get("compiled") else None
-        steady = r["train_rows"] / (r["train_seconds"] - seconds) if seconds is not None else None
+        steady = _steady(r, seconds)
         lines.append(
             f"| {lib} | {r['train_rows']:,} | {ids} | {r['train_seconds']:.1f} | {r['train_samples_per_s']:,.0f} "
             f"| {per_row * 1e6:.1f} | {per_row / base:.2f}× | {f'{seconds:.1f}' if seconds is not None else '—'} "

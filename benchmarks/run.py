@@ -63,7 +63,9 @@ def main() -> int:
     parser.add_argument(
         "--short-rows", type=int, default=None, help="training rows of the repeat runs (default: rows / 10, >= 1000)"
     )
-    parser.add_argument("--libraries", default=None, help="default: all (with --sequence: plerec and the peers)")
+    parser.add_argument(
+        "--libraries", default=None, help="default: all (with --sequence: plerec and the peers; with --scaling: plerec)"
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     parser.add_argument(
@@ -307,10 +309,8 @@ def run_comparison(args: argparse.Namespace, python: Path, started: float) -> No
         if not full and (lib in PLEREC_OWN or lib in ON_PLEREC_BATCHING):
             spec["encoder"] = str(encoder_path.resolve())
         kind = "full" if full else "short"
-        name = f"{lib}-{model}-{bs}-r{r}"
-        if r < 0:
-            spec["seed"] = args.seed - r
-            name = f"{lib}-{model}-{bs}-s{-r}"
+        spec["seed"] = args.seed - min(r, 0)  # round -s: seed + s
+        name = f"{lib}-{model}-{bs}-" + (f"s{-r}" if r < 0 else f"r{r}")
         result = measure(python, spec, work, name, args.timeout, args.resume)
         result["kind"] = kind
         runs[(lib, model, bs)].append(result)

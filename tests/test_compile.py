@@ -104,15 +104,29 @@ def test_compile_resumes_to_the_uninterrupted_run(tmp_path):
             assert resumed.metrics["test"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
 
 
-def _plan(tmp_path, setting, said):
+def _plan(folder, setting, said):
     return CompilePlan(
         setting=setting,
         model=_tiny("ple"),
         rows=ROWS,
         bf16=False,
-        folder=tmp_path,
+        folder=folder,
         say=said.append,
     )
+
+
+def _compile_nothing(plan, why):
+    """CompilePlan._compile without torch.compile: the plan only marks the body compiled."""
+    plan.decided = plan.compiled = True
+
+
+def _timed_steps(plan, seconds, monkeypatch):
+    """Full training steps through `plan` that take `seconds` each (the clock is faked)."""
+    ticks = iter([t for d in seconds for t in (0.0, d)])  # before_step reads 0, after_step the duration
+    monkeypatch.setattr(compiled_module.time, "perf_counter", lambda: next(ticks))
+    for _ in seconds:
+        plan.before_step()
+        plan.after_step(ROWS)
 
 
 def test_auto_compiles_only_where_the_remaining_steps_pay_for_it(tmp_path, monkeypatch):
@@ -203,28 +217,24 @@ def test_auto_goes_back_to_eager_when_the_compiled_step_is_no_faster(tmp_path, m
     faster than that, the run returns to the eager body, says so, reports it, and records the figures so that
     the next run's "auto" stays off; a faster compiled step keeps the compiled body."""
     bodies = []
-    monkeypatch.setattr(CompilePlan, "_compile", lambda self, why: setattr(self, "compiled", True))
+    monkeypatch.setattr(CompilePlan, "_compile", _compile_nothing)
     monkeypatch.setattr(type(_tiny("ple")), "compile_body", lambda self, fn, rows: bodies.append(fn))
     for compiled_ms, reverts in ((12, True), (10, True), (8, False)):
         bodies.clear()
-        durations = [0.010] * (PROBE_SKIP + PROBE_STEPS) + [2.0] + [compiled_ms / 1e3] * TIMED_STEPS
-        ticks = iter([t for d in durations for t in (0.0, d)])  # before_step reads 0, after_step the duration
-        monkeypatch.setattr(compiled_module.time, "perf_counter", lambda ticks=ticks: next(ticks))
         folder = tmp_path / str(compiled_ms)
         folder.mkdir()
         said = []
-        plan = CompilePlan(setting="auto", model=_tiny("ple"), rows=ROWS, bf16=False, folder=folder, say=said.append)
+        plan = _plan(folder, "auto", said)
         plan.start(100_000)
-        for _ in durations:
-            plan.before_step()
-            plan.after_step(ROWS)
+        eager, compiling = [0.010] * (PROBE_SKIP + PROBE_STEPS), [2.0]
+        _timed_steps(plan, eager + compiling + [compiled_ms / 1e3] * TIMED_STEPS, monkeypatch)
         summary = plan.summary()
         assert summary["compiled"] and summary["reverted"] == reverts, (compiled_ms, said)
         assert plan.compiled != reverts and bodies == ([None] if reverts else []), (compiled_ms, bodies)
         assert any(line.startswith("compile = auto: back to eager") for line in said) == reverts, said
         assert summary["compile_seconds"] == pytest.approx(2.0 - 0.010)
         # the record keeps what this machine measured: the next "auto" decides from it before any step
-        nxt = CompilePlan(setting="auto", model=_tiny("ple"), rows=ROWS, bf16=False, folder=folder, say=said.append)
+        nxt = _plan(folder, "auto", said)
         nxt.start(100_000)
         assert nxt.decided and nxt.compiled != reverts, (compiled_ms, said[-1])
 
@@ -233,7 +243,7 @@ def test_the_record_keeps_the_median_of_the_last_runs(tmp_path, monkeypatch):
     """One slow compiled process does not keep "auto" off for good: the record holds the step times of the last
     RECORDED_RUNS runs per shape and "auto" decides on their medians; an entry of the older, one-figure form is
     taken as the first of them."""
-    monkeypatch.setattr(CompilePlan, "_compile", lambda self, why: self.__dict__.update(decided=True, compiled=True))
+    monkeypatch.setattr(CompilePlan, "_compile", _compile_nothing)
     key = shape_key(_tiny("ple"), ROWS, False)
     (tmp_path / COMPILE_RECORD).write_text(
         json.dumps({key: {"eager_step": 0.010, "compiled_step": 0.012, "cold_compile_seconds": 1.0}})
@@ -241,17 +251,12 @@ def test_the_record_keeps_the_median_of_the_last_runs(tmp_path, monkeypatch):
     said = []
 
     def compiled_run(compiled_ms):
-        durations = [2.0] + [compiled_ms / 1e3] * TIMED_STEPS  # the compiling step, then the timed ones
-        ticks = iter([t for d in durations for t in (0.0, d)])
-        monkeypatch.setattr(compiled_module.time, "perf_counter", lambda: next(ticks))
-        plan = CompilePlan(setting=True, model=_tiny("ple"), rows=ROWS, bf16=False, folder=tmp_path, say=said.append)
+        plan = _plan(tmp_path, True, said)
         plan.start(100_000)
-        for _ in durations:
-            plan.before_step()
-            plan.after_step(ROWS)
+        _timed_steps(plan, [2.0] + [compiled_ms / 1e3] * TIMED_STEPS, monkeypatch)  # the compiling step, then timed
 
     def auto_compiles():
-        plan = CompilePlan(setting="auto", model=_tiny("ple"), rows=ROWS, bf16=False, folder=tmp_path, say=said.append)
+        plan = _plan(tmp_path, "auto", said)
         plan.start(100_000)
         assert plan.decided, said[-1]
         return plan.compiled

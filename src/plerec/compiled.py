@@ -167,8 +167,9 @@ class CompilePlan:
             elif len(self.compiled_times) < TIMED_STEPS:
                 self.compiled_times.append(seconds)
                 if len(self.compiled_times) == TIMED_STEPS:
-                    self._write_record()
-                    self._keep_or_revert()
+                    compiled = statistics.median(self.compiled_times)
+                    self._write_record(compiled)
+                    self._keep_or_revert(compiled)
 
     def fall_back(self, error: Exception) -> bool:
         """After a step raised `error`: where "auto" had just compiled (the first compiled step), go back to the
@@ -194,9 +195,9 @@ class CompilePlan:
         self.model.compile_body(torch.compile(self.model.body, backend=BACKEND, dynamic=False), self.rows)
         self.say(f"{why}: the model body is compiled for batches of {self.rows} rows (cache {self.folder})")
 
-    def _write_record(self) -> None:
-        """This shape's measured figures, for "auto" next time; the compile time is reported either way."""
-        compiled = statistics.median(self.compiled_times)
+    def _write_record(self, compiled: float) -> None:
+        """This shape's measured figures (`compiled`: the median compiled step), for "auto" next time; the compile
+        time is reported either way."""
         record = read_record(self.folder)
         entry = record.setdefault(self.key, {})
         # The step times of the last RECORDED_RUNS runs, and their medians for "auto": one slow process (the
@@ -217,10 +218,9 @@ class CompilePlan:
             f"compile: {self.compile_seconds:.1f} s to compile; a compiled step takes {compiled * 1e3:.2f} ms{versus}"
         )
 
-    def _keep_or_revert(self) -> None:
-        """Under "auto", back to the eager body when the compiled step is no faster than the eager one timed
-        in this process (a probe); what was measured is in the record either way."""
-        compiled = statistics.median(self.compiled_times)
+    def _keep_or_revert(self, compiled: float) -> None:
+        """Under "auto", back to the eager body when the compiled step (`compiled`, the median) is no faster than
+        the eager one timed in this process (a probe); what was measured is in the record either way."""
         if self.setting != "auto" or self.eager_step is None or compiled < self.eager_step:
             return
         self.compiled, self.reverted = False, True
