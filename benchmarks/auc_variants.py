@@ -13,6 +13,7 @@ seeds, and appends one JSON line per run (test AUC per task, training seconds) t
     dense_init=he  the same through plerec's own option, [model] dense_init = "he" (drawn after the build)
     lrX          [train] lr = X for every parameter
     elrX, dlrX   lr X for the embedding tables' RowSparseAdam only (elr), or for the dense parameters only (dlr)
+    eiX          [model] embedding_init_std = X: the embedding tables drawn N(0, X²) (the default X is 1e-4)
 
     python benchmarks/auc_variants.py default,dense_adam,bn 0,1,2 [--batch 1024] [--model ple] [--out FILE]
 """
@@ -111,6 +112,8 @@ def configure(exp, variant: str):
     if variant.startswith(("elr", "dlr")):
         train_module.make_optimizers = one_lr(variant[0], float(variant[3:]))
         return exp
+    if variant.startswith("ei"):
+        return replace(exp, model=replace(exp.model, embedding_init_std=float(variant[2:])))
     if variant.startswith("lr"):
         return replace(exp, train=replace(exp.train, lr=float(variant[2:])))
     raise SystemExit(f"unknown variant {variant!r}")
