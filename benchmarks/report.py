@@ -465,12 +465,14 @@ def targets_markdown(records: list[dict], ceiling: dict) -> list[str]:
 
 
 def runs_markdown(records: list[dict], model: str = "ple", batch_size: int = 1024) -> list[str]:
-    """Every run of one model and batch size, with the machine's load average when it started and ended."""
+    """Every run of one model and batch size: its seed, its test AUC per task (tasks in name order; full-epoch
+    runs only), and the machine's load average when it started and ended."""
     lines = [
         f"## Every run ({model.upper()}, batch size {batch_size})",
         "",
-        "| library | run | training rows | train samples/s | infer samples/s | load average start → end |",
-        "|---|---|---:|---:|---:|---|",
+        "| library | run | seed | training rows | train samples/s | infer samples/s | test AUC "
+        "| load average start → end |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         if r["model"] != model or r["batch_size"] != batch_size:
@@ -478,9 +480,11 @@ def runs_markdown(records: list[dict], model: str = "ple", batch_size: int = 102
         for run in r.get("per_run", []):
             load = run.get("load_average_start_end")
             shown = f"{load[0]:.1f} → {load[1]:.1f}" if load else "—"
+            auc = run.get("auc") or {}
+            aucs = " / ".join(f"{auc[t]:.4f}" for t in sorted(auc)) if run["kind"] == "full" and auc else "—"
             lines.append(
-                f"| {r['library']} | {run['kind']} | {run['train_rows']:,} | {_num(run['train_samples_per_s'])} "
-                f"| {_num(run['infer_samples_per_s'])} | {shown} |"
+                f"| {r['library']} | {run['kind']} | {run.get('seed', '—')} | {run['train_rows']:,} "
+                f"| {_num(run['train_samples_per_s'])} | {_num(run['infer_samples_per_s'])} | {aucs} | {shown} |"
             )
     return lines + [""]
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -396,12 +397,15 @@ def report_only(out: Path, python: Path) -> None:
     work = out / "work"
     meta = json.loads((out / "data" / "meta.json").read_text())
     runs: dict[tuple[str, str, int], list[dict]] = {}
+    repeats: dict[tuple[str, str, int], int] = {}  # the -r runs only: the -s runs are the extra seeds
     for path in sorted([*work.glob("*-r[0-9]*.json"), *work.glob("*-s[0-9]*.json")]):
         if path.name.endswith(".spec.json"):
             continue
         result = json.loads(path.read_text())
         result["kind"] = "full" if result["train_file"] == "train.parquet" else "short"
-        runs.setdefault((result["library"], result["model"], result["batch_size"]), []).append(result)
+        key = (result["library"], result["model"], result["batch_size"])
+        runs.setdefault(key, []).append(result)
+        repeats[key] = repeats.get(key, 0) + bool(re.search(r"-r\d+$", path.stem))
     configs = [
         (lib, model, bs)
         for model in MODELS
@@ -420,7 +424,7 @@ def report_only(out: Path, python: Path) -> None:
         "data": meta,
         "rows": meta["rows"]["train"],
         "short_rows": meta["rows"].get("train_head"),
-        "repeats": max(len(v) for v in runs.values()),
+        "repeats": max(repeats.values()),
         "auc_seeds": max(sum(r["kind"] == "full" for r in v) for v in runs.values()),
         "threads": any_run["threads"],
         "full_epoch_libraries": sorted({k[0] for k, v in runs.items() if any(r["kind"] == "full" for r in v)}),
