@@ -120,13 +120,14 @@ def _compile_nothing(plan, why):
     plan.decided = plan.compiled = True
 
 
-def _timed_steps(plan, seconds, monkeypatch):
-    """Full training steps through `plan` that take `seconds` each (the clock is faked)."""
+def _timed_steps(plan, seconds, monkeypatch, rows=None):
+    """Training steps through `plan` that take `seconds` each (the clock is faked), of `rows` rows each (full
+    batches, ROWS, unless given)."""
     ticks = iter([t for d in seconds for t in (0.0, d)])  # before_step reads 0, after_step the duration
     monkeypatch.setattr(compiled_module.time, "perf_counter", lambda: next(ticks))
-    for _ in seconds:
+    for n in rows or [ROWS] * len(seconds):
         plan.before_step()
-        plan.after_step(ROWS)
+        plan.after_step(n)
 
 
 def test_auto_compiles_only_where_the_remaining_steps_pay_for_it(tmp_path, monkeypatch):
@@ -157,22 +158,17 @@ def test_auto_times_the_first_eager_steps_for_a_shape_never_compiled(tmp_path, m
     and the prior saving; partial batches are not timed; the same figures decide the same way."""
     compiles = []
     monkeypatch.setattr(CompilePlan, "_compile", lambda self, why: compiles.append(why))
-    clock = iter(range(10_000))
-    monkeypatch.setattr(compiled_module.time, "perf_counter", lambda: next(clock) * 0.01)  # each step 10 ms
     for remaining, expected in ((100_000, 1), (1_000, 0)):
         compiles.clear()
         said = []
         plan = _plan(tmp_path, "auto", said)
         plan.start(remaining)
         assert not plan.decided
-        for _ in range(PROBE_SKIP + PROBE_STEPS - 1):
-            plan.before_step()
-            plan.after_step(ROWS)
-            plan.before_step()
-            plan.after_step(ROWS - 1)  # a partial batch: not the compiled shape, not timed
+        # full batches of 10 ms, each followed by a partial batch (not the compiled shape, not timed) of 1 s
+        pairs = PROBE_SKIP + PROBE_STEPS - 1
+        _timed_steps(plan, [0.010, 1.0] * pairs, monkeypatch, rows=[ROWS, ROWS - 1] * pairs)
         assert not plan.decided
-        plan.before_step()
-        plan.after_step(ROWS)
+        _timed_steps(plan, [0.010], monkeypatch)
         assert plan.decided and len(compiles) == expected, (remaining, said)
         if not expected:
             assert said and said[-1].startswith("compile = auto: off (an eager step takes 10.0 ms"), said
