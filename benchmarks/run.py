@@ -36,7 +36,7 @@ from report import PLEREC, PLEREC_BF16, PLEREC_COMPILE  # noqa: E402  (the libra
 
 PLEREC_OWN = (PLEREC, PLEREC_BF16, PLEREC_COMPILE)
 OWN_TRAINERS = (PLEREC, PLEREC_COMPILE, PLEREC_BF16, "torch-rechub", "deepctr-torch")
-ON_PLEREC_BATCHING = ("torch-rechub+plerec-batching", "deepctr-torch+plerec-batching")
+ON_PLEREC_BATCHING = ("torch-rechub+plerec-batching", "deepctr-torch+plerec-batching", "plerec+plain-loop")
 LIBRARIES = OWN_TRAINERS + ON_PLEREC_BATCHING
 MODELS = ("ple", "mmoe")
 BATCH_SIZES = (1024, 4096)

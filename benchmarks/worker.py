@@ -2,7 +2,8 @@
 
 Run by run.py as `python worker.py SPEC.json RESULT.json`. SPEC names the library (`plerec`,
 `torch-rechub`, `deepctr-torch`, or a peer's model fed by plerec's batching:
-`torch-rechub+plerec-batching`, `deepctr-torch+plerec-batching`), the model (`ple` or `mmoe`), the batch
+`torch-rechub+plerec-batching`, `deepctr-torch+plerec-batching`, or plerec's own model in that same loop with
+dense gradients: `plerec+plain-loop`), the model (`ple` or `mmoe`), the batch
 size, the data folder, which training file to read and the number of threads.
 
 Every library trains through its own recommended call, with the small validation file as its
@@ -63,6 +64,7 @@ def main(spec_path: str, result_path: str) -> None:
         "deepctr-torch": run_deepctr,
         "torch-rechub+plerec-batching": run_peer_on_plerec_batching,
         "deepctr-torch+plerec-batching": run_peer_on_plerec_batching,
+        "plerec+plain-loop": run_plerec_plain_loop,
     }[spec["library"]]
     out = runner(spec, meta, data_dir)
     # The library's peak, before the harness imports scikit-learn to score the predictions.
@@ -467,6 +469,39 @@ def run_peer_on_plerec_batching(spec: dict, meta: dict, data_dir: Path) -> dict:
 
     return measured(
         len(train), train_seconds, test.labels.numpy(), predict, lambda probs: probs.numpy().astype(np.float64)
+    )
+
+
+def run_plerec_plain_loop(spec: dict, meta: dict, data_dir: Path) -> dict:
+    """plerec's model (as `fit` builds it) in the loop of `run_peer_on_plerec_batching`: the same batches, dense
+    embedding gradients and one torch.optim.Adam over every parameter (no RowSparseAdam), BCE on the logits
+    per task summed. What plerec's model costs as a dense step, beside the peers' models in the same loop."""
+    from plerec.models import build_model
+    from plerec.train import predict
+
+    exp, data = plerec_data(spec, meta, data_dir)
+    model = build_model(exp.model_name, exp.model, num_tasks=len(exp.tasks), **data.encoder.model_inputs())
+    model.input.set_sparse(False)
+    train, test = data.splits["train"], data.splits["test"]
+    bs = spec["batch_size"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=ARCH["lr"])
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+
+    start = time.perf_counter()
+    model.train()
+    for batch in plerec_batches(train, bs, spec["seed"]):
+        logits = model(*batch.inputs)  # (B, T)
+        loss = sum(loss_fn(logits[:, k], batch.labels[:, k]) for k in range(logits.shape[1]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    train_seconds = time.perf_counter() - start
+    return measured(
+        len(train),
+        train_seconds,
+        test.labels.numpy(),
+        lambda: predict(model, test, bs),
+        lambda logits: torch.sigmoid(logits).numpy(),
     )
 
 
