@@ -380,25 +380,25 @@ def targets(
         ok = value >= goal if higher else value <= goal
         out.append((name, measured, f"{value / goal:.2f}× of the goal", ok))
 
-    for name, goal, rivals in (
+    dense = get(PLAIN_LOOP, train)  # plerec's model in the peers' plain loop: dense gradients, torch's Adam
+    for name, goal, mine, rivals in (
         (
             "train ≥ 1.8 × torch-rechub's PLE fed by the fastest loop",
             1.8,
+            ours,
             ("torch-rechub", "torch-rechub+plerec-batching"),
         ),
-        ("train ≥ 2.2 × the faster of the peers' own trainers", 2.2, ("torch-rechub", "deepctr-torch")),
+        ("train ≥ 2.2 × the faster of the peers' own trainers", 2.2, ours, PEERS),
+        (
+            "dense step: plerec's model ≥ 1.5 × the peers' models in the same loop",
+            1.5,
+            dense,
+            tuple(f"{peer}+plerec-batching" for peer in PEERS),
+        ),
     ):
         rates = [v for v in (get(lib, train) for lib in rivals) if v]
         best = max(rates) if rates else None
-        add(name, ours / best if ours and best else None, goal, f"{ours / best:.2f}×" if ours and best else "—")
-    dense = get(PLAIN_LOOP, train)  # plerec's model in the peers' plain loop: dense gradients, torch's Adam
-    rates = [v for v in (get(f"{peer}+plerec-batching", train) for peer in ("torch-rechub", "deepctr-torch")) if v]
-    add(
-        "dense step: plerec's model ≥ 1.5 × the peers' models in the same loop",
-        dense / max(rates) if dense and rates else None,
-        1.5,
-        f"{dense / max(rates):.2f}×" if dense and rates else "—",
-    )
+        add(name, mine / best if mine and best else None, goal, f"{mine / best:.2f}×" if mine and best else "—")
     c = ceiling.get("ceiling_samples_per_s")
     add(
         "train ≥ 75 % of the compute ceiling",

@@ -426,6 +426,21 @@ def plerec_batches(table, batch_size: int, seed: int):
     return (table.batch(order[i : i + batch_size]) for i in range(0, len(table), batch_size))
 
 
+def plain_loop(model, forward, loss_fn, train, batch_size: int, seed: int) -> float:
+    """One epoch of the plain loop over plerec's batches: `forward(batch)` (the model's (B, T) outputs), `loss_fn`
+    per task summed, one torch.optim.Adam step over every parameter of `model`. Its seconds."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=ARCH["lr"])
+    start = time.perf_counter()
+    model.train()
+    for batch in plerec_batches(train, batch_size, seed):
+        out = forward(batch)  # (B, T)
+        loss = sum(loss_fn(out[:, k], batch.labels[:, k]) for k in range(out.shape[1]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
 def run_peer_on_plerec_batching(spec: dict, meta: dict, data_dir: Path) -> dict:
     exp, data = plerec_data(spec, meta, data_dir)
     vocab = dict(zip(data.encoder.categorical, data.encoder.vocab_sizes, strict=True))
@@ -448,19 +463,8 @@ def run_peer_on_plerec_batching(spec: dict, meta: dict, data_dir: Path) -> dict:
 
     train, test = data.splits["train"], data.splits["test"]
     bs = spec["batch_size"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=ARCH["lr"])
     loss_fn = torch.nn.functional.binary_cross_entropy  # peer models return probabilities
-
-    start = time.perf_counter()
-    model.train()
-    for batch in plerec_batches(train, bs, spec["seed"]):
-        probs = model(inputs(batch))  # (B, T)
-        loss = sum(loss_fn(probs[:, k], batch.labels[:, k]) for k in range(probs.shape[1]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    train_seconds = time.perf_counter() - start
-
+    train_seconds = plain_loop(model, lambda batch: model(inputs(batch)), loss_fn, train, bs, spec["seed"])
     model.eval()
 
     @torch.inference_mode()
@@ -484,18 +488,8 @@ def run_plerec_plain_loop(spec: dict, meta: dict, data_dir: Path) -> dict:
     model.input.set_sparse(False)
     train, test = data.splits["train"], data.splits["test"]
     bs = spec["batch_size"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=ARCH["lr"])
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
-
-    start = time.perf_counter()
-    model.train()
-    for batch in plerec_batches(train, bs, spec["seed"]):
-        logits = model(*batch.inputs)  # (B, T)
-        loss = sum(loss_fn(logits[:, k], batch.labels[:, k]) for k in range(logits.shape[1]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    train_seconds = time.perf_counter() - start
+    train_seconds = plain_loop(model, lambda batch: model(*batch.inputs), loss_fn, train, bs, spec["seed"])
     return measured(
         len(train),
         train_seconds,
