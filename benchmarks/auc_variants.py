@@ -13,6 +13,12 @@ seeds, and appends one JSON line per run (test AUC per task, training seconds) t
     dense_init=he  the same through plerec's own option, [model] dense_init = "he" (drawn after the build)
     lrX          [train] lr = X for every parameter
     elrX, dlrX   lr X for the embedding tables' RowSparseAdam only (elr), or for the dense parameters only (dlr)
+    norm_W[_affine]  BatchNorm after the layers W names ("h": experts' and towers' hidden layers, "g": the
+                 gates' logits before their softmax, "hg": both, as torch-rechub), with a learnable scale and
+                 shift per unit when "_affine" (a monkeypatch, a diagnostic)
+    batch_norm=W  the same as norm_W_affine through plerec's own option, [model] batch_norm = W (gates, hidden,
+                 all)
+    glrX         lr X for the gates' weights only (the other dense parameters and the tables at the run's lr)
     eiX          [model] embedding_init_std = X: the embedding tables drawn N(0, X²) (the default X is 1e-4)
 
     python benchmarks/auc_variants.py default,dense_adam,bn 0,1,2 [--batch 1024] [--model ple] [--out FILE]
@@ -79,6 +85,50 @@ def batch_norm_forward(self, x):
     return h
 
 
+def rechub_norm(where: str, affine: bool):
+    """ParallelMLP patches with BatchNorm after the chosen linear layers: "h" the hidden layers of experts and
+    towers (those a ReLU follows), "g" the gates' logits (bias-free banks, before their softmax), as
+    torch-rechub's MLP puts one after every layer it builds; affine: a learnable scale and shift per unit."""
+
+    def init(self, *args, **kwargs):
+        PLAIN_INIT(self, *args, **kwargs)
+        last = len(self.weights) - 1
+        relu = [i < last or self.final_activation for i in range(last + 1)]
+        self._norm = [("g" in where) if self.biases is None else ("h" in where and r) for r in relu]
+        self._stats = [None] * len(self.weights)
+        if affine:
+            shapes = [(w.shape[0], 1, w.shape[2]) for w in self.weights]
+            self.bn_scale = torch.nn.ParameterList(torch.nn.Parameter(torch.ones(s)) for s in shapes)
+            self.bn_shift = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(s)) for s in shapes)
+
+    def forward(self, x):
+        h = x
+        last = len(self.weights) - 1
+        for i, w in enumerate(self.weights):
+            h = torch.einsum("bd,edo->ebo", h, w) if h.dim() == 2 else torch.bmm(h, w)
+            if self.biases is not None:
+                h = h + self.biases[i].unsqueeze(1)
+            if self._norm[i]:
+                if self.training:
+                    mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)
+                    with torch.no_grad():
+                        if self._stats[i] is None:
+                            self._stats[i] = [mean.detach().clone(), var.detach().clone()]
+                        else:
+                            self._stats[i][0].lerp_(mean.detach(), 0.1)
+                            self._stats[i][1].lerp_(var.detach(), 0.1)
+                else:
+                    mean, var = self._stats[i]
+                h = (h - mean) / torch.sqrt(var + 1e-5)
+                if affine:
+                    h = h * self.bn_scale[i] + self.bn_shift[i]
+            if i < last or self.final_activation:
+                h = torch.relu(h)
+        return h
+
+    return init, forward
+
+
 def one_lr(which: str, lr: float):
     """make_optimizers with lr for the embedding tables' optimiser (which = "e") or the others ("d")."""
 
@@ -88,6 +138,21 @@ def one_lr(which: str, lr: float):
             if isinstance(optimizer, RowSparseAdam) == (which == "e"):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+        return optimizers
+
+    return make
+
+
+def gate_lr(lr: float):
+    """make_optimizers with the gates' weights (every parameter whose name holds "gate") in a group at lr."""
+
+    def make(model, exp, params=()):
+        optimizers = MAKE_OPTIMIZERS(model, exp, params)
+        gates = {id(p) for name, p in model.named_parameters() if "gate" in name}
+        dense = optimizers[0]
+        rest = [p for p in dense.param_groups[0]["params"] if id(p) not in gates]
+        chosen = [p for p in dense.param_groups[0]["params"] if id(p) in gates]
+        optimizers[0] = torch.optim.Adam([{"params": rest}, {"params": chosen, "lr": lr}], lr=exp.train.lr)
         return optimizers
 
     return make
@@ -103,11 +168,20 @@ def configure(exp, variant: str):
         return replace(exp, train=replace(exp.train, sparse_embeddings=False))
     if variant == "dense_init=he":
         return replace(exp, model=replace(exp.model, dense_init="he"))
+    if variant.startswith("batch_norm="):
+        return replace(exp, model=replace(exp.model, batch_norm=variant.split("=", 1)[1]))
     if variant == "he_init":
         layers.ParallelMLP.__init__ = he_init
         return exp
     if variant == "bn":
         layers.ParallelMLP.forward = batch_norm_forward
+        return exp
+    if variant.startswith("norm_"):  # norm_<h|g|hg>[_affine]
+        parts = variant.split("_")
+        layers.ParallelMLP.__init__, layers.ParallelMLP.forward = rechub_norm(parts[1], parts[-1] == "affine")
+        return exp
+    if variant.startswith("glr"):
+        train_module.make_optimizers = gate_lr(float(variant[3:]))
         return exp
     if variant.startswith(("elr", "dlr")):
         train_module.make_optimizers = one_lr(variant[0], float(variant[3:]))

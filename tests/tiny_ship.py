@@ -70,12 +70,13 @@ def frame(rows: int, seed: int) -> pd.DataFrame:
     return out
 
 
-def train_tiny(root: Path, model: str = "ple") -> tuple[Path, Path]:
-    """(checkpoint, experiment file) of a model trained for one epoch under `root`."""
+def train_tiny(root: Path, model: str = "ple", overrides: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """(checkpoint, experiment file) of a model trained for one epoch under `root`; `overrides` as --set takes
+    them (`model.batch_norm="all"`)."""
     frame(240, 0).to_csv(root / "train.csv", index=False)
     frame(60, 1).to_csv(root / "valid.csv", index=False)
     (root / "exp.toml").write_text(EXPERIMENT)
-    exp = load_experiment(root / "exp.toml", [f"model.name={model}"] if model != "ple" else [])
+    exp = load_experiment(root / "exp.toml", [*([f"model.name={model}"] if model != "ple" else []), *overrides])
     fit(exp, out_dir=root / "run")
     return root / "run" / "best.pt", root / "exp.toml"
 

@@ -58,11 +58,13 @@ class FusionLevel(nn.Module):
         num_experts = num_tasks * num_task_experts + num_shared_experts
         self.experts = ParallelMLP(num_experts, in_dim, expert_dims)
         self.out_dim = self.experts.out_dim
-        self.gates = ParallelMLP(num_tasks, in_dim, [num_experts], final_activation=False, bias=False)
+        self.gates = ParallelMLP(num_tasks, in_dim, [num_experts], final_activation=False, bias=False, gate=True)
         # v_k starts as the mean of task k's experts (with one expert, the expert itself).
         self.native_weights = nn.Parameter(torch.full((num_tasks, num_task_experts), 1.0 / num_task_experts))
         self.shared_gate = (
-            ParallelMLP(1, in_dim, [num_experts], final_activation=False, bias=False) if shared_gate else None
+            ParallelMLP(1, in_dim, [num_experts], final_activation=False, bias=False, gate=True)
+            if shared_gate
+            else None
         )
         self.shared_weights = (
             nn.Parameter(torch.full((num_shared_experts,), 1.0 / num_shared_experts)) if shared_gate else None

@@ -29,6 +29,7 @@ MAX_PARAMETERS = 2**32  # 16 GiB of float32
 
 
 DENSE_INITS = ("uniform", "he")
+BATCH_NORMS = ("none", "gates", "hidden", "all")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,12 +44,20 @@ class ModelConfig:
     # Neither is better everywhere (benchmarks/README.md): "he" trains the benchmark's CTR models faster in
     # one epoch, and doubles the demo's test MSE.
     dense_init: str = "uniform"
+    # Batch normalisation (layers.BankNorm) in the body: "none" (the papers' networks), "gates" (every gate's
+    # logits, before its softmax), "hidden" (every layer a ReLU follows: experts, bottoms, towers' hidden
+    # layers), "all" (both: torch-rechub's MLP has it after every layer it builds, its gates' too).
+    batch_norm: str = "none"
 
     def __post_init__(self) -> None:
         _check_positive("embedding_dim", [self.embedding_dim])
         if self.dense_init not in DENSE_INITS:
             raise ValueError(
                 f"Expected `dense_init` to be one of {', '.join(DENSE_INITS)}, but got {self.dense_init!r}"
+            )
+        if self.batch_norm not in BATCH_NORMS:
+            raise ValueError(
+                f"Expected `batch_norm` to be one of {', '.join(BATCH_NORMS)}, but got {self.batch_norm!r}"
             )
         if not (self.embedding_init_std > 0 and math.isfinite(self.embedding_init_std)):
             raise ValueError(f"Expected `embedding_init_std` to be finite and > 0, but got {self.embedding_init_std}")
@@ -357,7 +366,7 @@ class MLMMoE(nn.Module):
             shared_gate=False,
         )
         self.experts2 = ParallelMLP(n, self.level1.out_dim, config.expert_dims)
-        self.task_gates = ParallelMLP(num_tasks, in_dim, [n], final_activation=False, bias=False)
+        self.task_gates = ParallelMLP(num_tasks, in_dim, [n], final_activation=False, bias=False, gate=True)
         self.towers = Towers(num_tasks, self.experts2.out_dim, config.tower_dims)
 
     def extract(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -560,6 +569,8 @@ class MultiTaskModel(nn.Module):
             vocab_sizes, num_dense, config.embedding_dim, config.embedding_init_std, copies, tuple(lists), tuple(dims)
         )
         self.body = MODELS[name].build(config, self.input.out_dim, num_tasks)
+        if config.batch_norm != "none":
+            add_batch_norm_(self.body, config.batch_norm)
         # A regression task trained on standardised labels predicts σ·out + μ, in the label's units; (1, 0) for
         # the others. Set by training from the training labels (train.set_output_scale), saved with the weights.
         self.register_buffer("output_scale", torch.ones(num_tasks))
@@ -683,6 +694,17 @@ def build_model(
     if config.dense_init == "he":
         he_init_(model)
     return model
+
+
+def add_batch_norm_(body: nn.Module, where: str) -> None:
+    """A BankNorm in every ParallelMLP of the body where [model] batch_norm (`where`) puts one: after the gates'
+    logits ("gates"), after every layer a ReLU follows ("hidden"), or both ("all"). The feature input's
+    attention MLP is not the body's and has none."""
+    for module in body.modules():
+        if isinstance(module, ParallelMLP):
+            module.add_batch_norm(
+                hidden=where in ("hidden", "all") and not module.gate, output=where in ("gates", "all") and module.gate
+            )
 
 
 @torch.no_grad()

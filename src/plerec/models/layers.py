@@ -307,6 +307,9 @@ class ParallelMLP(nn.Module):
 
     Input (B, d_in) is read by every network; input (E, B, d_in) gives each network its own rows.
     Output (E, B, d_out).
+
+    `gate` marks a bank of gates (its output is softmax logits): [model] batch_norm = "gates" normalises only
+    those. `add_batch_norm` puts a BankNorm after the chosen layers (none by default).
     """
 
     def __init__(
@@ -317,12 +320,15 @@ class ParallelMLP(nn.Module):
         *,
         final_activation: bool = True,
         bias: bool = True,
+        gate: bool = False,
     ):
         super().__init__()
         if num < 1:
             raise ValueError(f"Expected at least one network in a bank, but got {num}")
         self.num = num
         self.final_activation = final_activation
+        self.gate = gate
+        self.norms: nn.ModuleDict | None = None  # layer index (str) -> BankNorm after that layer's affine map
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList() if bias else None
         d = in_dim
@@ -335,9 +341,18 @@ class ParallelMLP(nn.Module):
             d = h
         self.out_dim = d
 
+    def add_batch_norm(self, hidden: bool, output: bool) -> None:
+        """A BankNorm after every layer a ReLU follows (`hidden`) and after a last layer no ReLU follows
+        (`output`: a gate bank's logits)."""
+        last = len(self.weights) - 1
+        chosen = [i for i in range(last + 1) if (hidden if i < last or self.final_activation else output)]
+        if chosen:
+            self.norms = nn.ModuleDict({str(i): BankNorm(self.num, self.weights[i].shape[2]) for i in chosen})
+
     def forward(self, x: Tensor) -> Tensor:
         h = x
         last = len(self.weights) - 1
+        norms = self.norms
         for i, w in enumerate(self.weights):
             e, d, o = w.shape
             bias = None if self.biases is None else self.biases[i]
@@ -352,9 +367,46 @@ class ParallelMLP(nn.Module):
                 h = torch.bmm(h, w)  # (E, B, o)
             else:
                 h = torch.baddbmm(bias.unsqueeze(1), h, w)  # (E, B, o)
+            if norms is not None and str(i) in norms:
+                h = norms[str(i)](h)
             if i < last or self.final_activation:
                 h = torch.relu_(h)  # in place: the matmul's output is not needed for its backward
         return h
+
+
+class BankNorm(nn.Module):
+    """Batch normalisation (Ioffe & Szegedy, ICML 2015) of every network of a bank: (E, B, H) -> (E, B, H),
+    each unit of each network standardised over the batch, then scaled and shifted by its own learned γ, β.
+
+    Training standardises with the batch's mean and (biased) variance and moves the running estimates
+    toward them (momentum 0.1, the unbiased variance, as nn.BatchNorm1d); evaluation uses the running
+    estimates, so a row's output never depends on the other rows of its batch. A training batch of one row
+    does not fail (nn.BatchNorm1d raises there): its units are all β, and it leaves the running estimates
+    as they were, since one row estimates no spread.
+    """
+
+    momentum = 0.1
+    eps = 1e-5
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(num, 1, dim))
+        self.register_buffer("running_mean", torch.zeros(num, 1, dim))
+        self.register_buffer("running_var", torch.ones(num, 1, dim))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.training:
+            var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # (E, 1, H) each
+            rows = h.shape[1]
+            if rows > 1:
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.detach(), self.momentum)
+                    self.running_var.lerp_(var.detach() * (rows / (rows - 1)), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = torch.rsqrt(var + self.eps) * self.weight  # (E, 1, H)
+        return torch.addcmul(self.bias - mean * scale, h, scale)
 
 
 class _GateMix(torch.autograd.Function):
@@ -455,9 +507,12 @@ class ExtractionLayer(nn.Module):
             [num_task_experts + num_shared_experts],
             final_activation=False,
             bias=False,
+            gate=True,
         )
         self.shared_gate = (
-            ParallelMLP(1, in_dim, [num_experts], final_activation=False, bias=False) if shared_gate else None
+            ParallelMLP(1, in_dim, [num_experts], final_activation=False, bias=False, gate=True)
+            if shared_gate
+            else None
         )
         # Task k's gate weighs its own experts, then the shared ones (outputs are ordered that way).
         shared = tuple(range(num_tasks * num_task_experts, num_experts))
