@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -360,15 +361,15 @@ class ParallelMLP(nn.Module):
                 # Shared input: one GEMM against all networks' weights side by side, bias fused in.
                 flat = w[0] if e == 1 else w.transpose(0, 1).reshape(d, e * o)  # (d, E*o)
                 out = h @ flat if bias is None else torch.addmm(bias.reshape(e * o), h, flat)  # (B, E*o)
+                if norms is not None and str(i) in norms:
+                    out = norms[str(i)].forward_flat(out)
                 # One copy to (E, B, o) now makes the ReLU, the next bmm and their backward passes run on
                 # contiguous memory (measured ~14 % faster for the PLE body than the transposed view).
                 h = out.view(-1, e, o).transpose(0, 1).contiguous()  # (E, B, o)
-            elif bias is None:
-                h = torch.bmm(h, w)  # (E, B, o)
             else:
-                h = torch.baddbmm(bias.unsqueeze(1), h, w)  # (E, B, o)
-            if norms is not None and str(i) in norms:
-                h = norms[str(i)](h)
+                h = torch.bmm(h, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, w)  # (E, B, o)
+                if norms is not None and str(i) in norms:
+                    h = norms[str(i)](h)
             if i < last or self.final_activation:
                 h = torch.relu_(h)  # in place: the matmul's output is not needed for its backward
         return h
@@ -396,17 +397,44 @@ class BankNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num, 1, dim))
 
     def forward(self, h: Tensor) -> Tensor:
-        if self.training:
-            var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # (E, 1, H) each
-            rows = h.shape[1]
-            if rows > 1:
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean.detach(), self.momentum)
-                    self.running_var.lerp_(var.detach() * (rows / (rows - 1)), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        scale = torch.rsqrt(var + self.eps) * self.weight  # (E, 1, H)
-        return torch.addcmul(self.bias - mean * scale, h, scale)
+        """(E, B, H) -> (E, B, H)."""
+        if not self.training:
+            scale = torch.rsqrt(self.running_var + self.eps) * self.weight  # (E, 1, H)
+            return torch.addcmul(self.bias - self.running_mean * scale, h, scale)
+        if h.shape[1] == 1:
+            return self._one_row(h)
+        # One native batch norm per network, on its contiguous (B, H) rows: about 3× faster on CPU than the
+        # same statistics written with var_mean and autograd (measured at E = 3, B = 1024, H = 256). The
+        # running estimates are updated in place through the views.
+        return torch.stack(
+            [
+                F.batch_norm(
+                    h[e], self.running_mean[e, 0], self.running_var[e, 0], self.weight[e, 0], self.bias[e, 0],
+                    True, self.momentum, self.eps,
+                )
+                for e in range(h.shape[0])
+            ]
+        )  # fmt: skip
+
+    def forward_flat(self, out: Tensor) -> Tensor:
+        """(B, E·H), every network's units side by side, network by network (a bank reading one shared input)
+        -> (B, E·H): one native batch norm over all of them."""
+        if not self.training:
+            scale = torch.rsqrt(self.running_var + self.eps) * self.weight  # (E, 1, H)
+            return torch.addcmul((self.bias - self.running_mean * scale).view(-1), out, scale.view(-1))
+        if out.shape[0] == 1:
+            return self._one_row(out)
+        return F.batch_norm(
+            out, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1), self.bias.view(-1),
+            True, self.momentum, self.eps,
+        )  # fmt: skip
+
+    def _one_row(self, h: Tensor) -> Tensor:
+        """A training batch of one row, (E, 1, H) or (1, E·H): every unit is its β (the row less its own mean is
+        0), the running estimates untouched (nn.BatchNorm1d raises here)."""
+        return torch.addcmul(
+            self.bias.view(h.shape[0], 1, -1) if h.dim() == 3 else self.bias.view(1, -1), h, torch.zeros(())
+        )
 
 
 class _GateMix(torch.autograd.Function):
