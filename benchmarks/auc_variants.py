@@ -13,13 +13,15 @@ seeds, and appends one JSON line per run (test AUC per task, training seconds) t
     dense_init=he  the same through plerec's own option, [model] dense_init = "he" (drawn after the build)
     lrX          [train] lr = X for every parameter
     elrX, dlrX   lr X for the embedding tables' RowSparseAdam only (elr), or for the dense parameters only (dlr)
-    norm_W[_affine]  BatchNorm after the layers W names ("h": experts' and towers' hidden layers, "g": the
-                 gates' logits before their softmax, "hg": both, as torch-rechub), with a learnable scale and
-                 shift per unit when "_affine" (a monkeypatch, a diagnostic)
+    norm_W[_affine]  BatchNorm after the layers W names ("h": experts' and towers' hidden layers, "e" or "t":
+                 the experts' or the towers' only, "g": the gates' logits before their softmax, "hg": both, as
+                 torch-rechub), with a learnable scale and shift per unit when "_affine" (a monkeypatch)
     batch_norm=W  the same as norm_W_affine through plerec's own option, [model] batch_norm = W (gates, hidden,
                  all)
     glrX         lr X for the gates' weights only (the other dense parameters and the tables at the run's lr)
     eiX          [model] embedding_init_std = X: the embedding tables drawn N(0, X²) (the default X is 1e-4)
+
+Variants joined by "+" apply together (batch_norm=all+dense_adam).
 
     python benchmarks/auc_variants.py default,dense_adam,bn 0,1,2 [--batch 1024] [--model ple] [--out FILE]
 """
@@ -87,14 +89,17 @@ def batch_norm_forward(self, x):
 
 def rechub_norm(where: str, affine: bool):
     """ParallelMLP patches with BatchNorm after the chosen linear layers: "h" the hidden layers of experts and
-    towers (those a ReLU follows), "g" the gates' logits (bias-free banks, before their softmax), as
-    torch-rechub's MLP puts one after every layer it builds; affine: a learnable scale and shift per unit."""
+    towers (those a ReLU follows; "e" the experts' only, "t" the towers' only), "g" the gates' logits
+    (bias-free banks, before their softmax), as torch-rechub's MLP puts one after every layer it builds;
+    affine: a learnable scale and shift per unit."""
 
     def init(self, *args, **kwargs):
         PLAIN_INIT(self, *args, **kwargs)
         last = len(self.weights) - 1
         relu = [i < last or self.final_activation for i in range(last + 1)]
-        self._norm = [("g" in where) if self.biases is None else ("h" in where and r) for r in relu]
+        kinds = "he" if self.final_activation else "ht"  # expert banks end in a ReLU; towers in an output layer
+        hidden = any(k in where for k in kinds)
+        self._norm = [("g" in where) if self.biases is None else (hidden and r) for r in relu]
         self._stats = [None] * len(self.weights)
         if affine:
             shapes = [(w.shape[0], 1, w.shape[2]) for w in self.weights]
@@ -158,10 +163,17 @@ def gate_lr(lr: float):
     return make
 
 
-def configure(exp, variant: str):
+def configure(exp, variants: str):
+    """The experiment with every "+"-joined variant of `variants` applied, the patches of the last call undone."""
     layers.ParallelMLP.forward = EAGER_FORWARD
     layers.ParallelMLP.__init__ = PLAIN_INIT
     train_module.make_optimizers = MAKE_OPTIMIZERS
+    for variant in variants.split("+"):
+        exp = _apply(exp, variant)
+    return exp
+
+
+def _apply(exp, variant: str):
     if variant == "default":
         return exp
     if variant == "dense_adam":
