@@ -16,12 +16,13 @@ seeds, and appends one JSON line per run (test AUC per task, training seconds) t
     norm_W[_affine]  BatchNorm after the layers W names ("h": experts' and towers' hidden layers, "e" or "t":
                  the experts' or the towers' only, "g": the gates' logits before their softmax, "hg": both, as
                  torch-rechub), with a learnable scale and shift per unit when "_affine" (a monkeypatch)
-    batch_norm=W  the same as norm_W_affine through plerec's own option, [model] batch_norm = W (gates, hidden,
-                 all)
+    batch_norm=P/Q  [model] batch_norm = [P, Q] (places among gates, experts, towers): plerec's own option
+                 (norm_W_affine's BatchNorm; at the commit that measured "batch_norm=all" / "=gates" the option took
+                 "all" = gates/experts/towers, "gates", "hidden" = experts/towers)
     glrX         lr X for the gates' weights only (the other dense parameters and the tables at the run's lr)
     eiX          [model] embedding_init_std = X: the embedding tables drawn N(0, X²) (the default X is 1e-4)
 
-Variants joined by "+" apply together (batch_norm=all+dense_adam).
+Variants joined by "+" apply together (batch_norm=gates/experts+dense_adam).
 
     python benchmarks/auc_variants.py default,dense_adam,bn 0,1,2 [--batch 1024] [--model ple] [--out FILE]
 """
@@ -181,7 +182,7 @@ def _apply(exp, variant: str):
     if variant == "dense_init=he":
         return replace(exp, model=replace(exp.model, dense_init="he"))
     if variant.startswith("batch_norm="):
-        return replace(exp, model=replace(exp.model, batch_norm=variant.split("=", 1)[1]))
+        return replace(exp, model=replace(exp.model, batch_norm=tuple(variant.split("=", 1)[1].split("/"))))
     if variant == "he_init":
         layers.ParallelMLP.__init__ = he_init
         return exp

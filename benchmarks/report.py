@@ -10,9 +10,10 @@ PLEREC_BF16 = "plerec-bf16"  # plerec with [train] bf16 = true: bfloat16 autocas
 # plerec with [train] compile = true, Inductor's cache in DIR/work/inductor: the first run of a configuration
 # compiles from a cold cache, the repeats from a warm one
 PLEREC_COMPILE = "plerec-compile"
-# plerec with [model] batch_norm = "all": torch-rechub's architecture (its MLP has a BatchNorm after every
-# layer it builds, its gates' logits included), the rest as plerec
+# plerec with [model] batch_norm at every place: torch-rechub's architecture (its MLP has a BatchNorm after
+# every layer it builds, its gates' logits included), the rest as plerec; -ge: the gates' and experts' only
 PLEREC_BN = "plerec-bn"
+PLEREC_BN_GE = "plerec-bn-ge"
 PEERS = ("torch-rechub", "deepctr-torch")  # the peers' own trainers
 MiB = 2**20
 SIMD_FLAGS = ("sse4", "avx", "amx", "fma", "f16c", "asimd", "sve")  # the CPU flags that matter for torch's kernels
@@ -176,9 +177,15 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
             "gradients and torch.optim.Adam over every parameter. "
         )
         + (
-            f'`{PLEREC_BN}`: plerec with `[model] batch_norm = "all"`, torch-rechub\'s architecture (a BatchNorm '
-            "after every layer its MLPs build: experts, towers' hidden layers and the gates' logits). "
+            f'`{PLEREC_BN}`: plerec with `[model] batch_norm = ["gates", "experts", "towers"]`, torch-rechub\'s '
+            "architecture (a BatchNorm after every layer its MLPs build: the gates' logits, the experts' layers, "
+            "the towers' hidden layers). "
             if any(r["library"] == PLEREC_BN for r in records)
+            else ""
+        )
+        + (
+            f'`{PLEREC_BN_GE}`: plerec with `[model] batch_norm = ["gates", "experts"]` (no BatchNorm in the towers). '
+            if any(r["library"] == PLEREC_BN_GE for r in records)
             else ""
         )
         + "Ratios are plerec ÷ that row, same model and batch size, same invocation.",
@@ -302,7 +309,7 @@ def sequence_markdown(records: list[dict]) -> list[str]:
     ]
     models = sorted({r["model"] for r in records}, key=["ple", "mmoe"].index)
     sizes = sorted({r["batch_size"] for r in records})
-    for model, bs, ours_lib in itertools.product(models, sizes, (PLEREC, PLEREC_COMPILE, PLEREC_BN)):
+    for model, bs, ours_lib in itertools.product(models, sizes, (PLEREC, PLEREC_COMPILE, PLEREC_BN, PLEREC_BN_GE)):
         ours = _find(records, ours_lib, model, bs)
         label = model.upper() + ("" if ours_lib == PLEREC else f" ({ours_lib})")
         if ours_lib != PLEREC and not ours:
@@ -352,7 +359,7 @@ def ceiling_markdown(records: list[dict], ceiling: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for model, c in ceiling["all_models"].items():
-        for lib in (PLEREC, PLEREC_COMPILE, PLEREC_BF16, PLEREC_BN):
+        for lib in (PLEREC, PLEREC_COMPILE, PLEREC_BF16, PLEREC_BN, PLEREC_BN_GE):
             ours = _find(records, lib, model, 1024)
             if lib != PLEREC and not ours:
                 continue
@@ -461,7 +468,8 @@ def targets_markdown(records: list[dict], ceiling: dict) -> list[str]:
         (PLEREC, "fp32, as the peers"),
         (PLEREC_COMPILE, "fp32, compiled body; the compile time counts in the training time"),
         (PLEREC_BF16, "bfloat16 autocast"),
-        (PLEREC_BN, 'fp32, batch_norm = "all": torch-rechub\'s architecture'),
+        (PLEREC_BN, "fp32, a BatchNorm at every place: torch-rechub's architecture"),
+        (PLEREC_BN_GE, "fp32, a BatchNorm after the gates' and the experts' layers"),
     ):
         if not _find(records, ours, "ple", 1024):
             continue

@@ -61,6 +61,7 @@ def main(spec_path: str, result_path: str) -> None:
         "plerec-bf16": run_plerec,
         "plerec-compile": run_plerec,
         "plerec-bn": run_plerec,
+        "plerec-bn-ge": run_plerec,
         "torch-rechub": run_rechub,
         "deepctr-torch": run_deepctr,
         "torch-rechub+plerec-batching": run_peer_on_plerec_batching,
@@ -92,7 +93,9 @@ def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
     model = {"name": spec["model"], "embedding_dim": ARCH["embedding_dim"], "tower_dims": ARCH["tower_dims"]}
     model.update(expert_dims=ARCH["expert_dims"], **ARCH[spec["model"]])
     if spec["library"] == "plerec-bn":  # torch-rechub's architecture: a BatchNorm after every layer, gates too
-        model["batch_norm"] = "all"
+        model["batch_norm"] = ["gates", "experts", "towers"]
+    if spec["library"] == "plerec-bn-ge":  # the gates' and the experts' layers only
+        model["batch_norm"] = ["gates", "experts"]
     return {
         "seed": spec["seed"],
         "data": {

@@ -1,5 +1,5 @@
-"""[model] batch_norm: BankNorm is nn.BatchNorm1d for every network of a bank, it goes exactly where the option
-says in every registry model, evaluation never mixes rows, and a model with it trains (a batch of one row
+"""[model] batch_norm: BankNorm is nn.BatchNorm1d for every network of a bank, it goes exactly at the places the
+option lists in every registry model, evaluation never mixes rows, and a model with it trains (a batch of one row
 too), compiles, resumes from its checkpoint and exports as the eager one."""
 
 import numpy as np
@@ -16,8 +16,11 @@ from plerec.train import load_checkpoint, predict
 VOCABS, NUM_DENSE, TASKS = [7, 5], 3, 2
 
 
-def _model(name: str, batch_norm: str, lists=()):
-    params = {"embedding_dim": 4, "tower_dims": [6], "batch_norm": batch_norm}
+ALL = ("gates", "experts", "towers")
+
+
+def _model(name: str, batch_norm=(), lists=()):
+    params = {"embedding_dim": 4, "tower_dims": [6], "batch_norm": list(batch_norm)}
     if "expert_dims" in {f for f in model_config(name).__slots__}:
         params["expert_dims"] = [5, 4]
     torch.manual_seed(0)
@@ -69,44 +72,56 @@ def test_bank_norm_is_batch_norm1d_for_each_network():
     torch.testing.assert_close(bank(x), torch.stack([ref(x[k]) for k, ref in enumerate(refs)]))
 
 
-def _expected_norms(bank: ParallelMLP, where: str) -> list[str]:
-    last = len(bank.weights) - 1
-    relu = [i < last or bank.final_activation for i in range(last + 1)]
+def _expected_norms(bank: ParallelMLP, places) -> list[str]:
+    """The layers (str indices) a bank normalises, from the layers' own shape: a gate's logits, every layer of a
+    bank ending in a ReLU (experts), every layer but the output one of a bank ending in one (towers)."""
+    layers = [str(i) for i in range(len(bank.weights))]
     if bank.gate:
-        return [str(i) for i in range(last + 1) if not relu[i] and where in ("gates", "all")]
-    return [str(i) for i in range(last + 1) if relu[i] and where in ("hidden", "all")]
+        return layers[-1:] if "gates" in places else []
+    if bank.final_activation:
+        return layers if "experts" in places else []
+    return layers[:-1] if "towers" in places else []
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_batch_norm_goes_where_the_option_says(name):
-    """Every registry model: "gates" normalises every gate bank's logits and nothing else, "hidden" every layer
-    a ReLU follows and never a gate or an output layer, "all" both; "none" adds no state (old checkpoints load);
-    the feature input's attention MLP never gets one."""
+    """Every registry model, every combination of places: each bank has a norm after exactly the layers its
+    places name, and nowhere else; no places add no state (old checkpoints load); the feature input's attention
+    MLP never gets one; the norms of the places add up."""
     attention = ListSpec("hist", table=0, vocab_size=0, pooling="attention", max_length=3, target=0)
-    assert not any("norms" in k for k in _model(name, "none", [attention]).state_dict())
+    assert not any("norms" in k for k in _model(name, (), [attention]).state_dict())
     counts = {}
-    for where in ("gates", "hidden", "all"):
-        model = _model(name, where, [attention])
-        banks = [m for m in model.body.modules() if isinstance(m, ParallelMLP)]
-        for bank in banks:
-            assert sorted(bank.norms or {}) == _expected_norms(bank, where), (where, bank)
+    for places in (*((p,) for p in ALL), ("gates", "experts"), ALL):
+        model = _model(name, places, [attention])
+        for bank in (m for m in model.body.modules() if isinstance(m, ParallelMLP)):
+            assert sorted(bank.norms or {}) == _expected_norms(bank, places), (places, bank)
         assert not any(isinstance(m, BankNorm) for m in model.input.modules())
-        counts[where] = sum(isinstance(m, BankNorm) for m in model.modules())
-    gates = sum(1 for m in _model(name, "none").body.modules() if isinstance(m, ParallelMLP) and m.gate)
-    assert counts["gates"] == gates  # one norm per gate bank (each is a single linear layer)
-    assert counts["hidden"] > 0 and counts["all"] == counts["gates"] + counts["hidden"]
+        counts[places] = sum(isinstance(m, BankNorm) for m in model.modules())
+    gates = sum(1 for m in _model(name).body.modules() if isinstance(m, ParallelMLP) and m.gate)
+    assert counts[("gates",)] == gates  # one norm per gate bank (each is a single linear layer)
+    assert counts[("experts",)] + counts[("towers",)] > 0
+    assert counts[ALL] == sum(counts[(p,)] for p in ALL)
+    assert counts[("gates", "experts")] == counts[("gates",)] + counts[("experts",)]
 
 
 def test_a_gated_model_marks_its_gates():
     """The models whose experts are mixed by softmax gates (AITM's attention is not one) mark those banks."""
     for name in ("omoe", "mmoe", "cgc", "ple", "ml_mmoe", "adatt"):
-        assert any(isinstance(m, ParallelMLP) and m.gate for m in _model(name, "none").modules()), name
+        assert any(isinstance(m, ParallelMLP) and m.gate for m in _model(name).modules()), name
 
 
-def test_batch_norm_must_be_known():
-    expected = "Expected `batch_norm` to be one of none, gates, hidden, all, but got 'layer'"
-    with pytest.raises(ValueError, match=expected):
-        model_config("ple", {"batch_norm": "layer"})
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["gate"], "Expected `batch_norm` to list places among gates, experts, towers, but got 'gate'. Did you mean"),
+        (["gates", "gates"], "Expected `batch_norm` to list each place once, but got \\['gates', 'gates'\\]"),
+        ("gates", "Expected \\[model\\] `batch_norm` to be a list of strings, but got 'gates'"),
+        ([1], "Expected \\[model\\] `batch_norm` to be a list of strings, but got \\[1\\]"),
+    ],
+)
+def test_batch_norm_must_list_known_places_once(value, message):
+    with pytest.raises(ValueError, match=message):
+        model_config("ple", {"batch_norm": value})
 
 
 @pytest.mark.parametrize("name", ["ple", "mmoe", "shared_bottom"])
@@ -114,7 +129,7 @@ def test_evaluation_scores_each_row_alone_and_training_takes_a_one_row_batch(nam
     """After a few training steps, evaluation gives a row the same output alone as in a batch (the running
     estimates, not the batch's); a training step on one row gives finite losses and gradients and leaves the
     running estimates as they were (nn.BatchNorm1d raises there)."""
-    model = _model(name, "all")
+    model = _model(name, ALL)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(4):
         sparse, dense = _inputs(32, seed=step)
@@ -144,7 +159,7 @@ def test_evaluation_scores_each_row_alone_and_training_takes_a_one_row_batch(nam
 def test_compiled_body_with_batch_norm_gives_the_eager_step(name):
     """The compiled body (Inductor) gives the eager losses, gradients and running estimates with batch_norm."""
     torch._dynamo.reset()
-    eager, compiled = _model(name, "all").train(), _model(name, "all").train()
+    eager, compiled = _model(name, ALL).train(), _model(name, ALL).train()
     sparse, dense = _inputs(16)
     compiled.compile_body(torch.compile(compiled.body, backend="inductor", dynamic=False), 16)
     for model in (eager, compiled):
@@ -158,11 +173,11 @@ def test_compiled_body_with_batch_norm_gives_the_eager_step(name):
 
 
 def test_a_trained_model_with_batch_norm_reloads_and_exports_to_onnx_as_it_predicts(tmp_path):
-    """Trained through `fit` with batch_norm = "all": the checkpoint carries the option and the running
+    """Trained through `fit` with a norm at every place: the checkpoint carries the option and the running
     estimates (the reloaded model predicts what the trained one did), and ONNX gives its outputs."""
-    checkpoint, _ = train_tiny(tmp_path, overrides=('model.batch_norm="all"',))
+    checkpoint, _ = train_tiny(tmp_path, overrides=('model.batch_norm=["gates", "experts", "towers"]',))
     model, encoder, exp = load_checkpoint(checkpoint)
-    assert exp.model.batch_norm == "all"
+    assert exp.model.batch_norm == ALL
     norms = [m for m in model.modules() if isinstance(m, BankNorm)]
     assert norms and not torch.equal(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))
     table = encoder.transform(candidates(23, seed=4), labels=False)

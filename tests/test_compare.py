@@ -295,7 +295,7 @@ def test_the_single_task_structure_follows_the_experts_or_the_baseline_section(t
         "embedding_init_std": 1e-4,
         "tower_dims": (3,),
         "dense_init": "uniform",  # every model's key: carried as it is
-        "batch_norm": "none",
+        "batch_norm": (),
         "bottom_dims": (4,),
     }
     raw = {

@@ -72,7 +72,7 @@ def frame(rows: int, seed: int) -> pd.DataFrame:
 
 def train_tiny(root: Path, model: str = "ple", overrides: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """(checkpoint, experiment file) of a model trained for one epoch under `root`; `overrides` as --set takes
-    them (`model.batch_norm="all"`)."""
+    them (`model.batch_norm=["gates"]`)."""
     frame(240, 0).to_csv(root / "train.csv", index=False)
     frame(60, 1).to_csv(root / "valid.csv", index=False)
     (root / "exp.toml").write_text(EXPERIMENT)

@@ -29,7 +29,7 @@ MAX_PARAMETERS = 2**32  # 16 GiB of float32
 
 
 DENSE_INITS = ("uniform", "he")
-BATCH_NORMS = ("none", "gates", "hidden", "all")
+BATCH_NORM_PLACES = ("gates", "experts", "towers")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,10 +44,11 @@ class ModelConfig:
     # Neither is better everywhere (benchmarks/README.md): "he" trains the benchmark's CTR models faster in
     # one epoch, and doubles the demo's test MSE.
     dense_init: str = "uniform"
-    # Batch normalisation (layers.BankNorm) in the body: "none" (the papers' networks), "gates" (every gate's
-    # logits, before its softmax), "hidden" (every layer a ReLU follows: experts, bottoms, towers' hidden
-    # layers), "all" (both: torch-rechub's MLP has it after every layer it builds, its gates' too).
-    batch_norm: str = "none"
+    # Where the body normalises over the batch (layers.BankNorm), any of BATCH_NORM_PLACES: "gates" (each gate's
+    # logits, before its softmax), "experts" (every layer of the experts and bottoms: the banks that end in a
+    # ReLU), "towers" (the hidden layers of the banks that end in an output layer: towers, `single`'s
+    # networks). None by default: the papers' networks. All three is torch-rechub's MLP.
+    batch_norm: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_positive("embedding_dim", [self.embedding_dim])
@@ -55,10 +56,14 @@ class ModelConfig:
             raise ValueError(
                 f"Expected `dense_init` to be one of {', '.join(DENSE_INITS)}, but got {self.dense_init!r}"
             )
-        if self.batch_norm not in BATCH_NORMS:
-            raise ValueError(
-                f"Expected `batch_norm` to be one of {', '.join(BATCH_NORMS)}, but got {self.batch_norm!r}"
-            )
+        for place in self.batch_norm:
+            if place not in BATCH_NORM_PLACES:
+                raise ValueError(
+                    f"Expected `batch_norm` to list places among {', '.join(BATCH_NORM_PLACES)}, but got {place!r}."
+                    f"{did_you_mean(place, BATCH_NORM_PLACES) if isinstance(place, str) else ''}"
+                )
+        if len(set(self.batch_norm)) != len(self.batch_norm):
+            raise ValueError(f"Expected `batch_norm` to list each place once, but got {list(self.batch_norm)}")
         if not (self.embedding_init_std > 0 and math.isfinite(self.embedding_init_std)):
             raise ValueError(f"Expected `embedding_init_std` to be finite and > 0, but got {self.embedding_init_std}")
         _check_positive("tower_dims", self.tower_dims)
@@ -569,7 +574,7 @@ class MultiTaskModel(nn.Module):
             vocab_sizes, num_dense, config.embedding_dim, config.embedding_init_std, copies, tuple(lists), tuple(dims)
         )
         self.body = MODELS[name].build(config, self.input.out_dim, num_tasks)
-        if config.batch_norm != "none":
+        if config.batch_norm:
             add_batch_norm_(self.body, config.batch_norm)
         # A regression task trained on standardised labels predicts σ·out + μ, in the label's units; (1, 0) for
         # the others. Set by training from the training labels (train.set_output_scale), saved with the weights.
@@ -661,8 +666,10 @@ def _typed(value, hint, where: str):
     if hint is float:
         return float(value)
     if typing.get_origin(hint) is tuple:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"Expected {where} to be a list of integers, but got {value!r}")
+        of_strings = typing.get_args(hint)[0] is str
+        kind = "strings" if of_strings else "integers"
+        if not isinstance(value, list | tuple) or (of_strings and not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"Expected {where} to be a list of {kind}, but got {value!r}")
         return tuple(value)
     return value
 
@@ -696,15 +703,12 @@ def build_model(
     return model
 
 
-def add_batch_norm_(body: nn.Module, where: str) -> None:
-    """A BankNorm in every ParallelMLP of the body where [model] batch_norm (`where`) puts one: after the gates'
-    logits ("gates"), after every layer a ReLU follows ("hidden"), or both ("all"). The feature input's
-    attention MLP is not the body's and has none."""
+def add_batch_norm_(body: nn.Module, places: tuple[str, ...]) -> None:
+    """A BankNorm in every ParallelMLP of the body at the [model] batch_norm `places` (ParallelMLP.add_batch_norm).
+    The feature input's attention MLP is not the body's and has none."""
     for module in body.modules():
         if isinstance(module, ParallelMLP):
-            module.add_batch_norm(
-                hidden=where in ("hidden", "all") and not module.gate, output=where in ("gates", "all") and module.gate
-            )
+            module.add_batch_norm(places)
 
 
 @torch.no_grad()

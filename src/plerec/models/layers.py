@@ -309,8 +309,8 @@ class ParallelMLP(nn.Module):
     Input (B, d_in) is read by every network; input (E, B, d_in) gives each network its own rows.
     Output (E, B, d_out).
 
-    `gate` marks a bank of gates (its output is softmax logits): [model] batch_norm = "gates" normalises only
-    those. `add_batch_norm` puts a BankNorm after the chosen layers (none by default).
+    `gate` marks a bank of gates (its output is softmax logits). `add_batch_norm` puts a BankNorm after the
+    layers of the [model] batch_norm places (none by default).
     """
 
     def __init__(
@@ -342,11 +342,17 @@ class ParallelMLP(nn.Module):
             d = h
         self.out_dim = d
 
-    def add_batch_norm(self, hidden: bool, output: bool) -> None:
-        """A BankNorm after every layer a ReLU follows (`hidden`) and after a last layer no ReLU follows
-        (`output`: a gate bank's logits)."""
+    def add_batch_norm(self, places: Sequence[str]) -> None:
+        """A BankNorm after each layer that `places` names: a gate bank's logits ("gates"); every layer of a bank
+        that ends in a ReLU ("experts": experts, bottoms); the layers a ReLU follows in a bank that ends in an
+        output layer ("towers")."""
         last = len(self.weights) - 1
-        chosen = [i for i in range(last + 1) if (hidden if i < last or self.final_activation else output)]
+        if self.gate:
+            chosen = [last] if "gates" in places and not self.final_activation else []
+        elif self.final_activation:
+            chosen = list(range(last + 1)) if "experts" in places else []
+        else:
+            chosen = list(range(last)) if "towers" in places else []
         if chosen:
             self.norms = nn.ModuleDict({str(i): BankNorm(self.num, self.weights[i].shape[2]) for i in chosen})
 
