@@ -62,6 +62,21 @@ def he_init(self, *args, **kwargs):
 MAKE_OPTIMIZERS = train_module.make_optimizers
 
 
+def _batch_stats(self, i: int, h):
+    """Layer i's (E, 1, H) mean and variance: the batch's in training (moving the running ones toward them,
+    momentum 0.1), the running ones in evaluation."""
+    if not self.training:
+        return self._stats[i]
+    mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)
+    with torch.no_grad():
+        if self._stats[i] is None:
+            self._stats[i] = [mean.detach().clone(), var.detach().clone()]
+        else:
+            self._stats[i][0].lerp_(mean.detach(), 0.1)
+            self._stats[i][1].lerp_(var.detach(), 0.1)
+    return mean, var
+
+
 def batch_norm_forward(self, x):
     """ParallelMLP.forward with BatchNorm (no affine) between each hidden linear layer and its ReLU."""
     h = x
@@ -74,16 +89,7 @@ def batch_norm_forward(self, x):
             h = h + self.biases[i].unsqueeze(1)
         if i == last and not self.final_activation:
             continue
-        if self.training:
-            mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)
-            with torch.no_grad():
-                if self._stats[i] is None:
-                    self._stats[i] = [mean.detach().clone(), var.detach().clone()]
-                else:
-                    self._stats[i][0].lerp_(mean.detach(), 0.1)
-                    self._stats[i][1].lerp_(var.detach(), 0.1)
-        else:
-            mean, var = self._stats[i]
+        mean, var = _batch_stats(self, i, h)
         h = torch.relu((h - mean) / torch.sqrt(var + 1e-5))
     return h
 
@@ -115,16 +121,7 @@ def rechub_norm(where: str, affine: bool):
             if self.biases is not None:
                 h = h + self.biases[i].unsqueeze(1)
             if self._norm[i]:
-                if self.training:
-                    mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)
-                    with torch.no_grad():
-                        if self._stats[i] is None:
-                            self._stats[i] = [mean.detach().clone(), var.detach().clone()]
-                        else:
-                            self._stats[i][0].lerp_(mean.detach(), 0.1)
-                            self._stats[i][1].lerp_(var.detach(), 0.1)
-                else:
-                    mean, var = self._stats[i]
+                mean, var = _batch_stats(self, i, h)
                 h = (h - mean) / torch.sqrt(var + 1e-5)
                 if affine:
                     h = h * self.bn_scale[i] + self.bn_shift[i]
