@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 
 PLEREC = "plerec"
@@ -14,6 +15,15 @@ PLEREC_COMPILE = "plerec-compile"
 # every layer it builds, its gates' logits included), the rest as plerec; -ge: the gates' and experts' only
 PLEREC_BN = "plerec-bn"
 PLEREC_BN_GE = "plerec-bn-ge"
+# Each batch-norm variant: its [model] batch_norm places (worker.py builds it so) and what the protocol says of it
+BATCH_NORM_VARIANTS = {
+    PLEREC_BN: (
+        ("gates", "experts", "towers"),
+        ", torch-rechub's architecture (a BatchNorm after every layer its MLPs build: the gates' logits, the "
+        "experts' layers, the towers' hidden layers)",
+    ),
+    PLEREC_BN_GE: (("gates", "experts"), " (no BatchNorm in the towers)"),
+}
 PEERS = ("torch-rechub", "deepctr-torch")  # the peers' own trainers
 MiB = 2**20
 SIMD_FLAGS = ("sse4", "avx", "amx", "fma", "f16c", "asimd", "sve")  # the CPU flags that matter for torch's kernels
@@ -176,17 +186,10 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
             f"batch source by a plain loop; `{PLAIN_LOOP}`: plerec's model in that loop, with dense embedding "
             "gradients and torch.optim.Adam over every parameter. "
         )
-        + (
-            f'`{PLEREC_BN}`: plerec with `[model] batch_norm = ["gates", "experts", "towers"]`, torch-rechub\'s '
-            "architecture (a BatchNorm after every layer its MLPs build: the gates' logits, the experts' layers, "
-            "the towers' hidden layers). "
-            if any(r["library"] == PLEREC_BN for r in records)
-            else ""
-        )
-        + (
-            f'`{PLEREC_BN_GE}`: plerec with `[model] batch_norm = ["gates", "experts"]` (no BatchNorm in the towers). '
-            if any(r["library"] == PLEREC_BN_GE for r in records)
-            else ""
+        + "".join(
+            f"`{lib}`: plerec with `[model] batch_norm = {json.dumps(list(places))}`{what}. "
+            for lib, (places, what) in BATCH_NORM_VARIANTS.items()
+            if any(r["library"] == lib for r in records)
         )
         + "Ratios are plerec ÷ that row, same model and batch size, same invocation.",
         "",

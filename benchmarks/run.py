@@ -32,10 +32,10 @@ REQUIREMENTS = HERE / "requirements-peers.txt"
 CONSTRAINTS = ROOT / "constraints.txt"
 
 sys.path.insert(0, str(HERE))  # report.py, beside this file, whichever folder the script is run from
-from report import PLEREC, PLEREC_BF16, PLEREC_BN, PLEREC_BN_GE, PLEREC_COMPILE  # noqa: E402  (the libraries' names: one definition)
+from report import BATCH_NORM_VARIANTS, PLEREC, PLEREC_BF16, PLEREC_COMPILE  # noqa: E402  (the libraries' names: one definition)
 
-PLEREC_OWN = (PLEREC, PLEREC_BF16, PLEREC_COMPILE, PLEREC_BN, PLEREC_BN_GE)
-OWN_TRAINERS = (PLEREC, PLEREC_COMPILE, PLEREC_BF16, PLEREC_BN, PLEREC_BN_GE, "torch-rechub", "deepctr-torch")
+PLEREC_OWN = (PLEREC, PLEREC_BF16, PLEREC_COMPILE, *BATCH_NORM_VARIANTS)
+OWN_TRAINERS = (PLEREC, PLEREC_COMPILE, PLEREC_BF16, *BATCH_NORM_VARIANTS, "torch-rechub", "deepctr-torch")
 ON_PLEREC_BATCHING = ("torch-rechub+plerec-batching", "deepctr-torch+plerec-batching", "plerec+plain-loop")
 LIBRARIES = OWN_TRAINERS + ON_PLEREC_BATCHING
 MODELS = ("ple", "mmoe")

@@ -38,6 +38,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, beside this file (the variants' names)
+from report import BATCH_NORM_VARIANTS  # noqa: E402
+
 ARCH = {
     "embedding_dim": 16,
     "expert_dims": [256, 128],
@@ -60,8 +63,7 @@ def main(spec_path: str, result_path: str) -> None:
         "plerec": run_plerec,
         "plerec-bf16": run_plerec,
         "plerec-compile": run_plerec,
-        "plerec-bn": run_plerec,
-        "plerec-bn-ge": run_plerec,
+        **dict.fromkeys(BATCH_NORM_VARIANTS, run_plerec),
         "torch-rechub": run_rechub,
         "deepctr-torch": run_deepctr,
         "torch-rechub+plerec-batching": run_peer_on_plerec_batching,
@@ -92,10 +94,8 @@ def main(spec_path: str, result_path: str) -> None:
 def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
     model = {"name": spec["model"], "embedding_dim": ARCH["embedding_dim"], "tower_dims": ARCH["tower_dims"]}
     model.update(expert_dims=ARCH["expert_dims"], **ARCH[spec["model"]])
-    if spec["library"] == "plerec-bn":  # torch-rechub's architecture: a BatchNorm after every layer, gates too
-        model["batch_norm"] = ["gates", "experts", "towers"]
-    if spec["library"] == "plerec-bn-ge":  # the gates' and the experts' layers only
-        model["batch_norm"] = ["gates", "experts"]
+    if spec["library"] in BATCH_NORM_VARIANTS:
+        model["batch_norm"] = list(BATCH_NORM_VARIANTS[spec["library"]][0])
     return {
         "seed": spec["seed"],
         "data": {

@@ -72,6 +72,38 @@ def test_bank_norm_is_batch_norm1d_for_each_network():
     torch.testing.assert_close(bank(x), torch.stack([ref(x[k]) for k, ref in enumerate(refs)]))
 
 
+def test_the_flat_form_normalises_as_the_bank_form():
+    """forward_flat on (B, E·H), the networks' units side by side (a bank's first layer), gives forward's outputs,
+    input and γ, β gradients and running estimates on the same numbers as (E, B, H), training and evaluation."""
+    torch.manual_seed(0)
+    e, b, h = 3, 16, 5
+    flat, bank = BankNorm(e, h), BankNorm(e, h)
+    with torch.no_grad():
+        for m in (flat, bank):
+            m.weight.copy_(torch.linspace(0.5, 2.0, e * h).view(e, 1, h))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, e * h).view(e, 1, h))
+    for step in range(3):
+        x = (torch.randn(b, e * h) * (step + 1) + torch.arange(e * h)).requires_grad_()
+        xb = x.detach().view(b, e, h).transpose(0, 1).contiguous().requires_grad_()
+        out, expected = flat.forward_flat(x), bank(xb)
+        torch.testing.assert_close(out.view(b, e, h).transpose(0, 1), expected)
+        g = torch.randn(e, b, h)
+        out.backward(g.transpose(0, 1).reshape(b, e * h))
+        expected.backward(g)
+        torch.testing.assert_close(x.grad.view(b, e, h).transpose(0, 1), xb.grad)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(flat, name).grad, getattr(bank, name).grad)
+        flat.zero_grad()
+        bank.zero_grad()
+    torch.testing.assert_close(flat.running_mean, bank.running_mean)
+    torch.testing.assert_close(flat.running_var, bank.running_var)
+    flat.eval()
+    bank.eval()
+    x = torch.randn(4, e * h)
+    by_network = x.view(4, e, h).transpose(0, 1)
+    torch.testing.assert_close(flat.forward_flat(x).view(4, e, h).transpose(0, 1), bank(by_network))
+
+
 def _expected_norms(bank: ParallelMLP, places) -> list[str]:
     """The layers (str indices) a bank normalises, from the layers' own shape: a gate's logits, every layer of a
     bank ending in a ReLU (experts), every layer but the output one of a bank ending in one (towers)."""
@@ -102,6 +134,25 @@ def test_batch_norm_goes_where_the_option_says(name):
     assert counts[("experts",)] + counts[("towers",)] > 0
     assert counts[ALL] == sum(counts[(p,)] for p in ALL)
     assert counts[("gates", "experts")] == counts[("gates",)] + counts[("experts",)]
+
+
+@pytest.mark.parametrize(
+    ("name", "place", "expected"),
+    [
+        # PLE, 2 levels of experts [5, 4]: two task gates a level, the shared gate only below the last level
+        ("ple", "gates", ["levels.0.task_gates.0", "levels.0.shared_gate.0", "levels.1.task_gates.0"]),
+        ("ple", "experts", ["levels.0.experts.0", "levels.0.experts.1", "levels.1.experts.0", "levels.1.experts.1"]),
+        ("ple", "towers", ["towers.mlp.0"]),  # towers [6]: its hidden layer, not the output layer
+        ("mmoe", "gates", ["levels.0.task_gates.0"]),
+        ("mmoe", "experts", ["levels.0.experts.0", "levels.0.experts.1"]),
+        ("mmoe", "towers", ["towers.mlp.0"]),
+    ],
+)
+def test_each_place_names_the_layers_of_the_papers_structure(name, place, expected):
+    """Written out by hand from each model's structure, not from the rule the code follows: which layers each
+    place normalises in PLE and MMoE (as `body.<bank>.norms.<layer>`)."""
+    found = [k for k, m in _model(name, (place,)).body.named_modules() if isinstance(m, BankNorm)]
+    assert found == [".norms.".join(e.rsplit(".", 1)) for e in expected]
 
 
 def test_a_gated_model_marks_its_gates():

@@ -363,19 +363,20 @@ class ParallelMLP(nn.Module):
         for i, w in enumerate(self.weights):
             e, d, o = w.shape
             bias = None if self.biases is None else self.biases[i]
+            norm = norms[str(i)] if norms is not None and str(i) in norms else None
             if h.dim() == 2:
                 # Shared input: one GEMM against all networks' weights side by side, bias fused in.
                 flat = w[0] if e == 1 else w.transpose(0, 1).reshape(d, e * o)  # (d, E*o)
                 out = h @ flat if bias is None else torch.addmm(bias.reshape(e * o), h, flat)  # (B, E*o)
-                if norms is not None and str(i) in norms:
-                    out = norms[str(i)].forward_flat(out)
+                if norm is not None:
+                    out = norm.forward_flat(out)
                 # One copy to (E, B, o) now makes the ReLU, the next bmm and their backward passes run on
                 # contiguous memory (measured ~14 % faster for the PLE body than the transposed view).
                 h = out.view(-1, e, o).transpose(0, 1).contiguous()  # (E, B, o)
             else:
                 h = torch.bmm(h, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, w)  # (E, B, o)
-                if norms is not None and str(i) in norms:
-                    h = norms[str(i)](h)
+                if norm is not None:
+                    h = norm(h)
             if i < last or self.final_activation:
                 h = torch.relu_(h)  # in place: the matmul's output is not needed for its backward
         return h
@@ -405,10 +406,10 @@ class BankNorm(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """(E, B, H) -> (E, B, H)."""
         if not self.training:
-            scale = torch.rsqrt(self.running_var + self.eps) * self.weight  # (E, 1, H)
-            return torch.addcmul(self.bias - self.running_mean * scale, h, scale)
+            shift, scale = self._running_affine()
+            return torch.addcmul(shift, h, scale)
         if h.shape[1] == 1:
-            return self._one_row(h)
+            return self._one_row(h, self.bias)
         # One native batch norm per network, on its contiguous (B, H) rows: about 3× faster on CPU than the
         # same statistics written with var_mean and autograd (measured at E = 3, B = 1024, H = 256). The
         # running estimates are updated in place through the views.
@@ -426,21 +427,25 @@ class BankNorm(nn.Module):
         """(B, E·H), every network's units side by side, network by network (a bank reading one shared input)
         -> (B, E·H): one native batch norm over all of them."""
         if not self.training:
-            scale = torch.rsqrt(self.running_var + self.eps) * self.weight  # (E, 1, H)
-            return torch.addcmul((self.bias - self.running_mean * scale).view(-1), out, scale.view(-1))
+            shift, scale = self._running_affine()
+            return torch.addcmul(shift.view(-1), out, scale.view(-1))
         if out.shape[0] == 1:
-            return self._one_row(out)
+            return self._one_row(out, self.bias.view(-1))
         return F.batch_norm(
             out, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1), self.bias.view(-1),
             True, self.momentum, self.eps,
         )  # fmt: skip
 
-    def _one_row(self, h: Tensor) -> Tensor:
-        """A training batch of one row, (E, 1, H) or (1, E·H): every unit is its β (the row less its own mean is
-        0), the running estimates untouched (nn.BatchNorm1d raises here)."""
-        return torch.addcmul(
-            self.bias.view(h.shape[0], 1, -1) if h.dim() == 3 else self.bias.view(1, -1), h, torch.zeros(())
-        )
+    def _running_affine(self) -> tuple[Tensor, Tensor]:
+        """Evaluation's normalisation as one affine map of the running estimates: (shift, scale), (E, 1, H) each."""
+        scale = torch.rsqrt(self.running_var + self.eps) * self.weight
+        return self.bias - self.running_mean * scale, scale
+
+    @staticmethod
+    def _one_row(h: Tensor, bias: Tensor) -> Tensor:
+        """A training batch of one row: every unit is its β (`bias`, shaped to broadcast over `h`; the row less its
+        own mean is 0), the running estimates untouched (nn.BatchNorm1d raises here)."""
+        return bias + 0.0 * h
 
 
 class _GateMix(torch.autograd.Function):
