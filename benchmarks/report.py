@@ -2,27 +2,64 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
 import statistics
 
 PLEREC = "plerec"
-PLEREC_BF16 = "plerec-bf16"  # plerec with [train] bf16 = true: bfloat16 autocast (AMX/AVX-512 BF16 on CPU)
-# plerec with [train] compile = true, Inductor's cache in DIR/work/inductor: the first run of a configuration
-# compiles from a cold cache, the repeats from a warm one
+PLEREC_BF16 = "plerec-bf16"
 PLEREC_COMPILE = "plerec-compile"
-# plerec with [model] batch_norm at every place: torch-rechub's architecture (its MLP has a BatchNorm after
-# every layer it builds, its gates' logits included), the rest as plerec; -ge: the gates' and experts' only
 PLEREC_BN = "plerec-bn"
 PLEREC_BN_GE = "plerec-bn-ge"
-# Each batch-norm variant: its [model] batch_norm places (worker.py builds it so) and what the protocol says of it
-BATCH_NORM_VARIANTS = {
-    PLEREC_BN: (
-        ("gates", "experts", "towers"),
-        ", torch-rechub's architecture (a BatchNorm after every layer its MLPs build: the gates' logits, the "
-        "experts' layers, the towers' hidden layers)",
+PLEREC_BF16_BN_GE = "plerec-bf16-bn-ge"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of running plerec's own trainer in the benchmark: the settings worker.py gives it beyond the
+    benchmark's architecture, and what the report says of it (`label`: the targets' headings; `protocol`: the
+    sentence of the protocol paragraph, "" for the default)."""
+
+    label: str
+    protocol: str = ""
+    batch_norm: tuple[str, ...] = ()  # [model] batch_norm
+    bf16: bool = False  # [train] bf16 = true: bfloat16 autocast
+    compile: bool = False  # [train] compile = true, Inductor's cache in DIR/work/inductor (cold, then warm)
+
+
+_GE = ("gates", "experts")
+# plerec's variants, the default first; every table of the report lists them in this order
+PLEREC_VARIANTS = {
+    PLEREC: Variant("fp32, as the peers"),
+    PLEREC_COMPILE: Variant(
+        "fp32, compiled body; the compile time counts in the training time",
+        "`plerec-compile`: plerec with `[train] compile = true`, Inductor's cache in DIR/work/inductor (the first "
+        "run of a configuration compiles from a cold cache, the repeats from a warm one). ",
+        compile=True,
     ),
-    PLEREC_BN_GE: (("gates", "experts"), " (no BatchNorm in the towers)"),
+    PLEREC_BF16: Variant(
+        "bfloat16 autocast",
+        "`plerec-bf16`: plerec with `[train] bf16 = true` (bfloat16 autocast). ",
+        bf16=True,
+    ),
+    PLEREC_BN: Variant(
+        "fp32, a BatchNorm at every place: torch-rechub's architecture",
+        '`plerec-bn`: plerec with `[model] batch_norm = ["gates", "experts", "towers"]`, torch-rechub\'s '
+        "architecture (a BatchNorm after every layer its MLPs build: the gates' logits, the experts' layers, the "
+        "towers' hidden layers). ",
+        batch_norm=("gates", "experts", "towers"),
+    ),
+    PLEREC_BN_GE: Variant(
+        "fp32, a BatchNorm after the gates' and the experts' layers",
+        '`plerec-bn-ge`: plerec with `[model] batch_norm = ["gates", "experts"]` (no BatchNorm in the towers). ',
+        batch_norm=_GE,
+    ),
+    PLEREC_BF16_BN_GE: Variant(
+        "bfloat16 autocast, a BatchNorm after the gates' and the experts' layers",
+        "`plerec-bf16-bn-ge`: plerec-bn-ge with `[train] bf16 = true`. ",
+        batch_norm=_GE,
+        bf16=True,
+    ),
 }
 PEERS = ("torch-rechub", "deepctr-torch")  # the peers' own trainers
 MiB = 2**20
@@ -187,9 +224,7 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
             "gradients and torch.optim.Adam over every parameter. "
         )
         + "".join(
-            f"`{lib}`: plerec with `[model] batch_norm = {json.dumps(list(places))}`{what}. "
-            for lib, (places, what) in BATCH_NORM_VARIANTS.items()
-            if any(r["library"] == lib for r in records)
+            v.protocol for lib, v in PLEREC_VARIANTS.items() if v.protocol and any(r["library"] == lib for r in records)
         )
         + "Ratios are plerec ÷ that row, same model and batch size, same invocation.",
         "",
@@ -312,7 +347,7 @@ def sequence_markdown(records: list[dict]) -> list[str]:
     ]
     models = sorted({r["model"] for r in records}, key=["ple", "mmoe"].index)
     sizes = sorted({r["batch_size"] for r in records})
-    for model, bs, ours_lib in itertools.product(models, sizes, (PLEREC, PLEREC_COMPILE, PLEREC_BN, PLEREC_BN_GE)):
+    for model, bs, ours_lib in itertools.product(models, sizes, PLEREC_VARIANTS):
         ours = _find(records, ours_lib, model, bs)
         label = model.upper() + ("" if ours_lib == PLEREC else f" ({ours_lib})")
         if ours_lib != PLEREC and not ours:
@@ -355,14 +390,14 @@ def ceiling_markdown(records: list[dict], ceiling: dict) -> list[str]:
         "FLOPs per training sample = 3 × Σ 2·in·out over the linear layers (experts, gates, towers); "
         "embeddings, elementwise ops, gate mixing, loss and optimizer are not counted. Achievable rate: "
         "fp32 torch.mm timed on each layer's forward, input-gradient and weight-gradient shapes at "
-        "batch 1024, fastest call, FLOP-weighted. The ceiling is an fp32 one; plerec-bf16's fraction of it "
-        "is shown for reference (bfloat16 matrix products can run faster than the fp32 rate).",
+        "batch 1024, fastest call, FLOP-weighted. The ceiling is an fp32 one; the bf16 variants' fractions of it "
+        "are shown for reference (bfloat16 matrix products can run faster than the fp32 rate).",
         "",
         "| model | MFLOP per sample | achievable GFLOP/s | ceiling samples/s | plerec train samples/s | fraction |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for model, c in ceiling["all_models"].items():
-        for lib in (PLEREC, PLEREC_COMPILE, PLEREC_BF16, PLEREC_BN, PLEREC_BN_GE):
+        for lib in PLEREC_VARIANTS:
             ours = _find(records, lib, model, 1024)
             if lib != PLEREC and not ours:
                 continue
@@ -467,17 +502,11 @@ def targets_markdown(records: list[dict], ceiling: dict) -> list[str]:
         return "n/a" if ok is None else ("pass" if ok else "FAIL")
 
     lines = []
-    for ours, what in (
-        (PLEREC, "fp32, as the peers"),
-        (PLEREC_COMPILE, "fp32, compiled body; the compile time counts in the training time"),
-        (PLEREC_BF16, "bfloat16 autocast"),
-        (PLEREC_BN, "fp32, a BatchNorm at every place: torch-rechub's architecture"),
-        (PLEREC_BN_GE, "fp32, a BatchNorm after the gates' and the experts' layers"),
-    ):
+    for ours, variant in PLEREC_VARIANTS.items():
         if not _find(records, ours, "ple", 1024):
             continue
         lines += [
-            f"## Targets (PLE, batch size 1024): {ours} ({what})",
+            f"## Targets (PLE, batch size 1024): {ours} ({variant.label})",
             "",
             "On the medians (the protocol), and on each configuration's best run (throughput only; a busy "
             "machine only ever slows a run down, so the best run is the least disturbed one).",

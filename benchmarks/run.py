@@ -32,10 +32,10 @@ REQUIREMENTS = HERE / "requirements-peers.txt"
 CONSTRAINTS = ROOT / "constraints.txt"
 
 sys.path.insert(0, str(HERE))  # report.py, beside this file, whichever folder the script is run from
-from report import BATCH_NORM_VARIANTS, PLEREC, PLEREC_BF16, PLEREC_COMPILE  # noqa: E402  (the libraries' names: one definition)
+from report import PEERS, PLEREC, PLEREC_VARIANTS  # noqa: E402  (the libraries' names: one definition)
 
-PLEREC_OWN = (PLEREC, PLEREC_BF16, PLEREC_COMPILE, *BATCH_NORM_VARIANTS)
-OWN_TRAINERS = (PLEREC, PLEREC_COMPILE, PLEREC_BF16, *BATCH_NORM_VARIANTS, "torch-rechub", "deepctr-torch")
+PLEREC_OWN = tuple(PLEREC_VARIANTS)
+OWN_TRAINERS = (*PLEREC_OWN, *PEERS)
 ON_PLEREC_BATCHING = ("torch-rechub+plerec-batching", "deepctr-torch+plerec-batching", "plerec+plain-loop")
 LIBRARIES = OWN_TRAINERS + ON_PLEREC_BATCHING
 MODELS = ("ple", "mmoe")

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, beside this file (the variants' names)
-from report import BATCH_NORM_VARIANTS  # noqa: E402
+from report import PLEREC_VARIANTS  # noqa: E402
 
 ARCH = {
     "embedding_dim": 16,
@@ -60,10 +60,7 @@ def main(spec_path: str, result_path: str) -> None:
     data_dir = Path(spec["data"])
     meta = json.loads((data_dir / "meta.json").read_text())
     runner = {
-        "plerec": run_plerec,
-        "plerec-bf16": run_plerec,
-        "plerec-compile": run_plerec,
-        **dict.fromkeys(BATCH_NORM_VARIANTS, run_plerec),
+        **dict.fromkeys(PLEREC_VARIANTS, run_plerec),
         "torch-rechub": run_rechub,
         "deepctr-torch": run_deepctr,
         "torch-rechub+plerec-batching": run_peer_on_plerec_batching,
@@ -94,8 +91,10 @@ def main(spec_path: str, result_path: str) -> None:
 def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
     model = {"name": spec["model"], "embedding_dim": ARCH["embedding_dim"], "tower_dims": ARCH["tower_dims"]}
     model.update(expert_dims=ARCH["expert_dims"], **ARCH[spec["model"]])
-    if spec["library"] in BATCH_NORM_VARIANTS:
-        model["batch_norm"] = list(BATCH_NORM_VARIANTS[spec["library"]][0])
+    # the plain-loop and plerec-batching runs encode the data as the default plerec does
+    variant = PLEREC_VARIANTS.get(spec["library"], PLEREC_VARIANTS["plerec"])
+    if variant.batch_norm:
+        model["batch_norm"] = list(variant.batch_norm)
     return {
         "seed": spec["seed"],
         "data": {
@@ -119,11 +118,9 @@ def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
             "epochs": 1,
             "threads": spec["threads"],
             "progress": False,
-            "bf16": spec["library"] == "plerec-bf16",
+            "bf16": variant.bf16,
             **(
-                {"compile": True, "compile_cache": spec["compile_cache"]}
-                if spec["library"] == "plerec-compile"
-                else {}  # the default ("auto")
+                {"compile": True, "compile_cache": spec["compile_cache"]} if variant.compile else {}  # else "auto"
             ),
         },
     }
