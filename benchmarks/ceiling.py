@@ -9,7 +9,8 @@ optimizer step are not counted: the ceiling is what the matrix multiplies alone 
 Achievable rate: each of those GEMMs is timed with torch.mm at the benchmark's batch size on the
 layer's own shapes — forward (B × in) @ (in × out), input gradient (B × out) @ (out × in), weight
 gradient (in × B) @ (B × out) — in fp32 with the benchmark's thread count; each call is timed alone
-and the fastest kept.
+and the fastest kept. The same GEMMs are timed in bfloat16 too (what `[train] bf16` autocast runs them in):
+the ceiling of the bf16 variants.
 The ceiling in samples per second is B divided by the summed time of all GEMMs of one batch, which is
 the same as (FLOPs per sample) / (FLOP-weighted achievable rate).
 """
@@ -64,7 +65,7 @@ def time_mm(a: torch.Tensor, b: torch.Tensor, budget_seconds: float = 0.3, min_c
     hardware achieves on these shapes, which makes the ceiling high and plerec's fraction of it
     conservative.
     """
-    out = torch.empty(a.shape[0], b.shape[1])
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
     for _ in range(5):
         torch.mm(a, b, out=out)
     times = []
@@ -80,20 +81,25 @@ def ceiling(model: str, arch: dict, in_dim: int, num_tasks: int, batch_size: int
     layers = linear_layers(model, arch, in_dim, num_tasks)
     fwd_flops = sum(2 * count * i * o for _, count, i, o in layers)  # per sample
     gen = torch.Generator().manual_seed(0)
-    timed: dict[tuple[int, int], dict[str, float]] = {}
+    timed: dict[torch.dtype, dict[tuple[int, int], dict[str, float]]] = {torch.float32: {}, torch.bfloat16: {}}
     for _, _, i, o in layers:
-        if (i, o) in timed:
+        if (i, o) in timed[torch.float32]:
             continue
         x = torch.randn(batch_size, i, generator=gen)
         w = torch.randn(i, o, generator=gen)
         g = torch.randn(batch_size, o, generator=gen)
-        timed[(i, o)] = {
-            "forward": time_mm(x, w),  # (B, in) @ (in, out)
-            "input_grad": time_mm(g, w.t().contiguous()),  # (B, out) @ (out, in)
-            "weight_grad": time_mm(x.t().contiguous(), g),  # (in, B) @ (B, out)
-        }
-    batch_seconds = sum(count * sum(timed[(i, o)].values()) for _, count, i, o in layers)
-    fwd_seconds = sum(count * timed[(i, o)]["forward"] for _, count, i, o in layers)
+        for dtype, times in timed.items():
+            xd, wd, gd = x.to(dtype), w.to(dtype), g.to(dtype)
+            times[(i, o)] = {
+                "forward": time_mm(xd, wd),  # (B, in) @ (in, out)
+                "input_grad": time_mm(gd, wd.t().contiguous()),  # (B, out) @ (out, in)
+                "weight_grad": time_mm(xd.t().contiguous(), gd),  # (in, B) @ (B, out)
+            }
+    batch_seconds, bf16_seconds = (
+        sum(count * sum(timed[dtype][(i, o)].values()) for _, count, i, o in layers)
+        for dtype in (torch.float32, torch.bfloat16)
+    )
+    fwd_seconds = sum(count * timed[torch.float32][(i, o)]["forward"] for _, count, i, o in layers)
     train_flops = 3 * fwd_flops
     return {
         "model": model,
@@ -106,7 +112,11 @@ def ceiling(model: str, arch: dict, in_dim: int, num_tasks: int, batch_size: int
         "achievable_gflops": train_flops * batch_size / batch_seconds / 1e9,
         "forward_shapes_gflops": fwd_flops * batch_size / fwd_seconds / 1e9,
         "ceiling_samples_per_s": batch_size / batch_seconds,
-        "gemm_seconds": {f"{i}x{o}": t for (i, o), t in timed.items()},
+        "gemm_seconds": {f"{i}x{o}": t for (i, o), t in timed[torch.float32].items()},
+        # the same GEMMs in bfloat16 (what autocast runs them in): the ceiling of the bf16 variants
+        "achievable_gflops_bf16": train_flops * batch_size / bf16_seconds / 1e9,
+        "ceiling_samples_per_s_bf16": batch_size / bf16_seconds,
+        "gemm_seconds_bf16": {f"{i}x{o}": t for (i, o), t in timed[torch.bfloat16].items()},
     }
 
 

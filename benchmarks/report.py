@@ -389,23 +389,28 @@ def ceiling_markdown(records: list[dict], ceiling: dict) -> list[str]:
         "",
         "FLOPs per training sample = 3 × Σ 2·in·out over the linear layers (experts, gates, towers); "
         "embeddings, elementwise ops, gate mixing, loss and optimizer are not counted. Achievable rate: "
-        "fp32 torch.mm timed on each layer's forward, input-gradient and weight-gradient shapes at "
-        "batch 1024, fastest call, FLOP-weighted. The ceiling is an fp32 one; the bf16 variants' fractions of it "
-        "are shown for reference (bfloat16 matrix products can run faster than the fp32 rate).",
+        "torch.mm timed on each layer's forward, input-gradient and weight-gradient shapes at "
+        "batch 1024, fastest call, FLOP-weighted: in fp32 for the fp32 variants, in bfloat16 (what autocast "
+        "runs them in) for the bf16 ones.",
         "",
-        "| model | MFLOP per sample | achievable GFLOP/s | ceiling samples/s | plerec train samples/s | fraction |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | precision | MFLOP per sample | achievable GFLOP/s | ceiling samples/s | plerec train samples/s "
+        "| fraction |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for model, c in ceiling["all_models"].items():
-        for lib in PLEREC_VARIANTS:
+        for lib, variant in PLEREC_VARIANTS.items():
             ours = _find(records, lib, model, 1024)
             if lib != PLEREC and not ours:
                 continue
+            suffix = "_bf16" if variant.bf16 else ""
+            if f"ceiling_samples_per_s{suffix}" not in c:  # a run from before the bf16 ceiling was measured
+                suffix = ""
+            limit, rate = c[f"ceiling_samples_per_s{suffix}"], c[f"achievable_gflops{suffix}"]
             value = ours["train_samples_per_s"] if ours else None
-            frac = f"{value / c['ceiling_samples_per_s']:.0%}" if value else "—"
+            frac = f"{value / limit:.0%}" if value else "—"
             lines.append(
-                f"| {model.upper()} ({lib}) | {c['train_flops_per_sample'] / 1e6:.2f} | {c['achievable_gflops']:.1f} "
-                f"| {c['ceiling_samples_per_s']:,.0f} | {_num(value)} | {frac} |"
+                f"| {model.upper()} ({lib}) | {'bf16' if suffix else 'fp32'} "
+                f"| {c['train_flops_per_sample'] / 1e6:.2f} | {rate:.1f} | {limit:,.0f} | {_num(value)} | {frac} |"
             )
     return lines + [""]
 

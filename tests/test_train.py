@@ -595,19 +595,21 @@ def test_a_nan_validation_monitor_stops_the_run_naming_task_and_split(table_path
 
 
 @pytest.mark.parametrize(
-    ("flags", "device", "expected"),
+    ("flags", "device", "expected", "reason"),
     [
-        ({"avx2", "amx_bf16", "amx_tile"}, "cpu", True),  # AMX: measured faster at equal AUC
-        ({"avx512f", "avx512_bf16"}, "cpu", False),  # AVX-512 BF16 alone: not measured, fp32
-        ({"avx2", "fma"}, "cpu", False),
-        (set(), "cpu", False),
-        ({"amx_bf16"}, "cuda", False),  # GPUs: not measured, bf16 = true to ask for it
+        ({"avx2", "amx_bf16", "amx_tile"}, "cpu", True, "on (the CPU has amx_bf16)"),  # AMX: measured faster
+        ({"avx512f", "avx512_bf16"}, "cpu", True, "on (the CPU has avx512_bf16)"),  # AVX-512 BF16: measured faster
+        ({"avx512f", "avx512_vnni"}, "cpu", False, "off (fp32: no amx_bf16 or avx512_bf16 here)"),
+        ({"avx2", "fma"}, "cpu", False, "off (fp32: no amx_bf16 or avx512_bf16 here)"),
+        (set(), "cpu", False, "off (fp32: no amx_bf16 or avx512_bf16 here)"),
+        ({"amx_bf16"}, "cuda", False, "off (not measured on cuda: set bf16 = true to ask for it)"),
     ],
 )
-def test_bf16_auto_decides_by_the_cpu_flags(flags, device, expected):
-    from plerec.train import use_bf16
+def test_bf16_auto_decides_by_the_cpu_flags(flags, device, expected, reason):
+    from plerec.train import bf16_reason, use_bf16
 
     assert use_bf16("auto", torch.device(device), frozenset(flags)) is expected
+    assert bf16_reason(expected, torch.device(device), frozenset(flags)) == reason
     assert use_bf16(True, torch.device(device), frozenset(flags)) is True  # as given, whatever the CPU
     assert use_bf16(False, torch.device(device), frozenset(flags)) is False
 
