@@ -90,6 +90,19 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
+def test_a_resumed_run_with_batch_norm_ends_like_an_uninterrupted_one(experiment, tmp_path, monkeypatch):
+    # The norms' running estimates are buffers: a resume that restored the weights but not them (or counted
+    # the batches again) would predict differently from the uninterrupted run.
+    exp = load_experiment(experiment, ["data.streaming=false", 'model.batch_norm=["gates", "experts", "towers"]'])
+    whole = fit(exp, out_dir=tmp_path / "whole")
+    assert any(k.endswith("running_mean") for k in whole.model.state_dict())
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 20)
+        with pytest.raises(Crash):
+            fit(exp, out_dir=tmp_path / "cut")
+    _assert_same_run(whole, fit(exp, out_dir=tmp_path / "cut", resume=True))
+
+
 def test_a_finished_run_can_be_extended_by_more_epochs(experiment, tmp_path):
     exp = load_experiment(experiment, ["data.streaming=false"])
     fit(exp, out_dir=tmp_path / "run")
