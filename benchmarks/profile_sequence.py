@@ -47,8 +47,10 @@ PARTS = {
 }
 
 
-def experiment(meta: dict, data_dir: Path, model: str, batch_size: int, train_file: str, threads: int) -> dict:
-    spec = {"library": "plerec", "model": model, "batch_size": batch_size, "train_file": train_file}
+def experiment(
+    meta: dict, data_dir: Path, model: str, batch_size: int, train_file: str, threads: int, library: str = "plerec"
+) -> dict:
+    spec = {"library": library, "model": model, "batch_size": batch_size, "train_file": train_file}
     spec.update(seed=0, threads=threads)
     return worker.plerec_experiment(spec, meta, data_dir)
 
@@ -238,6 +240,9 @@ def main() -> int:
     parser.add_argument("--model", default="ple")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--library", default="plerec", help="plerec or one of its benchmark variants (plerec-bf16, plerec-bn-ge, ...)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data_dir = args.data.resolve()
@@ -245,7 +250,7 @@ def main() -> int:
     if not meta.get("lists"):
         raise SystemExit(f"profile_sequence.py: {data_dir} has no list field; make it with run.py --sequence")
     args.out.mkdir(parents=True, exist_ok=True)
-    base = experiment(meta, data_dir, args.model, args.batch_size, args.train_file, args.threads)
+    base = experiment(meta, data_dir, args.model, args.batch_size, args.train_file, args.threads, args.library)
     no_history = copy.deepcopy(base)
     no_history["features"]["lists"] = {}
     clock_steps()
@@ -273,7 +278,7 @@ def main() -> int:
         return " · ".join(f"{first}: {v:.0f}" for first, v in runs["step_ms"])
 
     lines = [
-        f"# plerec's training step in the sequence case ({args.model.upper()}, batch {args.batch_size}, "
+        f"# {args.library}'s training step in the sequence case ({args.model.upper()}, batch {args.batch_size}, "
         f"{args.threads} threads, {args.train_file})",
         "",
         f"torch {torch.__version__}; load average {load[0]:.2f} → {load[1]:.2f}.",

@@ -586,9 +586,9 @@ bottom_dims = [32]
 tower_dims = [16]
 [train]
 batch_size = 256
-lr = 0.01
-epochs = 15
-patience = 2
+lr = 0.005
+epochs = 25
+patience = 4
 progress = false
 """
     )
@@ -606,7 +606,9 @@ def test_on_the_history_generator_attention_beats_mean_which_beats_no_history(tm
         pooling: fit(load_experiment(_history_experiment(tmp_path, pooling))).metrics["test"]["click"]["auc"]
         for pooling in ("none", "mean", "attention")
     }
-    # Measured at this seed (2026-12-01): none 0.688, mean 0.721, attention 0.775; 3,000 test rows.
+    # Measured at this seed (2026-12-04, lr 0.005, patience 4): none 0.687, mean 0.718, attention 0.756, the same
+    # to 3 decimals with torch's AVX-512 and AVX2 kernels; 3,000 test rows. At lr 0.01 and patience 2 (before)
+    # attention stopped on a noisy plateau: 0.775 on one machine, 0.747 with AVX-512 (the margin failed).
     assert auc["mean"] > auc["none"] + 0.015, auc
     assert auc["attention"] > auc["mean"] + 0.03, auc
 
