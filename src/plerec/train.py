@@ -345,7 +345,7 @@ def use_bf16(setting: bool | str, device: torch.device, flags: frozenset[str] | 
     """Whether training runs under bfloat16 autocast: [train] bf16 as given, or for "auto" where it was
     measured faster at equal AUC (benchmarks/PROFILE.md, eighth round): a CPU with AMX (`amx_bf16`: PLE
     training 1.5× the fp32 rate, test AUC within 0.0003) or with AVX-512 BF16 (`avx512_bf16`, an AMD EPYC
-    without AMX: 2.1–2.6×, test AUC within 0.0004 over three seeds). Elsewhere "auto" stays fp32: AVX2 has no
+    without AMX: 2.1–2.6×, test AUC means within 0.0003 over three seeds). Elsewhere "auto" stays fp32: AVX2 has no
     bfloat16 arithmetic (emulated, slower), and on GPUs it is not measured (set bf16 = true there)."""
     if setting != "auto":
         return bool(setting)
