@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import statistics
 
 PLEREC = "plerec"
-PLEREC_BF16 = "plerec-bf16"
 PLEREC_COMPILE = "plerec-compile"
-PLEREC_BN = "plerec-bn"
-PLEREC_BN_GE = "plerec-bn-ge"
-PLEREC_BF16_BN_GE = "plerec-bf16-bn-ge"
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One way of running plerec's own trainer in the benchmark: the settings worker.py gives it beyond the
-    benchmark's architecture, and what the report says of it (`label`: the targets' headings; `protocol`: the
-    sentence of the protocol paragraph, "" for the default)."""
+    benchmark's architecture, and what the report says of it (`label`: the targets' headings; `note`: what the
+    protocol paragraph adds after the settings)."""
 
     label: str
-    protocol: str = ""
+    note: str = ""
     batch_norm: tuple[str, ...] = ()  # [model] batch_norm
     bf16: bool = False  # [train] bf16 = true: bfloat16 autocast
     compile: bool = False  # [train] compile = true, Inductor's cache in DIR/work/inductor (cold, then warm)
+
+    def settings(self) -> list[str]:
+        """The experiment keys that set this variant apart from the default, as the report writes them."""
+        return [
+            *([f"`[model] batch_norm = {json.dumps(list(self.batch_norm))}`"] if self.batch_norm else []),
+            *(["`[train] bf16 = true`"] if self.bf16 else []),
+            *(["`[train] compile = true`"] if self.compile else []),
+        ]
 
 
 _GE = ("gates", "experts")
@@ -33,32 +38,22 @@ PLEREC_VARIANTS = {
     PLEREC: Variant("fp32, as the peers"),
     PLEREC_COMPILE: Variant(
         "fp32, compiled body; the compile time counts in the training time",
-        "`plerec-compile`: plerec with `[train] compile = true`, Inductor's cache in DIR/work/inductor (the first "
-        "run of a configuration compiles from a cold cache, the repeats from a warm one). ",
+        ", Inductor's cache in DIR/work/inductor (the first run of a configuration compiles from a cold cache, the "
+        "repeats from a warm one)",
         compile=True,
     ),
-    PLEREC_BF16: Variant(
-        "bfloat16 autocast",
-        "`plerec-bf16`: plerec with `[train] bf16 = true` (bfloat16 autocast). ",
-        bf16=True,
-    ),
-    PLEREC_BN: Variant(
+    "plerec-bf16": Variant("bfloat16 autocast", " (bfloat16 autocast)", bf16=True),
+    "plerec-bn": Variant(
         "fp32, a BatchNorm at every place: torch-rechub's architecture",
-        '`plerec-bn`: plerec with `[model] batch_norm = ["gates", "experts", "towers"]`, torch-rechub\'s '
-        "architecture (a BatchNorm after every layer its MLPs build: the gates' logits, the experts' layers, the "
-        "towers' hidden layers). ",
+        ", torch-rechub's architecture (a BatchNorm after every layer its MLPs build: the gates' logits, the "
+        "experts' layers, the towers' hidden layers)",
         batch_norm=("gates", "experts", "towers"),
     ),
-    PLEREC_BN_GE: Variant(
-        "fp32, a BatchNorm after the gates' and the experts' layers",
-        '`plerec-bn-ge`: plerec with `[model] batch_norm = ["gates", "experts"]` (no BatchNorm in the towers). ',
-        batch_norm=_GE,
+    "plerec-bn-ge": Variant(
+        "fp32, a BatchNorm after the gates' and the experts' layers", " (no BatchNorm in the towers)", batch_norm=_GE
     ),
-    PLEREC_BF16_BN_GE: Variant(
-        "bfloat16 autocast, a BatchNorm after the gates' and the experts' layers",
-        "`plerec-bf16-bn-ge`: plerec-bn-ge with `[train] bf16 = true`. ",
-        batch_norm=_GE,
-        bf16=True,
+    "plerec-bf16-bn-ge": Variant(
+        "bfloat16 autocast, a BatchNorm after the gates' and the experts' layers", batch_norm=_GE, bf16=True
     ),
 }
 PEERS = ("torch-rechub", "deepctr-torch")  # the peers' own trainers
@@ -224,7 +219,9 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
             "gradients and torch.optim.Adam over every parameter. "
         )
         + "".join(
-            v.protocol for lib, v in PLEREC_VARIANTS.items() if v.protocol and any(r["library"] == lib for r in records)
+            f"`{lib}`: plerec with {' and '.join(v.settings())}{v.note}. "
+            for lib, v in PLEREC_VARIANTS.items()
+            if lib != PLEREC and any(r["library"] == lib for r in records)
         )
         + "Ratios are plerec ÷ that row, same model and batch size, same invocation.",
         "",
@@ -383,6 +380,13 @@ def sequence_markdown(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _ceiling(c: dict, variant: Variant) -> tuple[str, float | None, float | None]:
+    """(precision, ceiling samples/s, achievable GFLOP/s) of one model's ceiling record for a variant: the
+    bfloat16 GEMMs' for a bf16 variant, fp32 otherwise and for runs from before the bf16 ceiling was measured."""
+    suffix = "_bf16" if variant.bf16 and "ceiling_samples_per_s_bf16" in c else ""
+    return ("bf16" if suffix else "fp32"), c.get(f"ceiling_samples_per_s{suffix}"), c.get(f"achievable_gflops{suffix}")
+
+
 def ceiling_markdown(records: list[dict], ceiling: dict) -> list[str]:
     lines = [
         "## Compute ceiling (batch size 1024)",
@@ -402,14 +406,11 @@ def ceiling_markdown(records: list[dict], ceiling: dict) -> list[str]:
             ours = _find(records, lib, model, 1024)
             if lib != PLEREC and not ours:
                 continue
-            suffix = "_bf16" if variant.bf16 else ""
-            if f"ceiling_samples_per_s{suffix}" not in c:  # a run from before the bf16 ceiling was measured
-                suffix = ""
-            limit, rate = c[f"ceiling_samples_per_s{suffix}"], c[f"achievable_gflops{suffix}"]
+            precision, limit, rate = _ceiling(c, variant)
             value = ours["train_samples_per_s"] if ours else None
             frac = f"{value / limit:.0%}" if value else "—"
             lines.append(
-                f"| {model.upper()} ({lib}) | {'bf16' if suffix else 'fp32'} "
+                f"| {model.upper()} ({lib}) | {precision} "
                 f"| {c['train_flops_per_sample'] / 1e6:.2f} | {rate:.1f} | {limit:,.0f} | {_num(value)} | {frac} |"
             )
     return lines + [""]
@@ -459,12 +460,9 @@ def targets(
         best = max(rates) if rates else None
         add(name, mine / best if mine and best else None, goal, f"{mine / best:.2f}×" if mine and best else "—")
     # a bf16 variant against the ceiling of bfloat16 GEMMs (where the run measured it), the others fp32
-    bf16 = PLEREC_VARIANTS[ours_lib].bf16 and "ceiling_samples_per_s_bf16" in ceiling.get("all_models", {}).get(
-        model, {}
-    )
-    c = ceiling["all_models"][model]["ceiling_samples_per_s_bf16"] if bf16 else ceiling.get("ceiling_samples_per_s")
+    precision, c, _ = _ceiling(ceiling.get("all_models", {}).get(model, ceiling), PLEREC_VARIANTS[ours_lib])
     add(
-        f"train ≥ 50 % of the compute ceiling ({'bf16' if bf16 else 'fp32'})",
+        f"train ≥ 50 % of the compute ceiling ({precision})",
         ours / c if ours and c else None,
         0.5,
         f"{ours / c:.0%}" if ours and c else "—",

@@ -362,15 +362,17 @@ def write_comparison(out: Path, configs: list, runs: dict, ceiling_runs: list[di
     ceilings = {}
     for model in sorted({c[1] for c in configs}, key=list(MODELS).index):
         candidates = [run[model] for run in ceiling_runs if model in run]
-        if candidates:
-            # the higher of the two measurements, each precision on its own (a busy spell only lowers one)
-            ceilings[model] = dict(max(candidates, key=lambda c: c["ceiling_samples_per_s"]))
-            ceilings[model]["ceiling_samples_per_s_measured"] = [c["ceiling_samples_per_s"] for c in candidates]
-            bf16 = [c for c in candidates if "ceiling_samples_per_s_bf16" in c]
-            if bf16:
-                best = max(bf16, key=lambda c: c["ceiling_samples_per_s_bf16"])
-                ceilings[model].update({k: v for k, v in best.items() if k.endswith("_bf16")})
-                ceilings[model]["ceiling_samples_per_s_bf16_measured"] = [c["ceiling_samples_per_s_bf16"] for c in bf16]
+        # per precision, the higher of the measurements (a busy spell only lowers one): the fp32 figures of the
+        # best fp32 measurement, the bf16 ones (keys ending in _bf16) of the best bf16 measurement where there is one
+        for suffix in ("", "_bf16"):
+            key = f"ceiling_samples_per_s{suffix}"
+            measured = [c for c in candidates if key in c]
+            if measured:
+                best = max(measured, key=lambda c: c[key])
+                ceilings.setdefault(model, {}).update(
+                    {k: v for k, v in best.items() if k.endswith("_bf16") == bool(suffix)}
+                )
+                ceilings[model][f"{key}_measured"] = [c[key] for c in measured]
     records = [summarise(lib, model, bs, runs[(lib, model, bs)]) for (lib, model, bs) in configs]
     for record in records:
         record["case"] = context.get("case", "main")

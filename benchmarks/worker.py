@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, beside this file (the variants' names)
-from report import PLEREC_VARIANTS  # noqa: E402
+from report import PLEREC, PLEREC_VARIANTS  # noqa: E402
 
 ARCH = {
     "embedding_dim": 16,
@@ -92,7 +92,7 @@ def plerec_experiment(spec: dict, meta: dict, data_dir: Path) -> dict:
     model = {"name": spec["model"], "embedding_dim": ARCH["embedding_dim"], "tower_dims": ARCH["tower_dims"]}
     model.update(expert_dims=ARCH["expert_dims"], **ARCH[spec["model"]])
     # the plain-loop and plerec-batching runs encode the data as the default plerec does
-    variant = PLEREC_VARIANTS.get(spec["library"], PLEREC_VARIANTS["plerec"])
+    variant = PLEREC_VARIANTS.get(spec["library"], PLEREC_VARIANTS[PLEREC])
     if variant.batch_norm:
         model["batch_norm"] = list(variant.batch_norm)
     return {

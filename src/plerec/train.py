@@ -341,25 +341,21 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bfloat16 matrix hardware: where "auto" turns bf16 on
 
 
-def use_bf16(setting: bool | str, device: torch.device, flags: frozenset[str] | None = None) -> bool:
-    """Whether training runs under bfloat16 autocast: [train] bf16 as given, or for "auto" where it was
-    measured faster at equal AUC (benchmarks/PROFILE.md, eighth round): a CPU with AMX (`amx_bf16`: PLE
-    training 1.5× the fp32 rate, test AUC within 0.0003) or with AVX-512 BF16 (`avx512_bf16`, an AMD EPYC
-    without AMX: 2.1–2.6×, test AUC means within 0.0003 over three seeds). Elsewhere "auto" stays fp32: AVX2 has no
-    bfloat16 arithmetic (emulated, slower), and on GPUs it is not measured (set bf16 = true there)."""
+def use_bf16(setting: bool | str, device: torch.device, flags: frozenset[str] | None = None) -> tuple[bool, str | None]:
+    """Whether training runs under bfloat16 autocast, and for "auto" why (for the log; None otherwise):
+    [train] bf16 as given, or for "auto" on where it was measured faster at equal AUC (benchmarks/PROFILE.md,
+    eighth round): a CPU with AMX (`amx_bf16`: PLE training 1.5× the fp32 rate, test AUC within 0.0003) or
+    with AVX-512 BF16 (`avx512_bf16`, an AMD EPYC without AMX: 2.1–2.6×, test AUC means within 0.0003 over
+    three seeds). Elsewhere "auto" stays fp32: AVX2 has no bfloat16 arithmetic (emulated, slower), and on
+    GPUs it is not measured (set bf16 = true there)."""
     if setting != "auto":
-        return bool(setting)
+        return bool(setting), None
     if device.type != "cpu":
-        return False
-    return not (cpu_flags() if flags is None else flags).isdisjoint(BF16_FLAGS)
-
-
-def bf16_reason(bf16: bool, device: torch.device, flags: frozenset[str] | None = None) -> str:
-    """Why "auto" decided as it did, for the log: the flag that turned bf16 on, or why it stays off."""
-    if device.type != "cpu":
-        return f"off (not measured on {device.type}: set bf16 = true to ask for it)"
+        return False, f"off (not measured on {device.type}: set bf16 = true to ask for it)"
     present = [f for f in BF16_FLAGS if f in (cpu_flags() if flags is None else flags)]
-    return f"on (the CPU has {present[0]})" if bf16 and present else f"off (fp32: no {' or '.join(BF16_FLAGS)} here)"
+    if present:
+        return True, f"on (the CPU has {present[0]})"
+    return False, f"off (fp32: no {' or '.join(BF16_FLAGS)} here)"
 
 
 def monitor_name(exp: Experiment) -> str:
@@ -559,9 +555,9 @@ class _Run:
             source = ParquetBatches(data.streams["train"], data.encoder, exp.train.batch_size, exp.seed, ctx)
         else:
             source = InMemoryBatches(data.splits["train"], exp.train.batch_size, exp.seed, ctx)
-        bf16 = use_bf16(exp.train.bf16, ctx.device)
-        if exp.train.bf16 == "auto":
-            say(f"bf16 = auto: bfloat16 autocast {bf16_reason(bf16, ctx.device)}")
+        bf16, why = use_bf16(exp.train.bf16, ctx.device)
+        if why:
+            say(f"bf16 = auto: bfloat16 autocast {why}")
         run = cls(
             exp=exp,
             data=data,
