@@ -13,6 +13,13 @@ from plerec import __version__, jsonio
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if "plerec.distributed" in sys.modules:  # under torchrun: a rank ends without the interpreter's teardown
+        sys.modules["plerec.distributed"].end_process(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
