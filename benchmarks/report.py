@@ -175,7 +175,8 @@ def comparison_markdown(records: list[dict], ceiling: dict, context: dict) -> st
     lines = [
         "# plerec speed benchmark" + (": the sequence case" if sequence else ""),
         "",
-        f"{context['date']} · {m['cpu']} (flags: {' '.join(simd) or '—'}) · {m['cores']} cores, "
+        f"{context['date']} · {m['cpu']}{f' ({family})' if (family := m.get('cpu_family_model')) else ''} "
+        f"(flags: {' '.join(simd) or '—'}) · {m['cores']} cores, "
         f"{context['threads']} torch threads · "
         f"plerec {versions['plerec']}, torch {versions['torch']}, torch-rechub {versions['torch-rechub']}, "
         f"deepctr-torch {versions['deepctr-torch']}, Python {versions['python']} · "

@@ -508,12 +508,17 @@ def split(text: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def machine() -> dict:
-    model = ""
+    """The CPU (its name, and on x86 its family and model numbers: "AMD EPYC" names Zen 4 and Zen 5 alike),
+    cores, memory, platform and CPU flags."""
+    model, numbers = "", {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("model name", "cpu family", "model"):
+                numbers.setdefault(key, value)
+            if key == "flags" or not line.strip():
+                break  # the first processor's block is enough
+        model = numbers.get("model name", "")
     except OSError:
         model = platform.processor()
     flags: list[str] = []
@@ -527,6 +532,7 @@ def machine() -> dict:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     return {
         "cpu": model,
+        "cpu_family_model": f"family {numbers['cpu family']}, model {numbers['model']}" if len(numbers) == 3 else "",
         "cores": os.cpu_count(),
         "memory_bytes": memory,
         "platform": platform.platform(),

@@ -330,6 +330,7 @@ def forward_limit(
 def cpu() -> dict:
     """The CPU's model and the vector instruction sets torch can use."""
     info = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    numbers: dict[str, str] = {}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -338,9 +339,13 @@ def cpu() -> dict:
         key, _, value = line.partition(":")
         if key.strip() == "model name" and "model" not in info:
             info["model"] = value.strip()
+        if key.strip() in ("cpu family", "model"):  # "AMD EPYC" names Zen 4 and Zen 5 alike; these tell them apart
+            numbers.setdefault(key.strip(), value.strip())
         if key.strip() == "flags" and "flags" not in info:
             wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
             info["flags"] = [f for f in wanted if f in value.split()]
+    if len(numbers) == 2:
+        info["cpu_family_model"] = f"family {numbers['cpu family']}, model {numbers['model']}"
     import torch
 
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
@@ -459,7 +464,9 @@ def _markdown(context: dict, scenarios: list[dict]) -> str:
         f"{context['model']}; /rank of one user's candidates, top {context['top_k']}; every server with one torch "
         f"thread per process but those named '2 threads'; load generator (asyncio over raw sockets, requests "
         "built beforehand, closed loop) on the same machine: "
-        f"{machine.get('model', machine['processor'])}, {machine['cpus']} CPUs, flags "
+        f"{machine.get('model', machine['processor'])}"
+        + (f" ({machine['cpu_family_model']})" if "cpu_family_model" in machine else "")
+        + f", {machine['cpus']} CPUs, flags "
         f"{' '.join(machine.get('flags', []))}, torch {context['torch']} ({machine.get('torch_cpu_capability', '?')}), "
         f"Python {context['python']}. Load average before {context['load_avg_before'][0]:.2f}, after "
         f"{context['load_avg_after'][0]:.2f}. Baseline: {context['baseline_rev'] or 'not run'}. `forward` is the "
