@@ -254,10 +254,11 @@ def test_a_rank_of_the_command_ends_by_os_exit_with_its_code_and_a_lone_process_
     """gloo's threads outlive the process group once DDP has wrapped a model, and the interpreter's teardown
     under them aborted a finished rank now and then (SIGABRT in the sparse DDP test): a process that joined a
     group ends with `os._exit(code)`, its output flushed; any other returns the code as before."""
+    import plerec.cli
     import plerec.distributed as distributed
 
     ended = []
-    monkeypatch.setattr(distributed.os, "_exit", ended.append)
+    monkeypatch.setattr(plerec.cli.os, "_exit", ended.append)
     assert main([]) == 2  # no command: the help, exit status 2
     assert ended == []  # no group joined: main returns
     monkeypatch.setattr(distributed, "_joined", True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import sys
 from dataclasses import MISSING, fields
@@ -14,8 +15,12 @@ from plerec import __version__, jsonio
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if "plerec.distributed" in sys.modules:  # under torchrun: a rank ends without the interpreter's teardown
-        sys.modules["plerec.distributed"].end_process(code)
+    distributed = sys.modules.get("plerec.distributed")  # imported by the commands that may join a group
+    if distributed is not None and distributed.joined():
+        # A rank under torchrun ends without the interpreter's teardown, which gloo's threads can abort.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
     return code
 
 

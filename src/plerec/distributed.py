@@ -7,14 +7,13 @@ the process group (gloo on CPU, NCCL on GPU) and wraps the model in DistributedD
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_joined = False  # this process joined a process group (init_distributed): see `end_process`
+_joined = False  # this process joined a process group (init_distributed): see `joined`
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,17 +126,13 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def end_process(code: int) -> None:
-    """End a process that joined a process group with `code`, without the interpreter's teardown: flush
-    stdout and stderr, then `os._exit`. Returns (a no-op) in a process that joined none.
+def joined() -> bool:
+    """Whether this process joined a process group (`init_distributed`): if so, it should end with
+    `os._exit` once everything is written, flushed and closed (the `plerec` command does).
 
     Once DistributedDataParallel has wrapped a model, torch (2.13) never frees the gloo group: its threads
     (`pt_gloo_runloop`, `gloo_tcp_loop`) outlive `destroy_process_group` and run until the process ends, and
     tearing the interpreter down under them now and then aborts a finished rank (`terminate called without
-    an active exception`, SIGABRT, after every file was written: 3 in 25 two-rank runs of a loaded 2-core
-    machine). Call it only once everything is written and closed."""
-    if not _joined:
-        return
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    an active exception`, SIGABRT, after every file was written: 3 in 25 two-rank runs on a loaded 2-core
+    machine)."""
+    return _joined
