@@ -345,8 +345,8 @@ def use_bf16(setting: bool | str, device: torch.device, flags: frozenset[str] | 
     """Whether training runs under bfloat16 autocast, and for "auto" why (for the log; None otherwise):
     [train] bf16 as given, or for "auto" on where it was measured faster at equal AUC (benchmarks/PROFILE.md,
     eighth and ninth rounds): a CPU with AMX (`amx_bf16`: PLE training 1.5× the fp32 rate, test AUC within
-    0.0003) or with AVX-512 BF16 (`avx512_bf16`, AMD EPYCs without AMX: Zen 5 2.1–2.6×, Zen 4 1.7–1.8× in the
-    main case, test AUC means within 0.0003 over three seeds). Elsewhere "auto" stays fp32: AVX2 has no
+    0.0003) or with AVX-512 BF16 (`avx512_bf16`, AMD EPYCs without AMX: Zen 5 2.1–2.6×, Zen 4 1.5–1.8×, test
+    AUC means within 0.0003 over three seeds). Elsewhere "auto" stays fp32: AVX2 has no
     bfloat16 arithmetic (emulated, slower), and on GPUs it is not measured (set bf16 = true there)."""
     if setting != "auto":
         return bool(setting), None
