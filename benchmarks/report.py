@@ -461,7 +461,7 @@ def targets(
         best = max(rates) if rates else None
         add(name, mine / best if mine and best else None, goal, f"{mine / best:.2f}×" if mine and best else "—")
     # a bf16 variant against the ceiling of bfloat16 GEMMs (where the run measured it), the others fp32
-    precision, c, _ = _ceiling(ceiling.get("all_models", {}).get(model, ceiling), PLEREC_VARIANTS[ours_lib])
+    precision, c, _ = _ceiling(ceiling["all_models"].get(model, {}), PLEREC_VARIANTS[ours_lib])
     add(
         f"train ≥ 50 % of the compute ceiling ({precision})",
         ours / c if ours and c else None,

@@ -507,36 +507,39 @@ def split(text: str, allowed: tuple[str, ...]) -> list[str]:
     return items
 
 
+def cpu_identity(path: str = "/proc/cpuinfo") -> dict:
+    """The first processor's name, family and model numbers (x86: "AMD EPYC" names Zen 4 and Zen 5 alike, the
+    numbers tell them apart; "" where absent) and flags, from one read of `path`; the platform's processor
+    name and no flags where it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return {"name": platform.processor(), "family_model": "", "flags": []}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = (part.strip() for part in line.partition(":"))
+        fields.setdefault(key, value)
+    numbered = {"cpu family", "model"} <= set(fields)
+    return {
+        "name": fields.get("model name", ""),
+        "family_model": f"family {fields['cpu family']}, model {fields['model']}" if numbered else "",
+        "flags": (fields.get("flags") or fields.get("Features") or "").split(),
+    }
+
+
 def machine() -> dict:
-    """The CPU (its name, and on x86 its family and model numbers: "AMD EPYC" names Zen 4 and Zen 5 alike),
-    cores, memory, platform and CPU flags."""
-    model, numbers = "", {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key in ("model name", "cpu family", "model"):
-                numbers.setdefault(key, value)
-            if key == "flags" or not line.strip():
-                break  # the first processor's block is enough
-        model = numbers.get("model name", "")
-    except OSError:
-        model = platform.processor()
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
+    """The CPU (`cpu_identity`), cores, memory and platform."""
+    cpu = cpu_identity()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     return {
-        "cpu": model,
-        "cpu_family_model": f"family {numbers['cpu family']}, model {numbers['model']}" if len(numbers) == 3 else "",
+        "cpu": cpu["name"],
+        "cpu_family_model": cpu["family_model"],
         "cores": os.cpu_count(),
         "memory_bytes": memory,
         "platform": platform.platform(),
-        "cpu_flags": flags,
+        "cpu_flags": cpu["flags"],
     }
 
 

@@ -47,6 +47,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datagen import CATEGORICAL, NUMERIC, generate  # noqa: E402
+from run import cpu_identity  # noqa: E402  (the CPU as run.py's benchmark records it)
 
 TOP_K = 10
 BASELINE_REV = "16ecf685929e4a525ca29fa4d2c7433e2f57baa6"  # the server before issue 19 (row form only)
@@ -328,24 +329,15 @@ def forward_limit(
 
 
 def cpu() -> dict:
-    """The CPU's model and the vector instruction sets torch can use."""
+    """The CPU's name, family and model numbers, and the vector instruction sets torch can use."""
     info = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
-    numbers: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and "model" not in info:
-            info["model"] = value.strip()
-        if key.strip() in ("cpu family", "model"):  # "AMD EPYC" names Zen 4 and Zen 5 alike; these tell them apart
-            numbers.setdefault(key.strip(), value.strip())
-        if key.strip() == "flags" and "flags" not in info:
-            wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-            info["flags"] = [f for f in wanted if f in value.split()]
-    if len(numbers) == 2:
-        info["cpu_family_model"] = f"family {numbers['cpu family']}, model {numbers['model']}"
+    identity = cpu_identity()
+    if identity["name"]:
+        info["model"] = identity["name"]
+    if identity["family_model"]:
+        info["cpu_family_model"] = identity["family_model"]
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    info["flags"] = [f for f in wanted if f in identity["flags"]]
     import torch
 
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()

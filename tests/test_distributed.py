@@ -267,6 +267,21 @@ def test_a_rank_of_the_command_ends_by_os_exit_with_its_code_and_a_lone_process_
     assert "usage: plerec" in capsys.readouterr().out
 
 
+def test_joining_a_process_group_is_what_makes_a_process_end_by_os_exit(monkeypatch):
+    import plerec.distributed as distributed
+
+    monkeypatch.setattr(distributed, "_joined", False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    backends = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: backends.append(backend))
+    init_distributed("cpu", env={})  # one process: no group
+    assert not distributed.joined()
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert init_distributed("cpu", env=env).rank == 1
+    assert backends == ["gloo"]
+    assert distributed.joined()
+
+
 def test_parquet_folder_with_disagreeing_schemas_is_an_error(tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
